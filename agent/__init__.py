@@ -1,0 +1,3 @@
+"""callerid.agent: the node agent (daemon, CLI, policy, backends)."""
+
+__version__ = "0.1.0"
