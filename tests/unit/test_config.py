@@ -67,9 +67,7 @@ def test_load_names_the_file(tmp_path: Path) -> None:
 
 
 def test_values_are_converted() -> None:
-    cfg = config.parse(
-        {"keys": {"dir": "/k"}, "peer": {"unreachable_ttl_s": 5}, "node_name": "n1"}
-    )
+    cfg = config.parse({"keys": {"dir": "/k"}, "peer": {"unreachable_ttl_s": 5}, "node_name": "n1"})
     assert cfg.keys.dir == Path("/k")
     assert cfg.peer.unreachable_ttl_s == 5.0
     assert isinstance(cfg.peer.unreachable_ttl_s, float)
