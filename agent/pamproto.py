@@ -151,11 +151,15 @@ def format_reply(reply: PamReply) -> bytes:
     head = f"{MAGIC} verdict={reply.verdict} reason={pct_encode(reply.reason)}"
     if reply.job is not None:
         head += f" job={pct_encode(reply.job)}"
-    msg = pct_encode(reply.msg)
     room = MAX_LINE - len(head) - len(" msg=") - 1
-    if len(msg) > room:  # cut at an escape boundary
-        msg = msg[:room]
-        cut = msg.rfind("%", max(0, len(msg) - 2))
-        if cut != -1:
-            msg = msg[:cut]
+    msg = pct_encode(reply.msg)
+    if len(msg) > room:  # cut whole characters, never inside one's escapes
+        parts: list[str] = []
+        for ch in reply.msg:
+            enc = pct_encode(ch)
+            if room < len(enc):
+                break
+            parts.append(enc)
+            room -= len(enc)
+        msg = "".join(parts)
     return f"{head} msg={msg}\n".encode("ascii")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from urllib.parse import unquote
 
 import pytest
 from hypothesis import given
@@ -75,6 +76,9 @@ def test_long_message_is_cut_at_an_escape_boundary() -> None:
     assert len(out) <= MAX_LINE and out.endswith(b"\n")
     msg = out.decode().split("msg=")[1].strip()
     assert re.fullmatch(r"(%[0-9A-F]{2})+", msg)  # whole %XX escapes only
+    assert set(unquote(msg, errors="strict")) == {"\u00e9"}  # whole characters only
+    out = format_reply(PamReply("deny", "abcd", None, "\u00e9" * 3000))
+    assert set(unquote(out.decode().split("msg=")[1].strip(), errors="strict")) == {"\u00e9"}
 
 
 @given(st.text(max_size=300))
