@@ -1,0 +1,268 @@
+/*
+ * client.c - the bounded exchange with the callerid agent (see client.h for the contract;
+ * codec.c encodes the request and parses the reply).
+ *
+ * One deadline (CLOCK_MONOTONIC) covers connect + send + receive. The socket is
+ * non-blocking, close-on-exec, and every send uses MSG_NOSIGNAL so that a vanished agent
+ * can never kill sshd with SIGPIPE. EINTR and EAGAIN are handled in exactly one place
+ * (xfer_some and the poll in wait_ready).
+ */
+#define _GNU_SOURCE
+#include "client.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#define CONNECT_RETRY_MS 10 /* pause between connect() tries while the backlog is full */
+
+enum xfer_dir { XFER_SEND, XFER_RECV };
+
+static long now_us(void)
+{
+    struct timespec ts;
+
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0)
+        return 0;
+    return (long)ts.tv_sec * 1000000L + ts.tv_nsec / 1000L;
+}
+
+/* Milliseconds left before `deadline_us`, rounded up; 0 when it has passed. */
+static int remaining_ms(long deadline_us)
+{
+    long left = deadline_us - now_us();
+
+    if (left <= 0)
+        return 0;
+    return (int)((left + 999) / 1000);
+}
+
+/* Wait until `fd` is ready for `events`, an error or hang-up is pending, or the deadline
+ * passes (-1 with errno ETIMEDOUT). EINTR is retried. */
+static int wait_ready(int fd, short events, long deadline_us)
+{
+    struct pollfd pfd = {.fd = fd, .events = events, .revents = 0};
+    int ms;
+    int r;
+
+    for (;;) {
+        if ((ms = remaining_ms(deadline_us)) == 0) {
+            errno = ETIMEDOUT;
+            return -1;
+        }
+        r = poll(&pfd, 1, ms);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return -1;
+        if (r > 0 && (pfd.revents & (events | POLLERR | POLLHUP | POLLNVAL)) != 0)
+            return 0;
+    }
+}
+
+/* One successful send() or recv() of at most `len` bytes (0 = end of stream for a recv),
+ * waiting for readiness within the deadline. -1 with errno on failure (ETIMEDOUT at the
+ * deadline). The only place where EINTR/EAGAIN on data transfer are retried. */
+static ssize_t xfer_some(int fd, void *buf, size_t len, enum xfer_dir dir, long deadline_us)
+{
+    ssize_t n;
+
+    for (;;) {
+        if (dir == XFER_SEND)
+            n = send(fd, buf, len, MSG_NOSIGNAL);
+        else
+            n = recv(fd, buf, len, 0);
+        if (n >= 0)
+            return n;
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK)
+            return -1;
+        if (wait_ready(fd, dir == XFER_SEND ? POLLOUT : POLLIN, deadline_us) != 0)
+            return -1;
+    }
+}
+
+/* Non-blocking connect bounded by the deadline. A unix socket whose listen backlog is full
+ * answers EAGAIN (there is no EINPROGRESS for AF_UNIX): retry every CONNECT_RETRY_MS. */
+static int connect_bounded(int fd, const struct sockaddr_un *sa, long deadline_us)
+{
+    socklen_t salen = (socklen_t)sizeof(*sa);
+    int soerr = 0;
+    socklen_t soerr_len = (socklen_t)sizeof(soerr);
+    int ms;
+
+    for (;;) {
+        if (connect(fd, (const struct sockaddr *)sa, salen) == 0 || errno == EISCONN)
+            return 0;
+        if (errno == EINPROGRESS || errno == EALREADY)
+            break;
+        if (errno != EAGAIN && errno != EINTR)
+            return -1;
+        if ((ms = remaining_ms(deadline_us)) == 0) {
+            errno = ETIMEDOUT;
+            return -1;
+        }
+        (void)poll(NULL, 0, ms < CONNECT_RETRY_MS ? ms : CONNECT_RETRY_MS);
+    }
+    if (wait_ready(fd, POLLOUT, deadline_us) != 0)
+        return -1;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &soerr_len) != 0)
+        return -1;
+    if (soerr != 0) {
+        errno = soerr;
+        return -1;
+    }
+    return 0;
+}
+
+static int send_all(int fd, char *buf, size_t len, long deadline_us)
+{
+    size_t done = 0;
+    ssize_t n;
+
+    while (done < len) {
+        n = xfer_some(fd, buf + done, len - done, XFER_SEND, deadline_us);
+        if (n < 0)
+            return -1;
+        done += (size_t)n;
+    }
+    return 0;
+}
+
+/* Read until a '\n' arrives: CID_OK with the line length (newline included) in *len. */
+static int recv_line(int fd, char *buf, size_t cap, size_t *len, long deadline_us)
+{
+    size_t have = 0;
+    ssize_t n;
+    const char *nl;
+
+    for (;;) {
+        if (have >= cap)
+            return CID_E_TOOLONG;
+        n = xfer_some(fd, buf + have, cap - have, XFER_RECV, deadline_us);
+        if (n < 0)
+            return errno == ETIMEDOUT ? CID_E_TIMEOUT : CID_E_IO;
+        if (n == 0)
+            return CID_E_EOF;
+        nl = memchr(buf + have, '\n', (size_t)n);
+        have += (size_t)n;
+        if (nl != NULL) {
+            *len = (size_t)(nl - buf) + 1;
+            return CID_OK;
+        }
+    }
+}
+
+/* ---- the exchange --------------------------------------------------------------------- */
+
+static int fail(struct cid_result *res, enum cid_status status, const char *stage, int err)
+{
+    res->status = status;
+    res->stage = stage;
+    res->sys_errno = err;
+    return status;
+}
+
+static int io_status(int err)
+{
+    return err == ETIMEDOUT ? CID_E_TIMEOUT : CID_E_IO;
+}
+
+int cid_exchange(const char *path, int timeout_ms, const struct cid_request *req,
+                 struct cid_reply *reply, struct cid_result *res)
+{
+    char reqbuf[CID_LINE_MAX];
+    char line[CID_LINE_MAX];
+    struct sockaddr_un sa;
+    size_t reqlen = 0;
+    size_t linelen = 0;
+    long start = now_us();
+    long deadline = start + (long)timeout_ms * 1000L;
+    long t = start;
+    int fd = -1;
+    int err;
+    int r;
+
+    memset(res, 0, sizeof(*res));
+    memset(&sa, 0, sizeof(sa));
+    if (path == NULL || strlen(path) >= sizeof(sa.sun_path) || timeout_ms <= 0 || reply == NULL) {
+        fail(res, CID_E_ARG, "encode", EINVAL);
+        goto cleanup;
+    }
+    if (cid_encode_request(req, reqbuf, sizeof(reqbuf), &reqlen) != CID_OK) {
+        fail(res, CID_E_ARG, "encode", EMSGSIZE);
+        goto cleanup;
+    }
+    sa.sun_family = AF_UNIX;
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+
+    if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)) < 0) {
+        fail(res, CID_E_SOCKET, "socket", errno);
+        goto cleanup;
+    }
+    r = connect_bounded(fd, &sa, deadline);
+    err = errno;
+    res->connect_us = now_us() - t;
+    if (r != 0) {
+        fail(res, err == ETIMEDOUT ? CID_E_TIMEOUT : CID_E_CONNECT, "connect", err);
+        goto cleanup;
+    }
+    t = now_us();
+    r = send_all(fd, reqbuf, reqlen, deadline);
+    err = errno;
+    res->send_us = now_us() - t;
+    if (r != 0) {
+        fail(res, io_status(err), "send", err);
+        goto cleanup;
+    }
+    t = now_us();
+    r = recv_line(fd, line, sizeof(line), &linelen, deadline);
+    err = errno;
+    res->recv_us = now_us() - t;
+    if (r != CID_OK) {
+        fail(res, r, "recv", r == CID_E_IO || r == CID_E_TIMEOUT ? err : 0);
+        goto cleanup;
+    }
+    if (cid_parse_reply(line, linelen, reply) != CID_OK) {
+        fail(res, CID_E_GARBAGE, "parse", 0);
+        goto cleanup;
+    }
+    fail(res, CID_OK, "done", 0);
+
+cleanup:
+    if (fd >= 0)
+        (void)close(fd);
+    res->total_us = now_us() - start;
+    return res->status;
+}
+
+const char *cid_status_str(int status)
+{
+    switch (status) {
+    case CID_OK:
+        return "ok";
+    case CID_E_ARG:
+        return "bad request";
+    case CID_E_SOCKET:
+        return "cannot create a socket";
+    case CID_E_CONNECT:
+        return "cannot connect to the agent";
+    case CID_E_TIMEOUT:
+        return "timed out";
+    case CID_E_IO:
+        return "i/o error";
+    case CID_E_EOF:
+        return "the agent closed the connection without a reply";
+    case CID_E_TOOLONG:
+        return "reply line too long";
+    case CID_E_GARBAGE:
+        return "malformed reply";
+    default:
+        return "unknown status";
+    }
+}

@@ -1,0 +1,94 @@
+/*
+ * client.h - the bounded request from pam_callerid.so to the local callerid agent.
+ *
+ * One request line, one reply line over a unix stream socket (contract in DESIGN.md):
+ *
+ *   request: CALLERID/1 op=account user=alice service=sshd rhost=10.0.0.1 tty=ssh
+ *   reply:   CALLERID/1 verdict=adopt job=42 reason=callerid msg=...
+ *
+ * Lines are at most CID_LINE_MAX bytes including the final '\n'. Values are percent-encoded.
+ * The whole exchange (connect + send + receive) is bounded by one deadline.
+ *
+ * This code knows no PAM: the module (pam_callerid.c) and the test CLI
+ * (callerid-pam-client.c) both link it. In the module every symbol here is hidden by
+ * -fvisibility=hidden and the version script.
+ */
+#ifndef CALLERID_CLIENT_H
+#define CALLERID_CLIENT_H
+
+#include <stddef.h>
+
+#define CID_MAGIC              "CALLERID/1"
+#define CID_LINE_MAX           4096 /* bytes of one line, final '\n' included */
+#define CID_JOB_MAX            64   /* job ids: [A-Za-z0-9_.-]{1,64} */
+#define CID_DEFAULT_SOCKET     "/run/callerid/agent.sock"
+#define CID_DEFAULT_TIMEOUT_MS 2500
+#define CID_MAX_TIMEOUT_MS     120000
+
+enum cid_status {
+    CID_OK = 0,
+    CID_E_ARG,     /* bad argument, or the request does not fit in one line */
+    CID_E_SOCKET,  /* socket() failed */
+    CID_E_CONNECT, /* the agent is not there (ENOENT, ECONNREFUSED, ...) */
+    CID_E_TIMEOUT, /* the deadline passed (connect, send or receive) */
+    CID_E_IO,      /* send/recv/poll failed */
+    CID_E_EOF,     /* the agent closed the connection before a full line */
+    CID_E_TOOLONG, /* no '\n' within CID_LINE_MAX bytes */
+    CID_E_GARBAGE, /* a full line that does not parse */
+};
+
+enum cid_verdict {
+    CID_VERDICT_ADOPT,
+    CID_VERDICT_ALLOW,
+    CID_VERDICT_DENY,
+    CID_VERDICT_ERROR,
+};
+
+struct cid_request {
+    const char *op; /* account | open_session | close_session */
+    const char *user;
+    const char *service; /* NULL is sent as an empty value */
+    const char *rhost;
+    const char *tty;
+};
+
+struct cid_reply {
+    enum cid_verdict verdict;
+    char job[CID_JOB_MAX + 1]; /* "" when absent */
+    char reason[CID_LINE_MAX]; /* decoded; "" when absent */
+    char msg[CID_LINE_MAX];    /* decoded; "" when absent */
+};
+
+struct cid_result {
+    enum cid_status status;
+    int sys_errno;     /* errno of the failing call, 0 if none */
+    const char *stage; /* "encode", "socket", "connect", "send", "recv", "parse", "done" */
+    long connect_us;   /* time spent in each stage, microseconds */
+    long send_us;
+    long recv_us;
+    long total_us;
+};
+
+/* Encode `req` as one '\n'-terminated line into buf[cap]. Returns CID_OK and the length in
+ * *len, or CID_E_ARG (missing op/user, or the line would exceed CID_LINE_MAX or cap). */
+int cid_encode_request(const struct cid_request *req, char *buf, size_t cap, size_t *len);
+
+/* Parse one reply line of `len` bytes (the final '\n' included). Strict: a missing or unknown
+ * verdict, a bad percent escape, a raw byte outside 0x21..0x7e in a field, a malformed or
+ * duplicated known key or an invalid job id is CID_E_GARBAGE. Values are not checked for
+ * UTF-8 (the caller cleans msg before showing it).
+ * Unknown keys are ignored. */
+int cid_parse_reply(const char *line, size_t len, struct cid_reply *out);
+
+/* Connect to `path`, send the request and read the reply, all within `timeout_ms`. Never
+ * raises SIGPIPE, never changes signal dispositions, never forks. Returns res->status. */
+int cid_exchange(const char *path, int timeout_ms, const struct cid_request *req,
+                 struct cid_reply *reply, struct cid_result *res);
+
+/* A job id the module may put into the environment: [A-Za-z0-9_.-]{1,CID_JOB_MAX}. */
+int cid_valid_job(const char *job);
+
+const char *cid_status_str(int status);
+const char *cid_verdict_str(enum cid_verdict verdict);
+
+#endif /* CALLERID_CLIENT_H */

@@ -1,0 +1,487 @@
+/*
+ * pam_callerid.c - PAM glue for callerid: ask the local agent whether this login may proceed
+ * and map its verdict to a PAM return code. The module knows no policy; client.c does the
+ * bounded socket exchange.
+ *
+ *   account  [success=ok default=die] pam_callerid.so [socket=PATH] [timeout=MS]
+ *            [on_error=ignore|allow|deny] [skip_root=0|1] [debug]
+ *   session  optional pam_callerid.so ...   (open_session / close_session, same options)
+ *
+ * Options are matched exactly. An unknown option or a bad value is logged (LOG_ERR) and
+ * ignored, so the default (safe) behaviour stays in force.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pwd.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <sys/un.h>
+#include <syslog.h>
+
+#define PAM_SM_ACCOUNT
+#define PAM_SM_SESSION
+#include <security/pam_ext.h>
+#include <security/pam_modules.h>
+
+#include "client.h"
+
+#define CID_EXPORT __attribute__((visibility("default")))
+
+#define MSG_AGENT_DOWN   "Access denied by callerid: the callerid agent is not available"
+#define MSG_DENY_DEFAULT "Access denied by callerid"
+#define MSG_BAD_REQUEST  "Access denied by callerid: the login cannot be described to the agent"
+#define PW_BUF_MAX       (1024 * 1024)
+
+enum on_error { ON_ERROR_DENY, ON_ERROR_ALLOW, ON_ERROR_IGNORE };
+
+enum phase { PHASE_ACCOUNT, PHASE_OPEN_SESSION, PHASE_CLOSE_SESSION };
+
+struct options {
+    const char *socket_path;
+    int timeout_ms;
+    enum on_error on_error;
+    int skip_root;
+    int debug;
+};
+
+static const char *phase_op(enum phase phase)
+{
+    switch (phase) {
+    case PHASE_OPEN_SESSION:
+        return "open_session";
+    case PHASE_CLOSE_SESSION:
+        return "close_session";
+    case PHASE_ACCOUNT:
+    default:
+        return "account";
+    }
+}
+
+static const char *on_error_str(enum on_error on_error)
+{
+    switch (on_error) {
+    case ON_ERROR_ALLOW:
+        return "allow";
+    case ON_ERROR_IGNORE:
+        return "ignore";
+    case ON_ERROR_DENY:
+    default:
+        return "deny";
+    }
+}
+
+/* Strict decimal in [min, max]: digits only, no sign, no spaces, no overflow. */
+static int parse_int(const char *s, int min, int max, int *out)
+{
+    long v = 0;
+
+    if (*s == '\0')
+        return -1;
+    for (; *s != '\0'; s++) {
+        if (*s < '0' || *s > '9')
+            return -1;
+        v = v * 10 + (*s - '0');
+        if (v > max)
+            return -1;
+    }
+    if (v < min)
+        return -1;
+    *out = (int)v;
+    return 0;
+}
+
+/* The value of "key=value" when `arg` has exactly that key, else NULL (no prefix matching). */
+static const char *opt_value(const char *arg, const char *key)
+{
+    size_t n = strlen(key);
+
+    if (strncmp(arg, key, n) != 0 || arg[n] != '=')
+        return NULL;
+    return arg + n + 1;
+}
+
+static int parse_one(struct options *o, const char *arg)
+{
+    const char *v;
+
+    if (strcmp(arg, "debug") == 0) {
+        o->debug = 1;
+    } else if (strcmp(arg, "skip_root") == 0) {
+        o->skip_root = 1;
+    } else if ((v = opt_value(arg, "skip_root")) != NULL) {
+        if (strcmp(v, "0") != 0 && strcmp(v, "1") != 0)
+            return -1;
+        o->skip_root = v[0] == '1';
+    } else if ((v = opt_value(arg, "socket")) != NULL) {
+        if (v[0] != '/' || strlen(v) >= sizeof(((struct sockaddr_un *)NULL)->sun_path))
+            return -1;
+        o->socket_path = v;
+    } else if ((v = opt_value(arg, "timeout")) != NULL) {
+        if (parse_int(v, 1, CID_MAX_TIMEOUT_MS, &o->timeout_ms) != 0)
+            return -1;
+    } else if ((v = opt_value(arg, "on_error")) != NULL) {
+        if (strcmp(v, "deny") == 0)
+            o->on_error = ON_ERROR_DENY;
+        else if (strcmp(v, "allow") == 0)
+            o->on_error = ON_ERROR_ALLOW;
+        else if (strcmp(v, "ignore") == 0)
+            o->on_error = ON_ERROR_IGNORE;
+        else
+            return -1;
+    } else {
+        return -2;
+    }
+    return 0;
+}
+
+static void parse_options(pam_handle_t *pamh, int argc, const char **argv, struct options *o)
+{
+    int i;
+    int r;
+
+    o->socket_path = CID_DEFAULT_SOCKET;
+    o->timeout_ms = CID_DEFAULT_TIMEOUT_MS;
+    o->on_error = ON_ERROR_DENY;
+    o->skip_root = 1;
+    o->debug = 0;
+    for (i = 0; i < argc; i++) {
+        if (argv[i] == NULL)
+            continue;
+        if ((r = parse_one(o, argv[i])) == -2)
+            pam_syslog(pamh, LOG_ERR, "unknown option \"%s\" ignored", argv[i]);
+        else if (r != 0)
+            pam_syslog(pamh, LOG_ERR, "bad value in option \"%s\" ignored, default kept", argv[i]);
+    }
+    if (o->debug)
+        pam_syslog(pamh, LOG_DEBUG, "options: socket=%s timeout=%d on_error=%s skip_root=%d",
+                   o->socket_path, o->timeout_ms, on_error_str(o->on_error), o->skip_root);
+}
+
+/* 0 and *uid set when the user exists, ENOENT when it does not, another errno on failure. */
+static int lookup_uid(const char *user, uid_t *uid)
+{
+    struct passwd pw;
+    struct passwd *found = NULL;
+    size_t size = 1024;
+    char *buf = NULL;
+    char *nbuf;
+    int r;
+
+    for (;;) {
+        if ((nbuf = realloc(buf, size)) == NULL) {
+            r = ENOMEM;
+            goto cleanup;
+        }
+        buf = nbuf;
+        r = getpwnam_r(user, &pw, buf, size, &found);
+        if (r != ERANGE || size >= PW_BUF_MAX)
+            break;
+        size *= 2;
+    }
+    if (r == 0 && found != NULL)
+        *uid = found->pw_uid;
+    else if (r == 0 || r == ENOENT || r == ESRCH || r == EBADF || r == EPERM)
+        r = ENOENT;
+
+cleanup:
+    free(buf);
+    return r;
+}
+
+static const char *get_item_str(pam_handle_t *pamh, int item)
+{
+    const void *v = NULL;
+
+    if (pam_get_item(pamh, item, &v) != PAM_SUCCESS)
+        return NULL;
+    return v;
+}
+
+/* Length of the valid UTF-8 sequence at s[0..n) (no overlong forms, surrogates or code
+ * points above U+10FFFF), or 0 when s does not start one. */
+static size_t utf8_len(const unsigned char *s, size_t n)
+{
+    size_t extra;
+    size_t k;
+    uint32_t cp;
+
+    if (s[0] < 0x80)
+        return 1;
+    if (s[0] >= 0xc2 && s[0] <= 0xdf) {
+        extra = 1;
+        cp = s[0] & 0x1f;
+    } else if (s[0] >= 0xe0 && s[0] <= 0xef) {
+        extra = 2;
+        cp = s[0] & 0x0f;
+    } else if (s[0] >= 0xf0 && s[0] <= 0xf4) {
+        extra = 3;
+        cp = s[0] & 0x07;
+    } else {
+        return 0;
+    }
+    if (extra >= n)
+        return 0;
+    for (k = 1; k <= extra; k++) {
+        if ((s[k] & 0xc0) != 0x80)
+            return 0;
+        cp = (cp << 6) | (s[k] & 0x3f);
+    }
+    if ((extra == 2 && cp < 0x800) || (extra == 3 && cp < 0x10000) || cp > 0x10ffff ||
+        (cp >= 0xd800 && cp <= 0xdfff) || (cp >= 0x80 && cp <= 0x9f))
+        return 0; /* the last test rejects C1 controls (U+0080..U+009F) */
+    return extra + 1;
+}
+
+/* Copy `msg` for a terminal: C0 controls (but '\n' and '\t'), DEL, C1 controls and bytes that
+ * are not valid UTF-8 each become '?'. The output is NUL-terminated and fits in out[cap]. */
+static void sanitize(const char *msg, char *out, size_t cap)
+{
+    const unsigned char *p = (const unsigned char *)msg;
+    size_t left = strlen(msg);
+    size_t o = 0;
+    size_t n;
+
+    if (cap == 0)
+        return;
+    while (left > 0) {
+        n = utf8_len(p, left);
+        if (n == 1 && ((*p < 0x20 && *p != '\n' && *p != '\t') || *p == 0x7f))
+            n = 0;
+        if ((n == 0 ? 1 : n) >= cap - o)
+            break;
+        if (n == 0) {
+            out[o++] = '?';
+            n = 1;
+        } else {
+            memcpy(out + o, p, n);
+            o += n;
+        }
+        p += n;
+        left -= n;
+    }
+    out[o] = '\0';
+}
+
+/* Show `msg` as PAM_ERROR_MSG through the application's conversation, if there is one. */
+static void tell_user(pam_handle_t *pamh, int flags, const struct options *o, const char *msg)
+{
+    const void *item = NULL;
+    const struct pam_conv *conv;
+    char text[CID_LINE_MAX];
+
+    if ((flags & PAM_SILENT) != 0)
+        return;
+    if (pam_get_item(pamh, PAM_CONV, &item) != PAM_SUCCESS || item == NULL)
+        return;
+    conv = item;
+    if (conv->conv == NULL)
+        return;
+    sanitize(msg, text, sizeof(text));
+    if (pam_error(pamh, "%s", text) != PAM_SUCCESS && o->debug)
+        pam_syslog(pamh, LOG_DEBUG, "the conversation did not show the message");
+}
+
+static int deny_rc(enum phase phase)
+{
+    return phase == PHASE_ACCOUNT ? PAM_PERM_DENIED : PAM_SESSION_ERR;
+}
+
+/* The agent could not give a verdict: apply on_error. */
+static int on_error_rc(pam_handle_t *pamh, int flags, const struct options *o, enum phase phase)
+{
+    switch (o->on_error) {
+    case ON_ERROR_IGNORE:
+        return PAM_IGNORE;
+    case ON_ERROR_ALLOW:
+        return PAM_SUCCESS;
+    case ON_ERROR_DENY:
+    default:
+        if (phase != PHASE_CLOSE_SESSION)
+            tell_user(pamh, flags, o, MSG_AGENT_DOWN);
+        return deny_rc(phase);
+    }
+}
+
+static void export_job(pam_handle_t *pamh, const char *job)
+{
+    char env[sizeof("CALLERID_JOB_ID=") + CID_JOB_MAX];
+    static const char *const names[] = {"CALLERID_JOB_ID", "SLURM_JOB_ID"};
+    size_t i;
+    int n;
+    int r;
+
+    if (!cid_valid_job(job))
+        return;
+    for (i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        n = snprintf(env, sizeof(env), "%s=%s", names[i], job);
+        if (n < 0 || (size_t)n >= sizeof(env))
+            continue;
+        if ((r = pam_putenv(pamh, env)) != PAM_SUCCESS)
+            pam_syslog(pamh, LOG_ERR, "pam_putenv(%s): %s", names[i], pam_strerror(pamh, r));
+    }
+}
+
+/* Map a parsed reply to a PAM code. */
+static int verdict_rc(pam_handle_t *pamh, int flags, const struct options *o, enum phase phase,
+                      const char *user, const struct cid_reply *reply)
+{
+    switch (reply->verdict) {
+    case CID_VERDICT_ADOPT:
+        pam_syslog(pamh, LOG_INFO, "%s: user %s adopted into job %s (reason=%s)", phase_op(phase),
+                   user, reply->job[0] != '\0' ? reply->job : "?", reply->reason);
+        if (phase != PHASE_CLOSE_SESSION)
+            export_job(pamh, reply->job);
+        return PAM_SUCCESS;
+    case CID_VERDICT_ALLOW:
+        if (o->debug)
+            pam_syslog(pamh, LOG_DEBUG, "%s: user %s allowed (reason=%s)", phase_op(phase), user,
+                       reply->reason);
+        return PAM_SUCCESS;
+    case CID_VERDICT_DENY:
+        pam_syslog(pamh, LOG_NOTICE, "%s: user %s denied (reason=%s)", phase_op(phase), user,
+                   reply->reason);
+        if (phase != PHASE_CLOSE_SESSION)
+            tell_user(pamh, flags, o, reply->msg[0] != '\0' ? reply->msg : MSG_DENY_DEFAULT);
+        return deny_rc(phase);
+    case CID_VERDICT_ERROR:
+    default:
+        pam_syslog(pamh, LOG_ERR, "%s: user %s: the agent reported an error (reason=%s)",
+                   phase_op(phase), user, reply->reason);
+        return on_error_rc(pamh, flags, o, phase);
+    }
+}
+
+static void log_failure(pam_handle_t *pamh, const struct options *o, const struct cid_result *res)
+{
+    if (res->sys_errno != 0) {
+        errno = res->sys_errno;
+        pam_syslog(pamh, LOG_ERR, "agent %s: %s at %s: %m (on_error=%s)", o->socket_path,
+                   cid_status_str(res->status), res->stage, on_error_str(o->on_error));
+    } else {
+        pam_syslog(pamh, LOG_ERR, "agent %s: %s at %s (on_error=%s)", o->socket_path,
+                   cid_status_str(res->status), res->stage, on_error_str(o->on_error));
+    }
+}
+
+/* The whole decision for one phase; see the comment above pam_sm_acct_mgmt. */
+static int run_phase(pam_handle_t *pamh, int flags, int argc, const char **argv, enum phase phase)
+{
+    struct options o;
+    struct cid_request req;
+    struct cid_reply *reply = NULL;
+    struct cid_result res;
+    const char *user = NULL;
+    uid_t uid = (uid_t)-1;
+    int rc = PAM_SERVICE_ERR;
+    int r;
+
+    parse_options(pamh, argc, argv, &o);
+    if ((r = pam_get_user(pamh, &user, NULL)) != PAM_SUCCESS) {
+        pam_syslog(pamh, LOG_ERR, "cannot get the user name: %s", pam_strerror(pamh, r));
+        rc = r;
+        goto cleanup;
+    }
+    if (user == NULL || user[0] == '\0') {
+        pam_syslog(pamh, LOG_ERR, "empty user name");
+        rc = PAM_USER_UNKNOWN;
+        goto cleanup;
+    }
+    if ((r = lookup_uid(user, &uid)) == ENOENT) {
+        pam_syslog(pamh, LOG_NOTICE, "unknown user %s", user);
+        rc = PAM_USER_UNKNOWN;
+        goto cleanup;
+    }
+    if (r != 0) {
+        errno = r;
+        pam_syslog(pamh, LOG_ERR, "getpwnam_r(%s): %m; asking the agent", user);
+    } else if (uid == 0 && o.skip_root) {
+        if (o.debug)
+            pam_syslog(pamh, LOG_DEBUG, "%s: user %s has uid 0: skip_root, ignored",
+                       phase_op(phase), user);
+        rc = PAM_IGNORE;
+        goto cleanup;
+    }
+
+    req.op = phase_op(phase);
+    req.user = user;
+    req.service = get_item_str(pamh, PAM_SERVICE);
+    req.rhost = get_item_str(pamh, PAM_RHOST);
+    req.tty = get_item_str(pamh, PAM_TTY);
+    if ((reply = calloc(1, sizeof(*reply))) == NULL) {
+        pam_syslog(pamh, LOG_CRIT, "out of memory");
+        rc = PAM_BUF_ERR;
+        goto cleanup;
+    }
+    r = cid_exchange(o.socket_path, o.timeout_ms, &req, reply, &res);
+    if (o.debug)
+        pam_syslog(pamh, LOG_DEBUG,
+                   "%s: user %s: %s at %s; connect %ld us, send %ld us, recv %ld us, total %ld us",
+                   req.op, user, cid_status_str(res.status), res.stage, res.connect_us, res.send_us,
+                   res.recv_us, res.total_us);
+    if (r == CID_E_ARG) {
+        pam_syslog(pamh, LOG_ERR, "%s: user %s: the request does not fit in one line: denied",
+                   req.op, user);
+        if (phase != PHASE_CLOSE_SESSION)
+            tell_user(pamh, flags, &o, MSG_BAD_REQUEST);
+        rc = deny_rc(phase);
+        goto cleanup;
+    }
+    if (r != CID_OK) {
+        log_failure(pamh, &o, &res);
+        rc = on_error_rc(pamh, flags, &o, phase);
+        goto cleanup;
+    }
+    rc = verdict_rc(pamh, flags, &o, phase, user, reply);
+
+cleanup:
+    if (reply != NULL) {
+        memset(reply, 0, sizeof(*reply));
+        free(reply);
+    }
+    if (o.debug)
+        pam_syslog(pamh, LOG_DEBUG, "%s: returning %d (%s)", phase_op(phase), rc,
+                   pam_strerror(pamh, rc));
+    return rc;
+}
+
+/*
+ * Account phase: may this user log in here, and into which job?
+ *
+ * Order: options, then PAM_USER (a pam_get_user failure returns its code; an empty or unknown
+ * user is PAM_USER_UNKNOWN), then root: with skip_root (default) a uid-0 user gets PAM_IGNORE
+ * at once, with no socket I/O, so an agent outage never locks root out nor delays it.
+ *
+ * Allow (PAM_SUCCESS): the agent answered verdict=adopt (CALLERID_JOB_ID and SLURM_JOB_ID are
+ *   put into the PAM environment when a valid job=J came with it) or verdict=allow.
+ * Deny (PAM_PERM_DENIED, the agent's msg shown as PAM_ERROR_MSG): verdict=deny; and a request
+ *   that cannot be encoded in one line, whatever on_error says.
+ * on_error (default deny: PAM_PERM_DENIED + "...agent is not available"; allow: PAM_SUCCESS;
+ *   ignore: PAM_IGNORE): no socket, connection refused, timeout (connect+send+recv share one
+ *   deadline of timeout= ms), the agent closed without a reply, a reply longer than 4096 bytes,
+ *   a malformed reply (bad prefix, bad escape, missing/unknown verdict, invalid job id), and
+ *   verdict=error.
+ * A failed getpwnam_r (NSS error, not "no such user") is logged and the agent is asked.
+ * Out of memory: PAM_BUF_ERR.
+ */
+CID_EXPORT int pam_sm_acct_mgmt(pam_handle_t *pamh, int flags, int argc, const char **argv)
+{
+    return run_phase(pamh, flags, argc, argv, PHASE_ACCOUNT);
+}
+
+/*
+ * Session phases: the same exchange with op=open_session / op=close_session. adopt/allow ->
+ * PAM_SUCCESS, deny -> PAM_SESSION_ERR, agent failures -> on_error (deny -> PAM_SESSION_ERR).
+ * skip_root applies as in the account phase. close_session never shows a message.
+ */
+CID_EXPORT int pam_sm_open_session(pam_handle_t *pamh, int flags, int argc, const char **argv)
+{
+    return run_phase(pamh, flags, argc, argv, PHASE_OPEN_SESSION);
+}
+
+CID_EXPORT int pam_sm_close_session(pam_handle_t *pamh, int flags, int argc, const char **argv)
+{
+    return run_phase(pamh, flags, argc, argv, PHASE_CLOSE_SESSION);
+}
