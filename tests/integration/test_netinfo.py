@@ -1,0 +1,549 @@
+"""netinfo against real sockets, processes, users, cgroups and network namespaces (root)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pwd
+import secrets
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from callerid.agent import _sockdiag as sd
+from callerid.agent.netinfo import NetInfo, NetinfoError, ProcessGone
+from callerid.bus.protocol import Endpoint
+from tests.support.poll import wait_for
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (other uids, netns, cgroups)"),
+]
+
+# A client: optionally waits for "go" on stdin, opens one TCP/UDP socket bound to cfg["bind"],
+# connects it (or only sendto()s), optionally forks a sharer, reports, then holds until EOF.
+CLIENT = r"""
+import json, os, socket, sys
+cfg = json.loads(sys.argv[1])
+def out(**kw):  # one write(2) per line: forked writers must not interleave
+    os.write(1, (json.dumps(kw) + "\n").encode())
+if cfg.get("wait_go"):
+    out(ready=os.getpid())
+    sys.stdin.readline()
+fam = socket.AF_INET6 if ":" in cfg["bind"] else socket.AF_INET
+kind = socket.SOCK_STREAM if cfg["proto"] == "tcp" else socket.SOCK_DGRAM
+s = socket.socket(fam, kind)
+s.bind((cfg["bind"], 0))
+if cfg.get("unconnected"):
+    s.sendto(b"x", (cfg["host"], cfg["port"]))
+else:
+    s.connect((cfg["host"], cfg["port"]))
+if cfg.get("setuid"):  # drop privileges after creating the socket (it stays root's)
+    os.setgid(cfg["setuid"][1])
+    os.setuid(cfg["setuid"][0])
+if cfg.get("fork_sharer") and os.fork() == 0:
+    out(sharer=os.getpid())
+    sys.stdin.read()
+    os._exit(0)
+out(pid=os.getpid(), ip=s.getsockname()[0], port=s.getsockname()[1])
+sys.stdin.read()
+"""
+
+# A server: a TCP listener that accepts one connection, or a bound UDP socket; holds until EOF.
+SERVER = r"""
+import json, os, socket, sys
+cfg = json.loads(sys.argv[1])
+fam = socket.AF_INET6 if ":" in cfg["bind"] else socket.AF_INET
+kind = socket.SOCK_STREAM if cfg["proto"] == "tcp" else socket.SOCK_DGRAM
+s = socket.socket(fam, kind)
+s.bind((cfg["bind"], 0))
+if cfg["proto"] == "tcp":
+    s.listen(4)
+os.write(1, (json.dumps({"pid": os.getpid(), "port": s.getsockname()[1]}) + "\n").encode())
+if cfg["proto"] == "tcp":
+    conn, peer = s.accept()
+    os.write(1, (json.dumps({"accepted": list(peer[:2])}) + "\n").encode())
+sys.stdin.read()
+"""
+
+# An sshd look-alike: listener (LISTEN) accepts n connections, forks a monitor holding them plus
+# a decoy outgoing connection, which forks a helper holding no socket at all.
+TREE = r"""
+import json, os, socket, sys
+cfg = json.loads(sys.argv[1])
+def out(**kw):  # one write(2) per line: forked writers must not interleave
+    os.write(1, (json.dumps(kw) + "\n").encode())
+fam = socket.AF_INET6 if ":" in cfg["bind"] else socket.AF_INET
+lst = socket.socket(fam, socket.SOCK_STREAM)
+if cfg.get("dual"):
+    lst.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+lst.bind((cfg["bind"], 0))
+lst.listen(8)
+out(listener=os.getpid(), port=lst.getsockname()[1])
+conns = [lst.accept()[0] for _ in range(cfg["n"])]
+if os.fork() == 0:
+    lst.close()
+    decoy = socket.create_connection(tuple(cfg["decoy"])) if cfg.get("decoy") else None
+    if os.fork() == 0:
+        for c in conns:
+            c.close()
+        if decoy is not None:
+            decoy.close()
+        out(helper=os.getpid())
+        sys.stdin.read()
+        os._exit(0)
+    out(monitor=os.getpid(), decoy=decoy.getsockname()[1] if decoy else None)
+    sys.stdin.read()
+    os._exit(0)
+for c in conns:
+    c.close()
+sys.stdin.read()
+"""
+
+
+class Child:
+    """A child process group we started; reads its JSON lines with a deadline, kills on stop."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        assert self.proc.stdout is not None
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self.proc.stdout, selectors.EVENT_READ)
+        self._buf = b""
+        self.seen: dict[str, Any] = {}
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _line(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sel.select(left):
+                raise AssertionError(f"child {self.pid} said nothing for {timeout}s")
+            chunk = os.read(self.proc.stdout.fileno(), 4096)
+            if not chunk:
+                raise AssertionError(f"child {self.pid} exited: {self.proc.wait()}")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        msg: dict[str, Any] = json.loads(line)
+        self.seen.update(msg)
+        return msg
+
+    def expect(self, *keys: str, timeout: float = 10.0) -> dict[str, Any]:
+        while not all(k in self.seen for k in keys):
+            self._line(timeout)
+        return self.seen
+
+    def send(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                f.close()
+        self._sel.close()
+
+
+@pytest.fixture
+def spawn() -> Iterator[Any]:
+    children: list[Child] = []
+
+    def start(script: str, cfg: dict[str, Any], prefix: tuple[str, ...] = ()) -> Child:
+        child = Child([*prefix, sys.executable, "-c", script, json.dumps(cfg)])
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.stop()
+
+
+@pytest.fixture
+def throwaway_user() -> Iterator[pwd.struct_passwd]:
+    """A fresh system user; request it before `spawn` so its processes die before userdel."""
+    name = f"cidni{secrets.token_hex(4)}"
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], check=True, capture_output=True)
+
+
+def as_user(user: pwd.struct_passwd) -> tuple[str, ...]:
+    return ("setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups")
+
+
+def ep(ip: str, port: int) -> Endpoint:
+    return Endpoint(ip, port)
+
+
+class RecordingNetInfo(NetInfo):
+    """NetInfo that records which processes' fd tables the owner search looked into."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.looked: list[int] = []
+
+    def _holds(self, pid: int, target: str) -> bool:
+        self.looked.append(pid)
+        return super()._holds(pid, target)
+
+
+# --------------------------------------------------------------------------- source side
+
+
+@pytest.mark.parametrize("use_netlink", [True, False], ids=["netlink", "procfs"])
+@pytest.mark.parametrize(
+    ("proto", "srv_ip", "cli_ip"),
+    [
+        ("tcp", "127.0.0.2", "127.0.0.3"),
+        ("udp", "127.0.0.2", "127.0.0.3"),
+        ("tcp", "::1", "::1"),
+        ("udp", "::1", "::1"),
+    ],
+)
+def test_socket_owner_finds_the_client(
+    spawn: Any, proto: str, srv_ip: str, cli_ip: str, use_netlink: bool
+) -> None:
+    server = spawn(SERVER, {"proto": proto, "bind": srv_ip})
+    sport = server.expect("port")["port"]
+    client = spawn(CLIENT, {"proto": proto, "bind": cli_ip, "host": srv_ip, "port": sport})
+    c = client.expect("pid", "port")
+    ni = NetInfo(use_netlink=use_netlink)
+    src, dst = ep(cli_ip, c["port"]), ep(srv_ip, sport)
+    owner = ni.socket_owner(proto, src, dst)
+    assert owner is not None
+    assert owner.pid == client.pid != server.pid
+    assert owner.uid == 0
+    assert owner.comm.startswith("python")
+    assert f"socket:[{owner.inode}]" in {
+        os.readlink(f"/proc/{client.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{client.pid}/fd")
+    }
+    if proto == "tcp":  # the accepted end belongs to the server, not to the listener socket
+        server.expect("accepted")
+        back = ni.socket_owner("tcp", dst, src)
+        assert back is not None
+        assert back.pid == server.pid
+        assert back.inode != owner.inode
+    assert ni.socket_owner(proto, ep(cli_ip, c["port"] ^ 1), dst) is None
+    assert ni.socket_owner(proto, src, ep(srv_ip, sport ^ 1)) is None
+
+
+def test_socket_owner_unconnected_udp_sender(spawn: Any) -> None:
+    server = spawn(SERVER, {"proto": "udp", "bind": "127.0.0.2"})
+    sport = server.expect("port")["port"]
+    cfg = {"proto": "udp", "bind": "127.0.0.3", "host": "127.0.0.2", "port": sport}
+    client = spawn(CLIENT, {**cfg, "unconnected": True})
+    cport = client.expect("port")["port"]
+    for use_netlink in (True, False):
+        owner = NetInfo(use_netlink=use_netlink).socket_owner(
+            "udp", ep("127.0.0.3", cport), ep("127.0.0.2", sport)
+        )
+        assert owner is not None
+        assert owner.pid == client.pid
+
+
+def test_socket_owner_other_uid_scans_only_that_uid(
+    throwaway_user: pwd.struct_passwd, spawn: Any
+) -> None:
+    server = spawn(SERVER, {"proto": "tcp", "bind": "127.0.0.2"})
+    sport = server.expect("port")["port"]
+    cfg = {"proto": "tcp", "bind": "127.0.0.3", "host": "127.0.0.2", "port": sport}
+    client = spawn(CLIENT, cfg, prefix=as_user(throwaway_user))
+    cport = client.expect("port")["port"]
+    ni = RecordingNetInfo(use_cgroups=False)
+    owner = ni.socket_owner("tcp", ep("127.0.0.3", cport), ep("127.0.0.2", sport))
+    assert owner is not None
+    assert owner.pid == client.pid
+    assert owner.uid == throwaway_user.pw_uid
+    assert ni.pids_of_uid(throwaway_user.pw_uid) == [client.pid]
+    assert ni.looked == [client.pid]  # no other process's fds were read
+
+
+def test_socket_owner_never_scans_beyond_the_candidates(
+    throwaway_user: pwd.struct_passwd, spawn: Any
+) -> None:
+    """The socket is root's but its holder now runs as another uid: not every fd is scanned."""
+    server = spawn(SERVER, {"proto": "tcp", "bind": "127.0.0.2"})
+    sport = server.expect("port")["port"]
+    cfg = {"proto": "tcp", "bind": "127.0.0.3", "host": "127.0.0.2", "port": sport}
+    ids = [throwaway_user.pw_uid, throwaway_user.pw_gid]
+    client = spawn(CLIENT, {**cfg, "setuid": ids})
+    cport = client.expect("port")["port"]
+    assert os.stat(f"/proc/{client.pid}").st_uid == throwaway_user.pw_uid
+    ni = NetInfo(use_cgroups=False)
+    assert ni.socket_owner("tcp", ep("127.0.0.3", cport), ep("127.0.0.2", sport)) is None
+    owner = ni.socket_owner("tcp", ep("127.0.0.2", sport), ep("127.0.0.3", cport))
+    assert owner is not None and owner.pid == server.pid  # the other end: a root candidate
+    assert ni.socket_owner("tcp", ep("127.0.0.2", sport), ep("127.0.0.3", cport), uid=1) is None
+
+
+def test_socket_owner_prefers_the_parent_over_a_forked_sharer(spawn: Any) -> None:
+    server = spawn(SERVER, {"proto": "tcp", "bind": "127.0.0.2"})
+    sport = server.expect("port")["port"]
+    cfg = {"proto": "tcp", "bind": "127.0.0.3", "host": "127.0.0.2", "port": sport}
+    client = spawn(CLIENT, {**cfg, "fork_sharer": True})
+    seen = client.expect("pid", "port", "sharer")
+    assert seen["sharer"] != client.pid
+    owner = NetInfo().socket_owner("tcp", ep("127.0.0.3", seen["port"]), ep("127.0.0.2", sport))
+    assert owner is not None
+    assert owner.pid == client.pid
+
+
+def _cgroup2_mount() -> Path | None:
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        if " - cgroup2 " in line:
+            return Path(line.split()[4])
+    return None
+
+
+@pytest.fixture
+def cgroup2_dir() -> Iterator[Path]:
+    mount = _cgroup2_mount()
+    if mount is None:
+        pytest.skip("no cgroup2 mount")
+    path = mount / f"cid-ni-{secrets.token_hex(4)}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        if path.exists():
+            for pid in (path / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    (mount / "cgroup.procs").write_text(pid)
+            wait_for(lambda: not (path / "cgroup.procs").read_text().strip(), what="empty cgroup")
+            path.rmdir()
+
+
+def test_socket_owner_searches_the_sockets_cgroup_first(spawn: Any, cgroup2_dir: Path) -> None:
+    server = spawn(SERVER, {"proto": "tcp", "bind": "127.0.0.2"})
+    sport = server.expect("port")["port"]
+    cfg = {"proto": "tcp", "bind": "127.0.0.3", "host": "127.0.0.2", "port": sport}
+    client = spawn(CLIENT, {**cfg, "wait_go": True})
+    client.expect("ready")
+    (cgroup2_dir / "cgroup.procs").write_text(str(client.pid))
+    client.send("go\n")  # the socket is created inside the cgroup: its cgroup id is ours
+    cport = client.expect("port")["port"]
+    with sd.SockDiag() as diag:
+        got = diag.lookup(socket.AF_INET, "tcp", ("127.0.0.3", cport), ("127.0.0.2", sport))
+    assert got is not None
+    assert got.cgroup_id == cgroup2_dir.stat().st_ino
+    ni = RecordingNetInfo()
+    owner = ni.socket_owner("tcp", ep("127.0.0.3", cport), ep("127.0.0.2", sport))
+    assert owner is not None
+    assert owner.pid == client.pid
+    # no other root process was read, except the parent: is it a forked sharer?
+    assert ni.looked == [client.pid, os.getpid()]
+
+
+def test_netlink_failure_falls_back_and_logs_once(
+    spawn: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    class BrokenNetlink(NetInfo):
+        def _netlink_socket(self, *args: Any) -> sd.DiagSocket | None:
+            raise sd.SockDiagUnavailable("EPERM (test)")
+
+    server = spawn(SERVER, {"proto": "tcp", "bind": "127.0.0.2"})
+    sport = server.expect("port")["port"]
+    cfg = {"proto": "tcp", "bind": "127.0.0.3", "host": "127.0.0.2", "port": sport}
+    client = spawn(CLIENT, cfg)
+    cport = client.expect("port")["port"]
+    ni = BrokenNetlink()
+    with caplog.at_level(logging.WARNING, logger="callerid.agent.netinfo"):
+        for _ in range(3):
+            owner = ni.socket_owner("tcp", ep("127.0.0.3", cport), ep("127.0.0.2", sport))
+            assert owner is not None
+            assert owner.pid == client.pid
+    assert len([r for r in caplog.records if r.name == "callerid.agent.netinfo"]) == 1
+
+
+# --------------------------------------------------------------------------- destination side
+
+
+def _connect(src_ip: str, dst: tuple[str, int]) -> socket.socket:
+    fam = socket.AF_INET6 if ":" in src_ip else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.bind((src_ip, 0))
+    s.connect(dst)
+    return s
+
+
+@pytest.fixture
+def decoy_server() -> Iterator[socket.socket]:
+    s = socket.socket()
+    s.bind(("127.0.0.4", 0))
+    s.listen(4)
+    yield s
+    s.close()
+
+
+def test_session_connection_returns_the_monitor_not_the_decoy(
+    spawn: Any, decoy_server: socket.socket
+) -> None:
+    tree = spawn(TREE, {"bind": "127.0.0.2", "n": 1, "decoy": decoy_server.getsockname()})
+    port = tree.expect("port")["port"]
+    client = _connect("127.0.0.3", ("127.0.0.2", port))
+    try:
+        seen = tree.expect("monitor", "helper", "decoy")
+        ni = NetInfo()
+        for start in (seen["helper"], seen["monitor"]):
+            info, conn = ni.session_connection(start)
+            assert info.pid == seen["monitor"] != seen["helper"]
+            assert info.ppid == seen["listener"]
+            assert conn.proto == "tcp"
+            assert conn.state == "ESTABLISHED"
+            assert conn.local == ep("127.0.0.2", port)
+            assert conn.remote == ep("127.0.0.3", client.getsockname()[1])
+            assert conn.local.port != seen["decoy"]
+        info, conn = ni.session_connection(seen["helper"], "127.0.0.3")
+        assert conn.remote.ip == "127.0.0.3"
+        with pytest.raises(NetinfoError, match="no connection"):
+            ni.session_connection(seen["helper"], "127.0.0.9")
+    finally:
+        client.close()
+
+
+def test_session_connection_ambiguous_unless_rhost_decides(spawn: Any) -> None:
+    tree = spawn(TREE, {"bind": "127.0.0.2", "n": 2})
+    port = tree.expect("port")["port"]
+    clients = [_connect(ip, ("127.0.0.2", port)) for ip in ("127.0.0.3", "127.0.0.5")]
+    try:
+        seen = tree.expect("monitor", "helper")
+        ni = NetInfo()
+        with pytest.raises(NetinfoError, match="ambiguous"):
+            ni.session_connection(seen["helper"])
+        info, conn = ni.session_connection(seen["helper"], "127.0.0.5")
+        assert info.pid == seen["monitor"]
+        assert conn.remote == ep("127.0.0.5", clients[1].getsockname()[1])
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_session_connection_dual_stack_yields_plain_ipv4(spawn: Any) -> None:
+    tree = spawn(TREE, {"bind": "::", "dual": True, "n": 1})
+    port = tree.expect("port")["port"]
+    client = _connect("127.0.0.3", ("127.0.0.2", port))
+    try:
+        seen = tree.expect("monitor", "helper")
+        ni = NetInfo()
+        info, conn = ni.session_connection(seen["helper"], "::ffff:127.0.0.3")
+        assert info.pid == seen["monitor"]
+        assert conn.local == ep("127.0.0.2", port)
+        assert conn.local.ip == "127.0.0.2"
+        assert conn.remote.ip == "127.0.0.3"
+        # the same connection from the source side, through the AF_INET6 socket it lives in
+        owner = ni.socket_owner("tcp", conn.local, conn.remote)
+        assert owner is not None
+        assert (owner.pid, owner.inode) == (seen["monitor"], conn.inode)
+        mine = ni.socket_owner("tcp", conn.remote, conn.local)
+        assert mine is not None
+        assert mine.pid == os.getpid()
+    finally:
+        client.close()
+
+
+def test_session_connection_udp(spawn: Any) -> None:
+    """A UDP server forks a monitor holding a socket connected to the peer on the served port."""
+    script = r"""
+import json, os, socket, sys
+srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.2", 0))
+port = srv.getsockname()[1]
+os.write(1, (json.dumps({"port": port}) + "\n").encode())
+data, peer = srv.recvfrom(16)
+if os.fork() == 0:
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    c.bind(("127.0.0.2", port))
+    c.connect(peer)
+    srv.close()
+    os.write(1, (json.dumps({"monitor": os.getpid()}) + "\n").encode())
+    sys.stdin.read()
+    os._exit(0)
+sys.stdin.read()
+"""
+    tree = spawn(script, {})
+    port = tree.expect("port")["port"]
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        peer.bind(("127.0.0.3", 0))
+        peer.sendto(b"hi", ("127.0.0.2", port))
+        seen = tree.expect("monitor")
+        info, conn = NetInfo().session_connection(seen["monitor"], "127.0.0.3")
+        assert info.pid == seen["monitor"]
+        assert (conn.proto, conn.state) == ("udp", "ESTABLISHED")
+        assert conn.local == ep("127.0.0.2", port)
+        assert conn.remote == ep("127.0.0.3", peer.getsockname()[1])
+    finally:
+        peer.close()
+
+
+def test_session_connection_inside_a_network_namespace(spawn: Any) -> None:
+    name = f"cid-ni-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        inside = ("ip", "netns", "exec", name)
+        tree = spawn(TREE, {"bind": "127.0.0.2", "n": 1}, prefix=inside)
+        port = tree.expect("port")["port"]
+        cfg = {"proto": "tcp", "bind": "127.0.0.3", "host": "127.0.0.2", "port": port}
+        client = spawn(CLIENT, cfg, prefix=inside)
+        cport = client.expect("port")["port"]
+        seen = tree.expect("monitor", "helper")
+        ni = NetInfo()
+        info, conn = ni.session_connection(seen["helper"])
+        assert info.pid == seen["monitor"]
+        assert (conn.local, conn.remote) == (ep("127.0.0.2", port), ep("127.0.0.3", cport))
+        host_rows = [
+            sd.parse_proc_net_line(line) for line in Path("/proc/net/tcp").read_text().splitlines()
+        ]
+        assert conn.inode not in {r.inode for r in host_rows if r is not None}
+        assert ni.socket_owner("tcp", conn.remote, conn.local) is None  # not in our namespace
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+# --------------------------------------------------------------------------- vanished processes
+
+
+def test_vanished_pid_is_process_gone() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(timeout=10)
+    ni = NetInfo()
+    with pytest.raises(ProcessGone):
+        ni.process(proc.pid)
+    with pytest.raises(ProcessGone):
+        ni.session_connection(proc.pid)
+    with pytest.raises(ProcessGone):
+        ni.cgroup_paths(proc.pid)
+    with pytest.raises(ProcessGone):
+        ni.ancestors(proc.pid)
