@@ -404,8 +404,8 @@ def test_socket_owner_ipv4_in_tcp6_and_unconnected_udp(fake: FakeProc) -> None:
     fake.add(801, 1, "sender", (82,))
     fake.sock("A", "tcp", ("::ffff:127.0.0.3", 40000), ("::ffff:127.0.0.2", 22), 1, 81)
     fake.sock("A", "udp", ("0.0.0.0", 5000), ("0.0.0.0", 0), 7, 82)
-    os.chown(fake.root / "800", 1, -1)  # only the sockets' owners' processes are candidates
-    os.chown(fake.root / "801", 7, -1)
+    os.chown(fake.root / "800", 1000, -1)  # only the sockets' owners' processes are candidates
+    os.chown(fake.root / "801", 1000, -1)
     ni = NetInfo(fake.root, use_netlink=False)
     owner = ni.socket_owner("tcp", Endpoint("127.0.0.3", 40000), Endpoint("127.0.0.2", 22))
     assert owner is not None
