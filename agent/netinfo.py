@@ -313,7 +313,8 @@ class NetInfo:
         A connection qualifies when it is established (UDP: connected), comes from ``rhost``
         (if that is an IP literal) and its local port is listened on by an ancestor in the same
         network namespace, or by pid 1 (systemd socket activation). The nearest process with
-        exactly one qualifying connection wins. Raises ProcessGone if ``pid`` is gone,
+        exactly one qualifying connection wins; if its parent holds the same socket (sshd's
+        forked PAM helper), the topmost such holder is returned. Raises ProcessGone if ``pid`` is gone,
         NetinfoError if nothing qualifies or one process holds several ("ambiguous: ...").
         """
         members, tables = self._snapshot(pid)
@@ -330,7 +331,7 @@ class NetInfo:
                     init = self._init_member(tables)
                 chosen = [c for c in conns if _served(c, self._listeners(init, m, tables))]
             if len(chosen) == 1:
-                return m.info, chosen[0]
+                return self._topmost_member(members, i, chosen[0].inode).info, chosen[0]
             if len(chosen) > 1:
                 listed = ", ".join(f"{c.proto} {c.local}<-{c.remote}" for c in chosen)
                 msg = f"ambiguous: pid {m.info.pid} holds {len(chosen)} connections: {listed}"
@@ -338,6 +339,18 @@ class NetInfo:
         hint = f" from {want}" if want else ""
         msg = f"no connection{hint} served by an ancestor's listener for pid {pid} or its parents"
         raise NetinfoError(msg)
+
+    @staticmethod
+    def _topmost_member(members: list[_Member], i: int, inode: int) -> _Member:
+        """Climb from ``members[i]`` while the parent holds the same socket.
+
+        sshd runs keyboard-interactive PAM in a forked helper that inherits the connection
+        socket; the session lives in the helper's parent, the monitor, which is what must be
+        adopted (adopting the short-lived helper would let the session escape).
+        """
+        while i + 1 < len(members) and inode in members[i + 1].inodes:
+            i += 1
+        return members[i]
 
     def _init_member(self, tables: dict[str, dict[str, str]]) -> list[_Member]:
         try:

@@ -140,6 +140,12 @@ class Node:
         argv = ["nsenter"]
         if mount:
             argv.append(f"--mount={self.cluster.mount_ns}")
+        sshd = getattr(self, "sshd", None)
+        if sshd is not None and sshd.poll() is None:
+            # /proc paths name the namespaces in any mount namespace (a private journald's
+            # copy does not see the bind mounts made after it was created)
+            ns = f"/proc/{sshd.pid}/ns"
+            return [*argv, f"--uts={ns}/uts", f"--net={ns}/net", "--"]
         return [*argv, f"--uts={self.uts_ns}", f"--net=/run/netns/{self.netns}", "--"]
 
     def user_argv(self, user: ClusterUser | None, argv: Sequence[str]) -> list[str]:

@@ -334,6 +334,20 @@ def test_session_connection_picks_the_monitor_and_not_the_decoy(fake: FakeProc) 
         ni.session_connection(4242)
 
 
+def test_session_connection_climbs_from_a_helper_that_inherited_the_socket(
+    fake: FakeProc,
+) -> None:
+    """sshd's forked keyboard-interactive PAM helper holds the monitor's socket too."""
+    fake.add(1, 0, "init")
+    fake.add(100, 1, "sshd", (11,))
+    fake.add(200, 100, "sshd: alice [priv]", (21,))
+    fake.add(300, 200, "sshd: alice [pam]", (21,))
+    fake.sock("A", "tcp", ("0.0.0.0", 22), ("0.0.0.0", 0), 10, 11)
+    fake.sock("A", "tcp", ("10.0.0.2", 22), ("10.0.0.1", 40000), 1, 21)
+    info, conn = NetInfo(fake.root).session_connection(300)
+    assert (info.pid, conn.inode) == (200, 21)
+
+
 def test_session_connection_ambiguous_then_rhost_decides(fake: FakeProc) -> None:
     sshd_tree(fake)
     (fake.root / "200" / "fd" / "9").symlink_to("socket:[23]")

@@ -1,0 +1,277 @@
+"""One login, decided and carried out: the destination-side flow of DESIGN.md.
+
+`Adopter.account()` gathers the facts `policy.decide` asks for (user, local jobs, the source
+agent's answer), adopts the sshd session process into the chosen job, and returns the PAM
+reply together with the journal record. `Adopter.answer()` is the source side: which job owns
+this connection, told only when the job belongs to the uid in the query.
+
+Blocking work (/proc, cgroupfs, slurmstepd, NSS) runs in the executor passed in; nothing here
+reads the clock except through the injected ``clock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import grp
+import logging
+import os
+import pwd
+import random
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from callerid.agent import policy
+from callerid.agent.backends.base import Backend, BackendError, Job
+from callerid.agent.config import Config
+from callerid.agent.journal import DecisionRecord
+from callerid.agent.netinfo import Connection, NetInfo, NetinfoError
+from callerid.agent.pamproto import PamReply, PamRequest
+from callerid.bus.protocol import CallerIdQuery, CallerIdReply, ErrorCode, error_reply
+
+__all__ = ["Adopter", "Outcome", "PeerAsk"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SESSION_MEMORY = 4096  # adopted monitor pids remembered for open_session re-checks
+
+
+class PeerAsk(Protocol):
+    """Ask the agent at ``host`` a CallerIdQuery; returns (peer status, reply or None)."""
+
+    def __call__(
+        self, host: str, query: CallerIdQuery
+    ) -> Awaitable[tuple[str, CallerIdReply | None]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    reply: PamReply
+    record: DecisionRecord
+
+
+@dataclass(slots=True)
+class _Login:
+    """Mutable scratch state of one login while its facts are gathered."""
+
+    req: PamRequest
+    caller_pid: int
+    started: float
+    facts: policy.Facts
+    target_pid: int | None = None
+    conn: Connection | None = None
+    peer_status: str = "skipped"
+
+
+class Adopter:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        node: str,
+        netinfo: NetInfo,
+        backend: Backend,
+        ask_peer: PeerAsk,
+        is_local: Callable[[str], bool],
+        executor: Executor | None,
+        clock: Callable[[], float],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.node = node
+        self.netinfo = netinfo
+        self.backend = backend
+        self.ask_peer = ask_peer
+        self.is_local = is_local
+        self.executor = executor
+        self.clock = clock
+        self.rng = rng or random.Random()  # noqa: S311 - job choice, not crypto
+        self.sessions: OrderedDict[int, Job] = OrderedDict()
+        self._next_id = 0
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # ------------------------------------------------------------------ destination side
+
+    async def account(self, req: PamRequest, caller_pid: int) -> Outcome:
+        """Decide one login (PAM account phase) and carry the decision out."""
+        login = _Login(req, caller_pid, self.clock(), await self._user_facts(req.user))
+        step = policy.decide(login.facts, self.cfg.policy, self.node, self.rng)
+        if step is policy.Need.JOBS:
+            assert login.facts.uid is not None
+            jobs = await self._run(self.backend.jobs_of, login.facts.uid)
+            login.facts = dataclasses.replace(login.facts, jobs=tuple(jobs))
+            step = policy.decide(login.facts, self.cfg.policy, self.node, self.rng)
+        if isinstance(step, policy.Decision) and step.verdict == "adopt":
+            await self._find_session(login)
+        if step is policy.Need.CALLERID:
+            await self._find_session(login)
+            await self._ask_source(login)
+            step = policy.decide(login.facts, self.cfg.policy, self.node, self.rng)
+        assert isinstance(step, policy.Decision)
+        decision = await self._carry_out(login, step)
+        return self._outcome(login, decision)
+
+    async def _user_facts(self, user: str) -> policy.Facts:
+        try:
+            pw = await self._run(pwd.getpwnam, user)
+        except KeyError:
+            return policy.Facts(user=user, uid=None)
+        groups: frozenset[str] = frozenset()
+        if self.cfg.policy.exempt_groups and not (self.cfg.policy.ignore_root and pw.pw_uid == 0):
+            groups = await self._run(_group_names, user, pw.pw_gid)
+        return policy.Facts(user=user, uid=pw.pw_uid, groups=groups)
+
+    async def _find_session(self, login: _Login) -> None:
+        """The process to adopt: the sshd monitor holding the connection (or the caller)."""
+        if login.target_pid is not None:
+            return
+        try:
+            holder, conn = await self._run(
+                self.netinfo.session_connection, login.caller_pid, login.req.rhost or None
+            )
+        except NetinfoError as exc:
+            log.info(
+                "pid %d: no session connection (%s); adopting the caller", login.caller_pid, exc
+            )
+            login.target_pid = login.caller_pid
+            login.peer_status = "no_connection"
+            return
+        login.target_pid = holder.pid
+        login.conn = conn
+
+    async def _ask_source(self, login: _Login) -> None:
+        conn = login.conn
+        if conn is None or login.facts.uid is None:
+            login.facts = dataclasses.replace(login.facts, callerid_asked=True)
+            return
+        self._next_id = (self._next_id + 1) % 2**63
+        query = CallerIdQuery(
+            id=self._next_id, proto=conn.proto, src=conn.remote, dst=conn.local, uid=login.facts.uid
+        )
+        reply: CallerIdReply | None
+        if self.is_local(conn.remote.ip):
+            reply = await self.answer(query, peer="local")
+            status = "local" if reply.status == "found" else f"local_{reply.status}"
+        else:
+            status, reply = await self.ask_peer(conn.remote.ip, query)
+            if reply is not None and status == "ok":
+                status = reply.status  # found | not_found | error
+        job = reply.job if reply is not None and reply.status == "found" else None
+        login.peer_status = status
+        login.facts = dataclasses.replace(
+            login.facts, callerid_asked=True, callerid_job=job, callerid_status=status
+        )
+
+    async def _carry_out(self, login: _Login, decision: policy.Decision) -> policy.Decision:
+        if decision.verdict != "adopt":
+            return decision
+        assert decision.job is not None and login.target_pid is not None
+        try:
+            await self._run(self.backend.adopt, login.target_pid, decision.job)
+        except BackendError as exc:
+            log.warning(
+                "adopting pid %d into job %s failed: %s", login.target_pid, decision.job.id, exc
+            )
+            return policy.after_adopt_failure(decision, self.cfg.policy, self.node)
+        self.sessions[login.target_pid] = decision.job
+        while len(self.sessions) > SESSION_MEMORY:
+            self.sessions.popitem(last=False)
+        return decision
+
+    def _outcome(self, login: _Login, d: policy.Decision) -> Outcome:
+        latency_us = int((self.clock() - login.started) * 1e6)
+        job = d.job.id if d.job else None
+        uid = login.facts.uid
+        conn = login.conn
+        who = f"{login.req.user} (uid {uid})" if uid is not None else login.req.user
+        where = f" from {conn.remote}" if conn else ""
+        what = {"adopt": f"adopted into job {job}", "allow": "allowed", "deny": "denied"}[d.verdict]
+        record = DecisionRecord(
+            decision=d.verdict,
+            reason=d.reason,
+            user=login.req.user,
+            uid=uid,
+            pid=login.target_pid if login.target_pid is not None else login.caller_pid,
+            job=job,
+            src=str(conn.remote) if conn else None,
+            dst=str(conn.local) if conn else None,
+            peer_status=login.peer_status,
+            latency_us=latency_us,
+            message=f"{who}{where} {what} ({d.reason})",
+            service=login.req.service or None,
+            node=self.node,
+        )
+        log.info("%s", record.message)
+        return Outcome(PamReply(d.verdict, d.reason, job, d.user_message), record)
+
+    async def open_session(self, req: PamRequest, caller_pid: int) -> PamReply:
+        """Session phase: make sure a session adopted at account time is still in its job.
+
+        Something between the account and session phases (a misplaced pam_systemd) may have
+        moved the monitor out of the job; it is put back.
+        """
+        job = self.sessions.get(caller_pid)
+        if job is None:
+            return PamReply("allow", "not_adopted")
+        current = await self._run(self.backend.job_of_pid, caller_pid)
+        if current is not None and current.id == job.id:
+            return PamReply("adopt", "still_in_job", job.id)
+        try:
+            await self._run(self.backend.adopt, caller_pid, job)
+        except BackendError as exc:
+            log.warning("re-adopting pid %d into job %s failed: %s", caller_pid, job.id, exc)
+            return PamReply("error", "readopt_failed")
+        log.warning(
+            "pid %d had left job %s before the session opened; re-adopted", caller_pid, job.id
+        )
+        return PamReply("adopt", "readopted", job.id)
+
+    def close_session(self, caller_pid: int) -> PamReply:
+        self.sessions.pop(caller_pid, None)
+        return PamReply("allow", "closed")
+
+    # ------------------------------------------------------------------ source side
+
+    async def answer(self, query: CallerIdQuery, peer: str) -> CallerIdReply:
+        """Which job owns src -> dst on this node? Told only if it belongs to query.uid."""
+        try:
+            owner = await self._run(self.netinfo.socket_owner, query.proto, query.src, query.dst)
+            job = await self._run(self.backend.job_of_pid, owner.pid) if owner else None
+        except (BackendError, NetinfoError) as exc:
+            log.warning("query %d from %s: lookup failed: %s", query.id, peer, exc)
+            return error_reply(query.id, self.node, ErrorCode.BACKEND, "lookup failed")
+        if owner is None:
+            reason = "no such connection"
+        elif job is None:
+            reason = "connection not in a job"
+        elif job.uid != query.uid:
+            log.info(
+                "query %d from %s: %s -> %s is in job %s of uid %d, not uid %d: not told",
+                query.id,
+                peer,
+                query.src,
+                query.dst,
+                job.id,
+                job.uid,
+                query.uid,
+            )
+            reason = "no such connection"  # the same words: never reveal another user's job
+        else:
+            return CallerIdReply(id=query.id, status="found", node=self.node, job=job.id)
+        return CallerIdReply(id=query.id, status="not_found", node=self.node, reason=reason)
+
+
+def _group_names(user: str, gid: int) -> frozenset[str]:
+    names = set()
+    for g in os.getgrouplist(user, gid):
+        try:
+            names.add(grp.getgrgid(g).gr_name)
+        except KeyError:
+            continue
+    return frozenset(names)
