@@ -188,7 +188,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(value: Any, tp: Any, key: str, meta: Mapping[str, Any]) -> Any:  # noqa: PLR0911,PLR0912
+def _convert(value: Any, tp: Any, key: str, meta: Mapping[str, Any]) -> Any:  # noqa: PLR0912
     origin = typing.get_origin(tp)
     bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:

@@ -314,8 +314,8 @@ class NetInfo:
         (if that is an IP literal) and its local port is listened on by an ancestor in the same
         network namespace, or by pid 1 (systemd socket activation). The nearest process with
         exactly one qualifying connection wins; if its parent holds the same socket (sshd's
-        forked PAM helper), the topmost such holder is returned. Raises ProcessGone if ``pid`` is gone,
-        NetinfoError if nothing qualifies or one process holds several ("ambiguous: ...").
+        forked PAM helper), the topmost such holder is returned. Raises ProcessGone if ``pid``
+        is gone, NetinfoError if nothing qualifies or one process holds several ("ambiguous").
         """
         members, tables = self._snapshot(pid)
         want = _rhost_ip(rhost)

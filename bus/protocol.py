@@ -326,7 +326,6 @@ def decode(data: bytes) -> Message:
             raw=False,
             strict_map_key=True,
             use_list=True,
-            max_buffer_size=MAX_MESSAGE_SIZE,
             max_str_len=MAX_MESSAGE_SIZE,
             max_bin_len=0,
             max_array_len=16,
