@@ -51,7 +51,7 @@ test-unit: venv
 	$(PY) -m pytest tests/unit
 
 demo: deps pam
-	$(PY) -m callerid.demo
+	$(PY) scripts/demo.py
 
 bench: deps pam
 	$(PY) bench/run.py
