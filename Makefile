@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 APT_STAMP := .apt.stamp
 APT_PACKAGES := gcc make pkg-config libsystemd-dev libpam0g-dev pamtester \
-	openssh-server openssh-client sshpass iproute2 systemd procps psmisc python3-venv
+	openssh-server openssh-client sshpass iproute2 systemd procps psmisc python3-venv \
+	slurmd slurmctld slurm-client munge
 
 .PHONY: all deps apt venv pam test test-unit lint typecheck demo bench clean
 

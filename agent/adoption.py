@@ -104,7 +104,11 @@ class Adopter:
         step = policy.decide(login.facts, self.cfg.policy, self.node, self.rng)
         if step is policy.Need.JOBS:
             assert login.facts.uid is not None
-            jobs = await self._run(self.backend.jobs_of, login.facts.uid)
+            try:
+                jobs = await self._run(self.backend.jobs_of, login.facts.uid)
+            except BackendError as exc:
+                log.error("listing the jobs of uid %d failed: %s", login.facts.uid, exc)
+                return self._error(login, "backend_error", f"cannot list jobs: {exc}")
             login.facts = dataclasses.replace(login.facts, jobs=tuple(jobs))
             step = policy.decide(login.facts, self.cfg.policy, self.node, self.rng)
         if isinstance(step, policy.Decision) and step.verdict == "adopt":
@@ -209,6 +213,25 @@ class Adopter:
         )
         log.info("%s", record.message)
         return Outcome(PamReply(d.verdict, d.reason, job, d.user_message), record)
+
+    def _error(self, login: _Login, reason: str, text: str) -> Outcome:
+        """verdict=error: the PAM module's on_error= decides (default deny)."""
+        record = DecisionRecord(
+            decision="error",
+            reason=reason,
+            user=login.req.user,
+            uid=login.facts.uid,
+            pid=login.caller_pid,
+            job=None,
+            src=None,
+            dst=None,
+            peer_status=login.peer_status,
+            latency_us=int((self.clock() - login.started) * 1e6),
+            message=f"{login.req.user}: {text} ({reason})",
+            service=login.req.service or None,
+            node=self.node,
+        )
+        return Outcome(PamReply("error", reason), record)
 
     async def open_session(self, req: PamRequest, caller_pid: int) -> PamReply:
         """Session phase: make sure a session adopted at account time is still in its job.

@@ -123,7 +123,11 @@ class SlurmBackendConfig:
     protocol_version: int | None = _opt(
         None, "Protocol version sent in the stepd handshake; default: the newest we know."
     )
-    timeout_ms: int = _opt(2000, "Deadline of each slurmstepd exchange, in ms.", min=1)
+    timeout_ms: int = _opt(
+        1000,
+        "Bound of each slurm backend call (all its slurmstepd exchanges together), in ms.",
+        min=1,
+    )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,521 @@
+"""The slurm backend against a real local Slurm 22.05 cluster, and against fake stepds.
+
+The real-cluster tests (marked ``slurm`` and ``root``) share one `LocalSlurm` and two jobs of a
+throwaway user for the whole module. The fake-stepd tests (real unix sockets, scripted
+`FakeStepd`) cover what a real stepd does not show on demand: a hung stepd, a 22.05 refusal
+(rc -1), a 26.05 refusal (connection closed), a refused handshake.
+
+Set ``CALLERID_CAPTURE_STEPD=1`` to rewrite tests/fixtures/stepd/*.json from the real stepd
+(replayed by tests/unit/test_stepd_codec.py); otherwise the capture goes to a temp dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from callerid.agent.backends import stepd
+from callerid.agent.backends.base import Backend, BackendError, Job, JobVanished
+from callerid.agent.backends.slurm import (
+    SlurmBackend,
+    StepdConnection,
+    StepdTimeout,
+    drive,
+)
+from callerid.agent.config import SlurmBackendConfig
+from tests.support.poll import wait_for
+from tests.support.slurm import FakeStepd, LocalSlurm, require_slurm, stale_socket
+from tests.support.users import ThrowawayUser, require_useradd, throwaway_user
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "stepd"
+EXTERN = stepd.EXTERN_STEP
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def slurm() -> Iterator[LocalSlurm]:
+    require_slurm()
+    require_useradd()
+    with LocalSlurm() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def alice(slurm: LocalSlurm) -> Iterator[ThrowawayUser]:
+    with throwaway_user() as user:
+        yield user
+
+
+@pytest.fixture(scope="module")
+def bob(slurm: LocalSlurm) -> Iterator[ThrowawayUser]:
+    with throwaway_user() as user:
+        yield user
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm: LocalSlurm, alice: ThrowawayUser) -> Iterator[list[str]]:
+    """Two running jobs of alice, the second started after the first."""
+    started = []
+    try:
+        for _ in range(2):
+            jobid = slurm.submit(alice.name, wrap="sleep 300")
+            started.append(jobid)
+            slurm.wait_running(jobid)
+        yield started
+    finally:
+        for jobid in started:
+            with contextlib.suppress(Exception):
+                slurm.cancel(jobid)
+
+
+@pytest.fixture
+def backend(slurm: LocalSlurm) -> SlurmBackend:
+    return SlurmBackend(SlurmBackendConfig(spool_dir=slurm.spool_dir, timeout_ms=2000))
+
+
+@pytest.fixture
+def user_sleep(alice: ThrowawayUser) -> Iterator[subprocess.Popen[bytes]]:
+    """A `sleep 600` of alice's, started by the test outside any job."""
+    proc = subprocess.Popen(["sleep", "600"], user=alice.uid, group=alice.gid, extra_groups=[])
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def _freezer_path(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _id, ctrls, path = line.split(":", 2)
+        if "freezer" in ctrls.split(","):
+            return path
+    return ""
+
+
+@contextlib.contextmanager
+def _euid(uid: int) -> Iterator[None]:
+    """Run the block with effective uid ``uid`` (SO_PEERCRED reports it at connect time)."""
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+# --------------------------------------------------------------------------- real cluster
+
+
+@pytest.mark.slurm
+@pytest.mark.root
+def test_jobs_of_lists_the_users_jobs_oldest_first(
+    slurm: LocalSlurm, backend: SlurmBackend, jobs: list[str], alice: ThrowawayUser
+) -> None:
+    found = backend.jobs_of(alice.uid)
+    assert [j.id for j in found] == jobs
+    assert all(j.uid == alice.uid for j in found)
+    for job in found:
+        assert job.start_time == slurm.extern_socket(job.id).lstat().st_ctime
+    assert found[0].start_time < found[1].start_time
+
+
+@pytest.mark.slurm
+@pytest.mark.root
+def test_jobs_of_another_uid_is_empty(
+    backend: SlurmBackend, jobs: list[str], bob: ThrowawayUser
+) -> None:
+    assert backend.jobs_of(bob.uid) == []
+    assert backend.jobs_of(0) == []
+
+
+@pytest.mark.slurm
+@pytest.mark.root
+def test_job_of_pid_finds_the_batch_script(
+    slurm: LocalSlurm, backend: SlurmBackend, jobs: list[str], alice: ThrowawayUser
+) -> None:
+    for jobid in jobs:
+        for pid in slurm.step_pids(jobid)["batch"]:
+            job = backend.job_of_pid(pid)
+            assert job is not None
+            assert (job.id, job.uid) == (jobid, alice.uid)
+            assert job.start_time == slurm.extern_socket(jobid).lstat().st_ctime
+    assert backend.job_of_pid(os.getpid()) is None
+
+
+@pytest.mark.slurm
+@pytest.mark.root
+def test_job_of_pid_asks_the_stepds_when_the_cgroup_says_nothing(
+    slurm: LocalSlurm, jobs: list[str], alice: ThrowawayUser, tmp_path: Path
+) -> None:
+    batch_pid = slurm.step_pids(jobs[1])["batch"][0]
+    for pid in (batch_pid, os.getpid()):  # a /proc whose cgroup files show no job
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cgroup").write_text("0::/\n")
+    cfg = SlurmBackendConfig(spool_dir=slurm.spool_dir, timeout_ms=2000)
+    backend = SlurmBackend(cfg, proc_root=tmp_path)
+    job = backend.job_of_pid(batch_pid)
+    assert job is not None
+    assert (job.id, job.uid) == (jobs[1], alice.uid)
+    assert backend.job_of_pid(os.getpid()) is None
+
+
+@pytest.mark.slurm
+@pytest.mark.root
+def test_adopt_moves_the_process_into_the_extern_step_until_scancel(
+    slurm: LocalSlurm,
+    backend: SlurmBackend,
+    alice: ThrowawayUser,
+    user_sleep: subprocess.Popen[bytes],
+) -> None:
+    jobid = slurm.submit(alice.name, wrap="sleep 300")
+    try:
+        slurm.wait_running(jobid)
+        job = next(j for j in backend.jobs_of(alice.uid) if j.id == jobid)
+        pid = user_sleep.pid
+        assert f"job_{jobid}/" not in _freezer_path(pid)
+        backend.adopt(pid, job)
+        assert pid in slurm.step_pids(jobid)["extern"]
+        assert _freezer_path(pid).endswith(f"/job_{jobid}/step_extern")
+        adopted = backend.job_of_pid(pid)
+        assert adopted is not None
+        assert adopted.id == jobid
+    finally:
+        slurm.cancel(jobid)
+    wait_for(lambda: user_sleep.poll() is not None, timeout=15, what="scancel to end the pid")
+
+
+@pytest.mark.slurm
+@pytest.mark.root
+def test_adopt_refuses_a_job_of_another_owner(
+    backend: SlurmBackend,
+    jobs: list[str],
+    alice: ThrowawayUser,
+    bob: ThrowawayUser,
+) -> None:
+    proc = subprocess.Popen(["sleep", "600"], user=bob.uid, group=bob.gid, extra_groups=[])
+    try:
+        alices = backend.jobs_of(alice.uid)[0]
+        claimed = Job(alices.id, bob.uid, alices.start_time)  # as if the policy had erred
+        with pytest.raises(BackendError, match=f"belongs to uid {alice.uid}"):
+            backend.adopt(proc.pid, claimed)
+        assert f"job_{alices.id}/" not in _freezer_path(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.slurm
+@pytest.mark.root
+def test_adopt_into_a_job_without_stepd_raises_job_vanished(
+    backend: SlurmBackend, alice: ThrowawayUser, user_sleep: subprocess.Popen[bytes]
+) -> None:
+    with pytest.raises(JobVanished):
+        backend.adopt(user_sleep.pid, Job("999999", alice.uid, 0.0))
+
+
+@pytest.mark.slurm
+@pytest.mark.root
+def test_stale_socket_is_skipped(
+    slurm: LocalSlurm,
+    backend: SlurmBackend,
+    jobs: list[str],
+    alice: ThrowawayUser,
+    user_sleep: subprocess.Popen[bytes],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stale = slurm.spool_dir / f"{slurm.node}_999998.{EXTERN}"
+    stale_socket(stale)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="callerid.agent.backends.slurm"):
+            assert [j.id for j in backend.jobs_of(alice.uid)] == jobs
+        assert any("stale" in r.getMessage() for r in caplog.records)
+        assert all(r.levelno <= logging.DEBUG for r in caplog.records if "stale" in r.message)
+        with pytest.raises(JobVanished):
+            backend.adopt(user_sleep.pid, Job("999998", alice.uid, 0.0))
+    finally:
+        stale.unlink()
+
+
+def _capture(
+    conn: StepdConnection, exchange: stepd.Exchange[Any], arg: int | None
+) -> dict[str, Any]:
+    """Do one exchange on ``conn``; the bytes both ways and the decoded value."""
+    before = len(conn.transcript)
+    reader = conn.queue(exchange)
+    drive([conn], time.monotonic() + 5)
+    chunks = conn.transcript[before:]
+    record: dict[str, Any] = {
+        "request": exchange.name,
+        "arg": arg,
+        "sent": b"".join(c for d, c in chunks if d == "send").hex(),
+        "received": b"".join(c for d, c in chunks if d == "recv").hex(),
+    }
+    if reader.done:
+        record["value"] = reader.value
+    else:
+        record["error"] = type(conn.error).__name__
+    return record
+
+
+@pytest.mark.slurm
+@pytest.mark.root
+def test_capture_real_stepd_exchanges(
+    slurm: LocalSlurm, jobs: list[str], alice: ThrowawayUser, tmp_path: Path
+) -> None:
+    out = FIXTURES if os.environ.get("CALLERID_CAPTURE_STEPD") == "1" else tmp_path
+    out.mkdir(parents=True, exist_ok=True)
+    path = slurm.extern_socket(jobs[0])
+    extern_pid = slurm.step_pids(jobs[0])["extern"][0]
+    version = subprocess.run(["slurmd", "-V"], capture_output=True, text=True).stdout.strip()
+    head = {"source": f"{version}, Debian 12, {os.uname().machine}", "byteorder": "little"}
+
+    def talk(
+        name: str, steps: list[tuple[stepd.Exchange[Any], int | None]], uid: int = 0
+    ) -> list[Any]:
+        with _euid(uid):
+            conn = StepdConnection(path)
+        try:
+            records = [_capture(conn, ex, arg) for ex, arg in steps]
+        finally:
+            conn.close()
+        (out / f"{name}.json").write_text(
+            json.dumps({**head, "conversation": records}, indent=1) + "\n"
+        )
+        return [r.get("value", r.get("error")) for r in records]
+
+    v = stepd.DEFAULT_PROTOCOL_VERSION
+    values = talk(
+        "extern_step",
+        [
+            (stepd.hello(v), v),
+            (stepd.step_uid(), None),
+            (stepd.state(), None),
+            (stepd.daemon_pid(), None),
+            (stepd.list_pids(), None),
+            (stepd.pid_in_container(extern_pid), extern_pid),
+            (stepd.pid_in_container(os.getpid()), os.getpid()),
+        ],
+    )
+    assert values[0] == stepd.PROTOCOL_22_05
+    assert values[1] == alice.uid
+    assert stepd.state_name(values[2], values[0]) == "running"
+    assert Path(f"/proc/{values[3]}/exe").resolve().name.startswith("slurmstepd")
+    assert extern_pid in values[4]
+    assert values[5:] == [True, False]
+
+    assert talk("hello_22_05", [(stepd.hello(stepd.PROTOCOL_22_05), stepd.PROTOCOL_22_05)]) == [
+        stepd.PROTOCOL_22_05
+    ]
+    refused = talk("hello_refused", [(stepd.hello(1), 1), (stepd.step_uid(), None)])
+    assert refused == [-1, "StepdClosed"]
+
+    proc = subprocess.Popen(["sleep", "600"], user=alice.uid, group=alice.gid, extra_groups=[])
+    try:
+        pid = proc.pid
+        as_user = talk(
+            "add_extern_pid_refused",
+            [
+                (stepd.hello(v), v),
+                (stepd.add_extern_pid(pid), pid),
+                (stepd.pid_in_container(pid), pid),
+            ],
+            uid=alice.uid,
+        )
+        assert as_user == [stepd.PROTOCOL_22_05, -1, False]
+        as_root = talk(
+            "add_extern_pid",
+            [
+                (stepd.hello(v), v),
+                (stepd.step_uid(), None),
+                (stepd.state(), None),
+                (stepd.add_extern_pid(pid), pid),
+                (stepd.pid_in_container(pid), pid),
+            ],
+        )
+        assert as_root == [stepd.PROTOCOL_22_05, alice.uid, 2, 0, True]
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.slurm
+@pytest.mark.root
+def test_timings(
+    slurm: LocalSlurm,
+    backend: SlurmBackend,
+    jobs: list[str],
+    alice: ThrowawayUser,
+    user_sleep: subprocess.Popen[bytes],
+    record_property: Any,
+) -> None:
+    """Not a benchmark: sanity bounds, and the figures for the report (-rP shows them)."""
+    t0 = time.perf_counter()
+    listed = backend.jobs_of(alice.uid)
+    t1 = time.perf_counter()
+    job = backend.job_of_pid(slurm.step_pids(jobs[0])["batch"][0])
+    t2 = time.perf_counter()
+    backend.adopt(user_sleep.pid, listed[0])
+    t3 = time.perf_counter()
+    assert job is not None
+    ms = {"jobs_of_2": (t1 - t0) * 1e3, "job_of_pid": (t2 - t1) * 1e3, "adopt": (t3 - t2) * 1e3}
+    for key, value in ms.items():
+        record_property(key + "_ms", round(value, 2))
+    print(" ".join(f"{k}={v:.2f}ms" for k, v in ms.items()))
+    assert max(ms.values()) < 2000
+
+
+# --------------------------------------------------------------------------- fake stepds
+
+
+@pytest.fixture
+def spool() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="cidsp", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _fake_backend(spool: Path, timeout_ms: int = 2000, **kw: Any) -> SlurmBackend:
+    cfg = SlurmBackendConfig(spool_dir=spool, node_name="fake", timeout_ms=timeout_ms, **kw)
+    return SlurmBackend(cfg)
+
+
+def _ext(spool: Path, jobid: int, node: str = "fake") -> Path:
+    return spool / f"{node}_{jobid}.{EXTERN}"
+
+
+UID = 4242
+
+
+def test_fake_stepd_adopt_and_list(spool: Path) -> None:
+    with FakeStepd(_ext(spool, 7), uid=UID) as fake, FakeStepd(_ext(spool, 8), uid=UID + 1):
+        backend: Backend = _fake_backend(spool)  # the Protocol, checked by mypy
+        assert backend.name == "slurm"
+        assert [j.id for j in backend.jobs_of(UID)] == ["7"]
+        backend.adopt(os.getpid(), backend.jobs_of(UID)[0])
+        assert fake.adopted == [os.getpid()]
+
+
+def test_fake_stepd_wrong_owner_never_sees_add_extern_pid(spool: Path) -> None:
+    with FakeStepd(_ext(spool, 7), uid=UID) as fake:
+        with pytest.raises(BackendError, match=f"belongs to uid {UID}, not {UID + 1}"):
+            _fake_backend(spool).adopt(os.getpid(), Job("7", UID + 1, 0.0))
+        asked = [r for r, _arg in fake.requests]
+        assert asked[0] == stepd.Request.STEP_UID
+        assert stepd.Request.ADD_EXTERN_PID not in asked
+        assert fake.adopted == []
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_hung_stepd_is_bounded_by_the_timeout(spool: Path, count: int) -> None:
+    """One deadline for all stepds of a call: 3 hung stepds cost 0.4 s, not 1.2 s."""
+    with contextlib.ExitStack() as stack:
+        for jobid in range(count):
+            stack.enter_context(FakeStepd(_ext(spool, jobid), uid=UID, on_hello="hang"))
+        backend = _fake_backend(spool, timeout_ms=400)
+        t0 = time.monotonic()
+        assert backend.jobs_of(UID) == []  # skipped: a stepd that does not answer cannot adopt
+        assert 0.4 <= time.monotonic() - t0 < 1.0
+        t0 = time.monotonic()
+        with pytest.raises(StepdTimeout):
+            backend.adopt(os.getpid(), Job("0", UID, 0.0))
+        assert 0.4 <= time.monotonic() - t0 < 1.0
+
+
+def test_stepd_hanging_on_add_extern_pid_is_bounded(spool: Path) -> None:
+    with FakeStepd(_ext(spool, 7), uid=UID, on_add="hang"):
+        backend = _fake_backend(spool, timeout_ms=400)
+        t0 = time.monotonic()
+        with pytest.raises(StepdTimeout, match="ADD_EXTERN_PID"):
+            backend.adopt(os.getpid(), Job("7", UID, 0.0))
+        assert 0.4 <= time.monotonic() - t0 < 1.0
+
+
+def test_refusal_with_rc_minus_one_is_a_backend_error(spool: Path) -> None:
+    """22.05: an unauthorised ADD_EXTERN_PID is answered -1."""
+    with (
+        FakeStepd(_ext(spool, 7), uid=UID, on_add="refuse"),
+        pytest.raises(BackendError, match=r"refused to adopt pid \d+ \(rc -1\)"),
+    ):
+        _fake_backend(spool).adopt(os.getpid(), Job("7", UID, 0.0))
+
+
+def test_refusal_by_closing_is_a_backend_error(spool: Path) -> None:
+    """26.05: an unauthorised ADD_EXTERN_PID (or one into an ending step) gets no reply."""
+    with FakeStepd(_ext(spool, 7), uid=UID, version=stepd.PROTOCOL_26_05, on_add="close"):
+        with pytest.raises(BackendError, match="closed the connection") as err:
+            _fake_backend(spool).adopt(os.getpid(), Job("7", UID, 0.0))
+        assert not isinstance(err.value, JobVanished)
+
+
+@pytest.mark.parametrize(
+    ("version", "state"), [(stepd.PROTOCOL_22_05, 3), (stepd.PROTOCOL_26_05, 4)]
+)
+def test_adopt_into_an_ending_step_raises_job_vanished(
+    spool: Path, version: int, state: int
+) -> None:
+    with FakeStepd(_ext(spool, 7), uid=UID, version=version, state=state) as fake:
+        with pytest.raises(JobVanished, match="ending"):
+            _fake_backend(spool).adopt(os.getpid(), Job("7", UID, 0.0))
+        assert fake.adopted == []
+
+
+def test_refused_handshake_names_the_protocol_version(spool: Path) -> None:
+    with FakeStepd(_ext(spool, 7), uid=UID, on_hello="refuse"):
+        backend = _fake_backend(spool, protocol_version=stepd.PROTOCOL_22_05)
+        with pytest.raises(BackendError, match="refused our protocol version 9728"):
+            backend.adopt(os.getpid(), Job("7", UID, 0.0))
+        assert backend.jobs_of(UID) == []
+
+
+def test_node_name_is_guessed_from_the_only_prefix(spool: Path) -> None:
+    with FakeStepd(_ext(spool, 7, node="n0042"), uid=UID):
+        cfg = SlurmBackendConfig(spool_dir=spool, timeout_ms=2000)  # no node_name
+        assert [j.id for j in SlurmBackend(cfg).jobs_of(UID)] == ["7"]
+        wrong = SlurmBackendConfig(spool_dir=spool, node_name="other", timeout_ms=2000)
+        assert SlurmBackend(wrong).jobs_of(UID) == []
+
+
+def test_spool_dir_placeholders_are_expanded(spool: Path) -> None:
+    (spool / "fake").mkdir()
+    with FakeStepd(_ext(spool / "fake", 7), uid=UID):
+        cfg = SlurmBackendConfig(spool_dir=spool / "%n", node_name="fake", timeout_ms=2000)
+        assert [j.id for j in SlurmBackend(cfg).jobs_of(UID)] == ["7"]
+
+
+def test_job_of_pid_without_cgroup_hint_asks_every_stepd(spool: Path, tmp_path: Path) -> None:
+    pid = os.getpid()
+    (tmp_path / str(pid)).mkdir()
+    (tmp_path / str(pid) / "cgroup").write_text("0::/user.slice\n")
+    with FakeStepd(_ext(spool, 7), uid=UID), FakeStepd(_ext(spool, 8), uid=UID + 1, pids=(pid,)):
+        cfg = SlurmBackendConfig(spool_dir=spool, node_name="fake", timeout_ms=2000)
+        job = SlurmBackend(cfg, proc_root=tmp_path).job_of_pid(pid)
+    assert job is not None
+    assert (job.id, job.uid) == ("8", UID + 1)
+
+
+def test_job_vanishing_between_listing_and_adoption(spool: Path) -> None:
+    path = _ext(spool, 7)
+    with FakeStepd(path, uid=UID):
+        backend = _fake_backend(spool)
+        (job,) = backend.jobs_of(UID)
+    with pytest.raises(JobVanished):
+        backend.adopt(os.getpid(), job)
+    stale_socket(path)
+    with pytest.raises(JobVanished):
+        backend.adopt(os.getpid(), job)
+    assert backend.jobs_of(UID) == []
