@@ -150,7 +150,13 @@ class PamServer:
             async with asyncio.timeout(self.timeout_s):
                 line = await reader.readuntil(b"\n")
                 req = parse_request(line)
-        except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, PamProtocolError) as exc:
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial:
+                return None  # connected and closed without a word (a liveness probe)
+            self.malformed += 1
+            log.warning("pid %d sent a request without a newline", pid)
+            return PamReply("error", "bad_request")
+        except (asyncio.LimitOverrunError, PamProtocolError) as exc:
             self.malformed += 1
             log.warning("pid %d sent a bad request: %s", pid, exc)
             return PamReply("error", "bad_request")

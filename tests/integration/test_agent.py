@@ -1,0 +1,262 @@
+"""Two real agents on loopback addresses answering each other over the CURVE mesh.
+
+Node "a" (127.0.0.2) and node "b" (127.0.0.3) each have a real cgroup v2 job tree; a real
+client process runs inside a job of "a" as a throwaway user and connects (TCP or UDP) to a
+stand-in sshd on "b" whose per-connection monitor asks b's agent, as pam_callerid.so would.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.agents import ADDRESSES, USER_PYTHON, LoopbackAgents, client_argv
+from tests.support.cgroups import JobTree, require_cgroups
+from tests.support.poll import wait_for
+from tests.support.users import ThrowawayUser, throwaway_user
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture(scope="module")
+def user() -> Iterator[ThrowawayUser]:
+    require_cgroups("v2")
+    with throwaway_user() as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def trees(user: ThrowawayUser) -> Iterator[dict[str, JobTree]]:
+    with JobTree("v2") as a, JobTree("v2") as b:
+        for job in ("42", "43"):
+            a.add_job(job, user.uid)
+            b.add_job(job, user.uid)
+        yield {"a": a, "b": b}
+
+
+@pytest.fixture(scope="module")
+def agents(trees: dict[str, JobTree]) -> Iterator[LoopbackAgents]:
+    with LoopbackAgents(trees) as ag:
+        yield ag
+
+
+def connect_from_job(
+    trees: dict[str, JobTree], user: ThrowawayUser, job: str | None, proto: str, port: int
+) -> subprocess.Popen[bytes]:
+    argv = client_argv(proto, ADDRESSES["a"], ADDRESSES["b"], port)
+    kw = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
+    if job is None:
+        return trees["a"].spawn(argv, user=user, **kw)
+    return trees["a"].spawn_in(job, "step_batch", argv, user=user, **kw)
+
+
+def finish(proc: subprocess.Popen[bytes]) -> None:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.close()
+    proc.wait(timeout=10)
+    proc.stdout.close()
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+@pytest.mark.parametrize("job", ["42", "43"])
+def test_callerid_over_the_mesh_adopts_the_source_job(
+    agents: LoopbackAgents, trees: dict[str, JobTree], user: ThrowawayUser, proto: str, job: str
+) -> None:
+    sshd = agents.sshd("b", proto)
+    client = connect_from_job(trees, user, job, proto, sshd.port)
+    try:
+        login = sshd.login(user.name)
+    finally:
+        finish(client)
+    assert login["fields"]["verdict"] == "adopt"
+    assert login["fields"]["reason"] == "callerid"
+    assert login["fields"]["job"] == job
+    monitor_cgroup = trees["b"].cgroup_of(login["monitor"])
+    assert monitor_cgroup == trees["b"].cgroup_path(job, "step_extern")
+
+
+def test_the_monitor_is_adopted_not_the_pam_helper(
+    agents: LoopbackAgents, trees: dict[str, JobTree], user: ThrowawayUser
+) -> None:
+    sshd = agents.sshd("b", "tcp", helper=True)
+    client = connect_from_job(trees, user, "43", "tcp", sshd.port)
+    try:
+        login = sshd.login(user.name)
+    finally:
+        finish(client)
+    assert login["asker"] != login["monitor"]
+    assert login["fields"]["job"] == "43"
+    assert trees["b"].cgroup_of(login["monitor"]) == trees["b"].cgroup_path("43", "step_extern")
+
+
+def test_outside_any_job_falls_back_to_newest(
+    agents: LoopbackAgents, trees: dict[str, JobTree], user: ThrowawayUser
+) -> None:
+    sshd = agents.sshd("b")
+    client = connect_from_job(trees, user, None, "tcp", sshd.port)
+    try:
+        login = sshd.login(user.name)
+    finally:
+        finish(client)
+    assert (login["fields"]["verdict"], login["fields"]["reason"]) == ("adopt", "unknown_newest")
+    assert login["fields"]["job"] in ("42", "43")
+
+
+def test_a_job_is_never_told_to_another_uid(
+    agents: LoopbackAgents, trees: dict[str, JobTree], user: ThrowawayUser
+) -> None:
+    """b asks a about a connection that is in a job of a *different* user: not found."""
+    with throwaway_user() as other:
+        trees["b"].add_job("77", other.uid)
+        trees["b"].add_job("78", other.uid)
+        sshd = agents.sshd("b")
+        client = connect_from_job(trees, user, "42", "tcp", sshd.port)  # user's job on a
+        try:
+            login = sshd.login(other.name)  # ... but the login claims to be `other`
+        finally:
+            finish(client)
+            sshd.close()
+        assert login["fields"]["reason"] == "unknown_newest"  # a said: not found
+        assert login["fields"]["job"] in ("77", "78")
+
+
+def test_pam_socket_is_root_only(agents: LoopbackAgents, user: ThrowawayUser) -> None:
+    path = agents.socket("b")
+    st = path.stat()
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
+    code = (
+        "import socket,sys,os; os.setgid(int(sys.argv[3])); os.setuid(int(sys.argv[2]));"
+        "s=socket.socket(socket.AF_UNIX)\ntry:\n s.connect(sys.argv[1])\n"
+        "except PermissionError: print('EACCES')"
+    )
+    out = subprocess.run(
+        [USER_PYTHON, "-c", code, str(path), str(user.uid), str(user.gid)],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout
+    assert out.strip() == "EACCES"
+
+
+def test_non_root_peer_is_refused(agents: LoopbackAgents, user: ThrowawayUser) -> None:
+    path = agents.socket("b")
+    os.chmod(path, 0o666)  # pretend an admin loosened the mode: SO_PEERCRED still refuses
+    os.chmod(path.parent, 0o711)
+    try:
+        code = (
+            "import socket,sys,os; os.setgid(int(sys.argv[3])); os.setuid(int(sys.argv[2]));"
+            "s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
+            "s.sendall(b'CALLERID/1 op=account user=root\\n'); print(s.makefile().readline())"
+        )
+        out = subprocess.run(
+            [USER_PYTHON, "-c", code, str(path), str(user.uid), str(user.gid)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    finally:
+        os.chmod(path, 0o600)
+        os.chmod(path.parent, 0o700)
+    assert out.startswith("CALLERID/1 verdict=error reason=not_root")
+
+
+def ask(path: Path, payload: bytes, timeout: float = 5.0) -> bytes:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        return s.makefile("rb").readline()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"garbage\n",
+        b"CALLERID/1 op=account user=%zz\n",
+        b"CALLERID/1 op=account user=x" + b"x" * 5000 + b"\n",
+        b"CALLERID/1 op=account user=x",  # no newline, then EOF
+        b"\xff\xfe\n",
+    ],
+)
+def test_malformed_requests_get_an_error_and_the_agent_lives_on(
+    agents: LoopbackAgents, payload: bytes
+) -> None:
+    assert ask(agents.socket("b"), payload).startswith(
+        b"CALLERID/1 verdict=error reason=bad_request"
+    )
+    assert ask(agents.socket("b"), b"CALLERID/1 op=account user=root\n").startswith(
+        b"CALLERID/1 verdict=allow reason=root"
+    )
+
+
+def test_unknown_user_is_denied(agents: LoopbackAgents) -> None:
+    reply = ask(agents.socket("b"), b"CALLERID/1 op=account user=no-such-user-cid\n")
+    assert reply.startswith(b"CALLERID/1 verdict=deny reason=unknown_user")
+
+
+def test_hung_source_is_bounded_by_the_peer_timeout(
+    agents: LoopbackAgents, trees: dict[str, JobTree], user: ThrowawayUser
+) -> None:
+    proc = agents.procs["a"]
+    proc.send_signal(19)  # SIGSTOP: a's mesh accepts (kernel) but never answers
+    try:
+        sshd = agents.sshd("b")
+        client = connect_from_job(trees, user, "42", "tcp", sshd.port)
+        t0 = time.monotonic()
+        try:
+            login = sshd.login(user.name)
+        finally:
+            finish(client)
+        elapsed = time.monotonic() - t0
+    finally:
+        proc.send_signal(18)  # SIGCONT
+    assert login["fields"]["reason"] == "unknown_newest"
+    assert 0.45 < elapsed < 1.5  # peer.timeout_ms=500, far below pam_timeout_ms=1500
+
+
+def test_sighup_reloads_and_bad_config_is_refused(
+    agents: LoopbackAgents, trees: dict[str, JobTree], user: ThrowawayUser
+) -> None:
+    node = "b"
+    agents.write_config(node, policy={"unknown": "deny"})
+    agents.procs[node].send_signal(1)
+    wait_for(lambda: agents.log(node).count("peer keys reloaded") >= 1, what="reload")
+    sshd = agents.sshd("b")
+    client = connect_from_job(trees, user, None, "tcp", sshd.port)
+    try:
+        login = sshd.login(user.name)
+    finally:
+        finish(client)
+    assert (login["fields"]["verdict"], login["fields"]["reason"]) == ("deny", "unknown_deny")
+    agents.config(node).write_text("policy: {unknown: sometimes}\n")
+    agents.procs[node].send_signal(1)
+    wait_for(lambda: "reload refused" in agents.log(node), what="refused reload")
+    assert "policy.unknown" in agents.log(node)
+    assert agents.procs[node].poll() is None  # still serving, with the old config
+    agents.write_config(node)
+    agents.procs[node].send_signal(1)
+    wait_for(lambda: agents.log(node).count("peer keys reloaded") >= 2, what="second reload")
+
+
+def test_config_errors_name_the_key_and_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "agent.yaml"
+    bad.write_text("policy:\n  no_jobs: maybe\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "callerid.agent", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 78
+    assert f"{bad}: policy.no_jobs" in r.stderr
