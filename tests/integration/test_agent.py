@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.support.agents import ADDRESSES, USER_PYTHON, LoopbackAgents, client_argv
@@ -260,3 +261,53 @@ def test_config_errors_name_the_key_and_the_file(tmp_path: Path) -> None:
     )
     assert r.returncode == 78
     assert f"{bad}: policy.no_jobs" in r.stderr
+
+
+def test_sd_notify_watchdog_and_sigterm_drains_in_flight(
+    trees: dict[str, JobTree], user: ThrowawayUser, tmp_path: Path
+) -> None:
+    notify_path = f"/tmp/cid-notify-{os.getpid()}"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(10)
+    env = {"NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "200000"}
+    try:
+        with LoopbackAgents(trees, env=env) as ag:
+            got: list[str] = []
+
+            def seen(state: str) -> bool:
+                while state not in got:
+                    got.append(notify.recv(4096).decode())
+                return True
+
+            assert seen("READY=1")
+            assert seen("WATCHDOG=1")  # the loop is alive: pinged at half WATCHDOG_USEC
+            ag.procs["a"].send_signal(19)  # the source hangs: b's decision takes ~500 ms
+            sshd = ag.sshd("b")
+            client = connect_from_job(trees, user, "42", "tcp", sshd.port)
+            assert sshd.proc.stdin is not None
+            sshd.proc.stdin.write(user.name + "\n")
+            sshd.proc.stdin.flush()
+            b = psutil.Process(ag.procs["b"].pid)
+
+            def asking_a() -> bool:  # b's query to the stopped a is in flight
+                a_ip = ADDRESSES["a"]
+                return any(
+                    c.raddr and c.raddr[1] == ag.port and c.raddr[0] in (a_ip, "::ffff:" + a_ip)
+                    for c in b.net_connections("tcp")
+                )
+
+            wait_for(asking_a, what="b asking a")
+            rc = ag.stop("b")  # SIGTERM while the login is in flight
+            ag.procs["a"].send_signal(18)
+            assert sshd.proc.stdout is not None
+            login = sshd.proc.stdout.readline()
+            finish(client)
+            assert "verdict=adopt reason=unknown_newest" in login, ag.log("b")  # not dropped
+            assert rc == 0
+            assert seen("STOPPING=1")
+            assert "journald not running" in ag.log("b")
+            assert ag.log("b").count("journald not running") == 1
+    finally:
+        notify.close()
+        os.unlink(notify_path)
