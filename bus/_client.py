@@ -1,0 +1,407 @@
+"""Private part of `callerid.bus.transport`: the mesh client and its pool of peer sockets.
+
+One DEALER per peer (ip, port) from a bounded LRU pool. Each DEALER has a reader (a loop
+callback, see `LoopSocket`) that matches replies to waiting futures by request id (so many
+queries share a socket) and a monitor task that turns socket events into a verdict: up,
+unreachable (nothing listens: reported within a few ms, not at the deadline, and
+remembered in a negative cache), auth_failed (the CURVE handshake was refused) or lost.
+Import from `transport`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final, Literal, Protocol
+
+import zmq
+import zmq.asyncio
+
+from callerid.bus._sockets import (
+    DEFAULT_PORT,
+    MONITOR_EVENTS,
+    KeyPair,
+    LoopSocket,
+    classify_event,
+    configure_socket,
+    endpoint,
+    parse_event,
+)
+from callerid.bus.peers import PeerTable
+from callerid.bus.protocol import (
+    MAX_REQUEST_ID,
+    CallerIdQuery,
+    CallerIdReply,
+    Message,
+    Ping,
+    Pong,
+    ProtocolError,
+    UnsupportedVersion,
+    decode_frames,
+    encode,
+    normalize_ip,
+)
+
+log = logging.getLogger("callerid.bus.transport")
+
+QueryStatus = Literal["ok", "unreachable", "auth_failed", "timeout", "unknown_peer", "error"]
+MAX_DEAD_HOSTS: Final = 4096  # bound of the negative cache
+_STATUS_OF: Final[dict[str, QueryStatus]] = {
+    "unreachable": "unreachable",
+    "auth_failed": "auth_failed",
+    "lost": "unreachable",
+}
+
+
+class PeerSettings(Protocol):
+    """What the client needs of `callerid.agent.config.PeerConfig` (matches it)."""
+
+    @property
+    def timeout_ms(self) -> int: ...
+    @property
+    def connect_timeout_ms(self) -> int: ...
+    @property
+    def unreachable_ttl_s(self) -> float: ...
+    @property
+    def pool_size(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    """Defaults equal to the config defaults (peer.*)."""
+
+    timeout_ms: int = 500
+    connect_timeout_ms: int = 300
+    unreachable_ttl_s: float = 30.0
+    pool_size: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class QueryResult:
+    """Outcome of one query or ping; ``reply`` is set only when status is "ok"."""
+
+    status: QueryStatus
+    reply: CallerIdReply | Pong | None
+    elapsed_s: float
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass(slots=True)
+class ClientStats:
+    sockets_opened: int = 0
+    sockets_closed: int = 0
+    negative_cache_hits: int = 0
+    malformed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    status: QueryStatus
+    detail: str
+
+
+@dataclass(eq=False)
+class _PeerConn:
+    key: tuple[str, int]
+    server_key: str
+    sock: zmq.Socket[bytes]
+    mon: zmq.asyncio.Socket
+    ready: asyncio.Future[_Failure | None]
+    pending: dict[int, asyncio.Future[Message | _Failure]] = field(default_factory=dict)
+    io: LoopSocket | None = None
+    monitor: asyncio.Task[None] | None = None
+    closed: bool = False
+
+    def settle(self, failure: _Failure) -> None:
+        """Fail everything waiting on this connection (no exception objects involved)."""
+        if not self.ready.done():
+            self.ready.set_result(failure)
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_result(failure)
+        self.pending.clear()
+
+
+class MeshClient:
+    """Query other agents; see the module docstring. All methods run on one event loop."""
+
+    def __init__(
+        self,
+        keypair: KeyPair,
+        peers: PeerTable,
+        cfg: PeerSettings = ClientSettings(),
+        *,
+        port: int = DEFAULT_PORT,
+        ctx: zmq.asyncio.Context | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        source_address: str | None = None,
+    ) -> None:
+        self.stats = ClientStats()
+        self._keypair = keypair
+        self._peers = peers
+        self._cfg = cfg
+        self._port = port
+        self._own_ctx = ctx is None
+        self._ctx = ctx if ctx is not None else zmq.asyncio.Context()
+        self._clock = clock
+        self._source = normalize_ip(source_address) if source_address else None
+        self._ids = itertools.count(1)
+        self._pool: OrderedDict[tuple[str, int], _PeerConn] = OrderedDict()
+        self._dead: dict[tuple[str, int], float] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------------ public API
+
+    def next_id(self) -> int:
+        """A fresh request id for a CallerIdQuery."""
+        return next(self._ids) % (MAX_REQUEST_ID + 1)
+
+    @property
+    def connected_peers(self) -> list[tuple[str, int]]:
+        """(ip, port) of the pooled sockets, least recently used first."""
+        return list(self._pool)
+
+    @property
+    def peers(self) -> PeerTable:
+        return self._peers
+
+    @peers.setter
+    def peers(self, peers: PeerTable) -> None:
+        self.set_peers(peers)
+
+    def set_peers(self, peers: PeerTable) -> None:
+        """Use a new peer table (after a reload); sockets whose peer key changed are closed."""
+        self._peers = peers
+        for conn in list(self._pool.values()):
+            peer = peers.by_address(conn.key[0])
+            if peer is None or peer.public_key != conn.server_key:
+                self._drop(conn, _Failure("error", "the peer's key changed"))
+
+    async def query(
+        self,
+        host: str,
+        query: CallerIdQuery,
+        port: int | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> QueryResult:
+        """Ask the agent at ``host`` (an IP literal) which job owns a connection."""
+        return await self._exchange(host, port, query, CallerIdReply, timeout_s)
+
+    async def ping(
+        self, host: str, port: int | None = None, *, timeout_s: float | None = None
+    ) -> QueryResult:
+        """Round trip a Ping; on success ``reply`` is the peer's Pong (with its node name)."""
+        return await self._exchange(host, port, Ping(id=self.next_id()), Pong, timeout_s)
+
+    async def close(self) -> None:
+        """Close every socket (waiting queries fail with status "error")."""
+        self._closed = True
+        monitors = [c.monitor for c in self._pool.values() if c.monitor is not None]
+        for conn in list(self._pool.values()):
+            self._drop(conn, _Failure("error", "client closed"))
+        await asyncio.gather(*monitors, return_exceptions=True)
+        if self._own_ctx and not self._ctx.closed:
+            self._ctx.term()
+
+    async def __aenter__(self) -> MeshClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ one exchange
+
+    async def _exchange(
+        self,
+        host: str,
+        port: int | None,
+        msg: CallerIdQuery | Ping,
+        expect: type[CallerIdReply] | type[Pong],
+        timeout_s: float | None,
+    ) -> QueryResult:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+
+        def done(
+            status: QueryStatus, detail: str = "", reply: Message | None = None
+        ) -> QueryResult:
+            answer = reply if isinstance(reply, CallerIdReply | Pong) else None
+            return QueryResult(status, answer, loop.time() - start, detail)
+
+        if self._closed:
+            return done("error", "client closed")
+        try:
+            ip = normalize_ip(host)
+        except ValueError:
+            return done("error", f"not an IP address: {host!r}")
+        key = (ip, self._port if port is None else port)
+        if self._is_dead(key):
+            self.stats.negative_cache_hits += 1
+            return done("unreachable", "no agent there (cached)")
+        peer = self._peers.by_address(ip)
+        if peer is None:
+            return done("unknown_peer", f"no authorized key for {ip}")
+        conn = self._connection(key, peer.public_key)
+        if msg.id in conn.pending:
+            return done("error", f"request id {msg.id} is already in flight")
+        fut: asyncio.Future[Message | _Failure] = loop.create_future()
+        conn.pending[msg.id] = fut
+        timeout = timeout_s if timeout_s is not None else self._cfg.timeout_ms / 1000
+        try:
+            async with asyncio.timeout(timeout):
+                outcome = await self._roundtrip(conn, msg, fut)
+        except TimeoutError:
+            return done("timeout", f"no answer within {timeout * 1000:.0f} ms")
+        finally:
+            conn.pending.pop(msg.id, None)
+        if isinstance(outcome, _Failure):
+            return done(outcome.status, outcome.detail)
+        if not isinstance(outcome, expect):
+            return done("error", f"unexpected {type(outcome).__name__} in reply")
+        return done("ok", reply=outcome)
+
+    async def _roundtrip(
+        self, conn: _PeerConn, msg: CallerIdQuery | Ping, fut: asyncio.Future[Message | _Failure]
+    ) -> Message | _Failure:
+        if not conn.ready.done():
+            await asyncio.wait((conn.ready,))  # shared: must not be cancelled by our timeout
+        failure = conn.ready.result()
+        if failure is not None:
+            return failure
+        assert conn.io is not None
+        try:  # under IMMEDIATE the pipe may attach a moment after the handshake: wait for it
+            await conn.io.send_wait([encode(msg)])
+        except zmq.ZMQError as exc:  # closed meanwhile: report why, if we know
+            return fut.result() if fut.done() else _Failure("error", f"send failed: {exc}")
+        return await fut
+
+    # ------------------------------------------------------------------ pool
+
+    def _is_dead(self, key: tuple[str, int]) -> bool:
+        until = self._dead.get(key)
+        if until is None:
+            return False
+        if self._clock() < until:
+            return True
+        del self._dead[key]
+        return False
+
+    def _mark_dead(self, key: tuple[str, int]) -> None:
+        if self._cfg.unreachable_ttl_s <= 0:
+            return
+        now = self._clock()
+        if len(self._dead) >= MAX_DEAD_HOSTS:
+            self._dead = {k: t for k, t in self._dead.items() if t > now}
+            while len(self._dead) >= MAX_DEAD_HOSTS:
+                del self._dead[next(iter(self._dead))]
+        self._dead[key] = now + self._cfg.unreachable_ttl_s
+
+    def _connection(self, key: tuple[str, int], server_key: str) -> _PeerConn:
+        conn = self._pool.get(key)
+        if conn is not None:
+            if conn.server_key == server_key:
+                self._pool.move_to_end(key)
+                return conn
+            self._drop(conn, _Failure("error", "the peer's key changed"))
+        while len(self._pool) >= self._cfg.pool_size:
+            idle = [c for c in self._pool.values() if not c.pending]
+            victim = idle[0] if idle else next(iter(self._pool.values()))
+            self._drop(victim, _Failure("error", "connection evicted from the pool"))
+        conn = self._open(key, server_key)
+        self._pool[key] = conn
+        return conn
+
+    def _open(self, key: tuple[str, int], server_key: str) -> _PeerConn:
+        sock: zmq.Socket[bytes] = zmq.Socket(self._ctx, zmq.DEALER)  # driven by LoopSocket
+        try:
+            configure_socket(
+                sock,
+                self._keypair,
+                server_key=server_key.encode("ascii"),
+                connect_timeout_ms=self._cfg.connect_timeout_ms,
+            )
+            mon = sock.get_monitor_socket(MONITOR_EVENTS)  # a PAIR of our asyncio context
+            if not isinstance(mon, zmq.asyncio.Socket):
+                msg = "MeshClient needs a zmq.asyncio.Context"
+                raise TypeError(msg)
+            sock.connect(endpoint(key[0], key[1], source=self._source))
+        except BaseException:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+            sock.close(linger=0)
+            raise
+        conn = _PeerConn(key, server_key, sock, mon, asyncio.get_running_loop().create_future())
+        conn.io = LoopSocket(sock, functools.partial(self._deliver, conn), copy=True)
+        conn.monitor = asyncio.create_task(self._watch(conn), name=f"mesh-monitor-{key[0]}")
+        self.stats.sockets_opened += 1
+        return conn
+
+    def _drop(self, conn: _PeerConn, failure: _Failure) -> None:
+        """Remove from the pool, fail its waiters, stop its tasks, close socket and monitor."""
+        if conn.closed:
+            return
+        conn.closed = True
+        if self._pool.get(conn.key) is conn:
+            del self._pool[conn.key]
+        conn.settle(failure)
+        if conn.monitor is not None and conn.monitor is not asyncio.current_task():
+            conn.monitor.cancel()
+        with contextlib.suppress(zmq.ZMQError):
+            conn.sock.disable_monitor()
+        conn.mon.close(linger=0)
+        if conn.io is not None:
+            conn.io.close()
+        conn.sock.close(linger=0)
+        self.stats.sockets_closed += 1
+
+    # ------------------------------------------------------------------ per-socket tasks
+
+    async def _watch(self, conn: _PeerConn) -> None:
+        established = False
+        while not conn.closed:
+            try:
+                event, value = parse_event(await conn.mon.recv_multipart())
+            except ValueError:
+                continue
+            verdict = classify_event(event, value, established=established)
+            if verdict is None:
+                continue
+            if verdict.state == "up":
+                established = True
+                if not conn.ready.done():
+                    conn.ready.set_result(None)
+                continue
+            log.debug("peer %s:%d: %s (%s)", *conn.key, verdict.state, verdict.detail)
+            if verdict.state == "unreachable":
+                self._mark_dead(conn.key)
+            self._drop(conn, _Failure(_STATUS_OF[verdict.state], verdict.detail))
+            return
+
+    def _deliver(self, conn: _PeerConn, frames: list[bytes]) -> None:
+        """A reply, from the loop's reader callback: wake the query waiting for its id."""
+        try:
+            msg = decode_frames(frames)
+        except UnsupportedVersion as exc:
+            fut = conn.pending.get(exc.request_id) if exc.request_id is not None else None
+            if fut is not None and not fut.done():
+                fut.set_result(_Failure("error", str(exc)))
+            return
+        except ProtocolError as exc:
+            self.stats.malformed += 1
+            log.debug("malformed reply from %s:%d: %s", *conn.key, exc)
+            return
+        fut = conn.pending.get(msg.id)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
