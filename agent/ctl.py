@@ -20,6 +20,15 @@ from pathlib import Path
 from typing import NoReturn
 
 from callerid.agent import config as config_mod
+from callerid.agent._ctl_inspect import (
+    InspectError,
+    audit_args,
+    cmd_audit,
+    cmd_explain,
+    cmd_whois,
+    explain_args,
+    whois_args,
+)
 from callerid.agent.config import Config, ConfigError
 from callerid.bus.peers import PeerTable, local_node_name
 from callerid.bus.protocol import Pong, normalize_ip
@@ -47,10 +56,11 @@ EXIT_CODES_HELP = """\
 exit status:
   0  success
   1  error (bad usage, bad config, missing keys, ...)
-  2  ping: nothing listens at the peer (no agent there)
-  3  ping: the peer refused our key, or its key is not the one we hold
-  4  ping: no answer before the deadline
-  5  ping: no authorized key for that address (keys.authorized)
+  2  ping, whois: nothing listens at the peer (no agent there)
+  3  ping, whois: the peer refused our key, or its key is not the one we hold
+  4  ping, whois: no answer before the deadline
+  5  ping, whois: no authorized key for that address (keys.authorized)
+  6  whois: the agent answered "not found"
 """
 
 
@@ -195,6 +205,17 @@ COMMANDS: dict[str, Command] = {
     "ping": Command(
         help="check the mesh link to another agent", add_arguments=_ping_args, run=cmd_ping
     ),
+    "whois": Command(
+        help="ask an agent which job owns a connection", add_arguments=whois_args, run=cmd_whois
+    ),
+    "explain": Command(
+        help="dry run: what would happen if USER logged in here now",
+        add_arguments=explain_args,
+        run=cmd_explain,
+    ),
+    "audit": Command(
+        help="list decision records from the journal", add_arguments=audit_args, run=cmd_audit
+    ),
 }
 
 
@@ -238,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = _load_config(args.config, cmd.config_optional)
         return cmd.run(args, cfg)
-    except (CtlError, ConfigError) as exc:
+    except (CtlError, ConfigError, InspectError) as exc:
         print(f"calleridctl: {exc}", file=sys.stderr)
         return EXIT_ERROR
 

@@ -311,3 +311,47 @@ def test_sd_notify_watchdog_and_sigterm_drains_in_flight(
     finally:
         notify.close()
         os.unlink(notify_path)
+
+
+def ctl(agents: LoopbackAgents, node: str, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "callerid.agent.ctl", "--config", str(agents.config(node))]
+    return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=30)
+
+
+def test_calleridctl_whois_and_explain(
+    agents: LoopbackAgents, trees: dict[str, JobTree], user: ThrowawayUser
+) -> None:
+    agents.write_config("b")  # the module's other tests may have changed b's policy
+    with socket.socket() as server:
+        server.bind((ADDRESSES["b"], 0))
+        server.listen()
+        sport = server.getsockname()[1]
+        client = connect_from_job(trees, user, "43", "tcp", sport)
+        try:
+            assert client.stdout is not None
+            cport = int(client.stdout.readline())
+            src, dst = f"{ADDRESSES['a']}:{cport}", f"{ADDRESSES['b']}:{sport}"
+            r = ctl(agents, "b", "whois", "tcp", src, dst, "--uid", str(user.uid))
+            assert r.returncode == 0, r.stderr
+            assert r.stdout.startswith("job 43 on a ")
+            r = ctl(agents, "b", "whois", "tcp", src, dst, "--uid", str(user.uid + 1))
+            assert r.returncode == 6 and "not_found on a" in r.stdout
+
+            def extern_procs() -> dict[str, str]:
+                return {
+                    j: (trees["b"].job_dirs(j)[0] / "step_extern" / "cgroup.procs").read_text()
+                    for j in ("42", "43")
+                }
+
+            procs = extern_procs()
+            r = ctl(agents, "b", "explain", user.name, "--from", src, "--to", dst)
+            assert r.returncode == 0, r.stderr
+            assert "asked the agent at 127.0.0.2: found job 43" in r.stdout
+            assert r.stdout.rstrip().endswith("decision: adopt job 43 (reason callerid)")
+            assert extern_procs() == procs  # a dry run: nothing adopted
+            r = ctl(agents, "b", "explain", user.name)
+            assert "decision: adopt job" in r.stdout and "(reason unknown_newest)" in r.stdout
+            r = ctl(agents, "b", "explain", "root")
+            assert r.stdout.rstrip().endswith("decision: allow (reason root)")
+        finally:
+            finish(client)
