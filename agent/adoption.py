@@ -65,6 +65,7 @@ class _Login:
     target_pid: int | None = None
     conn: Connection | None = None
     peer_status: str = "skipped"
+    marks: list[tuple[str, float]] = dataclasses.field(default_factory=list)
 
 
 class Adopter:
@@ -100,7 +101,9 @@ class Adopter:
 
     async def account(self, req: PamRequest, caller_pid: int) -> Outcome:
         """Decide one login (PAM account phase) and carry the decision out."""
-        login = _Login(req, caller_pid, self.clock(), await self._user_facts(req.user))
+        login = _Login(req, caller_pid, self.clock(), policy.Facts(user=req.user, uid=None))
+        login.facts = await self._user_facts(req.user)
+        self._mark(login, "user")
         step = policy.decide(login.facts, self.cfg.policy, self.node, self.rng)
         if step is policy.Need.JOBS:
             assert login.facts.uid is not None
@@ -110,16 +113,25 @@ class Adopter:
                 log.error("listing the jobs of uid %d failed: %s", login.facts.uid, exc)
                 return self._error(login, "backend_error", f"cannot list jobs: {exc}")
             login.facts = dataclasses.replace(login.facts, jobs=tuple(jobs))
+            self._mark(login, "jobs")
             step = policy.decide(login.facts, self.cfg.policy, self.node, self.rng)
         if isinstance(step, policy.Decision) and step.verdict == "adopt":
             await self._find_session(login)
         if step is policy.Need.CALLERID:
             await self._find_session(login)
             await self._ask_source(login)
+            self._mark(login, "source")
             step = policy.decide(login.facts, self.cfg.policy, self.node, self.rng)
         assert isinstance(step, policy.Decision)
         decision = await self._carry_out(login, step)
+        self._mark(login, "adopt")
+        if log.isEnabledFor(logging.DEBUG):
+            steps = " ".join(f"{k}={(t - login.started) * 1e3:.2f}" for k, t in login.marks)
+            log.debug("pid %d timings (ms since request): %s", caller_pid, steps)
         return self._outcome(login, decision)
+
+    def _mark(self, login: _Login, what: str) -> None:
+        login.marks.append((what, self.clock()))
 
     async def _user_facts(self, user: str) -> policy.Facts:
         try:
@@ -148,6 +160,7 @@ class Adopter:
             return
         login.target_pid = holder.pid
         login.conn = conn
+        self._mark(login, "session")
 
     async def _ask_source(self, login: _Login) -> None:
         conn = login.conn

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from callerid.agent import _sockdiag as sd
+from callerid.agent import _sockfd
 from callerid.bus.protocol import Endpoint, normalize_ip
 
 __all__ = ["Connection", "NetInfo", "NetinfoError", "Owner", "ProcInfo", "ProcessGone"]
@@ -122,6 +123,12 @@ class _Member:
     info: ProcInfo
     inodes: frozenset[int]
     netns: str
+    conns: list[Connection] | None = None  # read from the fds directly (None: use tables)
+
+
+def _from_facts(f: _sockfd.SockFacts) -> Connection:
+    proto: Proto = "tcp" if f.proto == "tcp" else "udp"
+    return Connection(proto, _endpoint(f.local), _endpoint(f.remote), f.inode, f.uid, f.state)
 
 
 class NetInfo:
@@ -133,12 +140,14 @@ class NetInfo:
         *,
         use_netlink: bool = True,
         use_cgroups: bool = True,
+        use_pidfd: bool = True,
         netlink_timeout: float = 1.0,
     ) -> None:
         self._root = proc_root
         self._rs = str(proc_root)
         self._use_netlink = use_netlink
         self._use_cgroups = use_cgroups
+        self._use_pidfd = use_pidfd and proc_root == Path("/proc")
         self._netlink_timeout = netlink_timeout
         self._handlers: dict[str, bool] = {}
         self._btime: float | None = None
@@ -248,15 +257,43 @@ class NetInfo:
         finally:
             os.close(dirfd)
 
-    def _socket_inodes(self, pid: int) -> frozenset[int]:
+    def _socket_fds(self, pid: int) -> dict[int, int]:
+        """fd number -> socket inode, for every socket fd of ``pid``."""
+        out: dict[int, int] = {}
         try:
-            links = list(self._fd_links(pid))
+            dirfd = os.open(f"{self._rs}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except (FileNotFoundError, ProcessLookupError) as exc:
             raise ProcessGone(pid) from exc
         except OSError as exc:
             msg = f"cannot list /proc/{pid}/fd: {exc.strerror}"
             raise NetinfoError(msg) from exc
-        return frozenset(int(t[8:-1]) for t in links if t.startswith("socket:["))
+        try:
+            for name in os.listdir(dirfd):
+                try:
+                    target = os.readlink(name, dir_fd=dirfd)
+                except OSError:
+                    continue
+                if target.startswith("socket:[") and name.isdigit():
+                    out[int(name)] = int(target[8:-1])
+        finally:
+            os.close(dirfd)
+        return out
+
+    def _socket_inodes(self, pid: int) -> frozenset[int]:
+        return frozenset(self._socket_fds(pid).values())
+
+    def _fd_connections(self, pid: int, fds: dict[int, int]) -> list[Connection] | None:
+        """The inet sockets of ``pid`` read through pidfd_getfd; None when unavailable."""
+        if not self._use_pidfd or not fds:
+            return None
+        try:
+            return [_from_facts(f) for f in _sockfd.socket_facts(pid, sorted(fds))]
+        except ProcessLookupError as exc:
+            raise ProcessGone(pid) from exc
+        except _sockfd.Unsupported as exc:
+            log.info("pidfd_getfd unavailable (%s): reading /proc/<pid>/net instead", exc)
+            self._use_pidfd = False
+            return None
 
     def _holds(self, pid: int, target: str) -> bool:
         """Whether ``pid`` has an fd linking to ``target``; False if it vanished."""
@@ -290,11 +327,13 @@ class NetInfo:
     def _member(self, pid: int, tables: dict[str, dict[str, str]]) -> _Member:
         """Read one process of the chain: facts, socket inodes, netns (and its tables, once)."""
         info = self.process(pid)
-        inodes = self._socket_inodes(pid)
+        fds = self._socket_fds(pid)
+        inodes = frozenset(fds.values())
         netns = self._netns(pid)
-        if inodes and netns not in tables:
+        conns = self._fd_connections(pid, fds)
+        if conns is None and inodes and netns not in tables:
             tables[netns] = self._tables(pid)
-        return _Member(info, inodes, netns)
+        return _Member(info, inodes, netns, conns)
 
     def _snapshot(self, pid: int) -> tuple[list[_Member], dict[str, dict[str, str]]]:
         """Read the caller first (it may exit any moment), then its ancestors below pid 1."""
@@ -360,6 +399,8 @@ class NetInfo:
             return []
 
     def _connections(self, tables: dict[str, dict[str, str]], m: _Member) -> list[Connection]:
+        if m.conns is not None:
+            return m.conns
         return _rows(tables[m.netns], m.inodes) if m.inodes else []
 
     def _listeners(

@@ -57,6 +57,7 @@ JOB_ID_RE = r"[A-Za-z0-9_.-]+"
 UID_RE = r"[0-9]+"
 _JOB_ID = re.compile(JOB_ID_RE)
 _PLACEHOLDERS = {"job": JOB_ID_RE, "uid": UID_RE}
+_MAX_KNOWN = 65536  # remembered job directories (owner and start never change)
 
 # v1 hierarchies in the order jobs are looked up in them (proctrack/cgroup uses freezer).
 V1_PREFERENCE = ("freezer", "pids", "memory", "cpuset", "cpu", "cpuacct", "blkio", "devices")
@@ -301,6 +302,7 @@ class CgroupBackend:
         mounts = parse_mountinfo(_read_text(proc_root / "self" / "mountinfo"))
         self.layout = detect_layout(os.path.realpath(cfg.root), mounts)
         self._btime = _boot_time(proc_root)
+        self._known: dict[tuple[str, int], tuple[int, float]] = {}  # job dir -> (uid, start)
         self._hz = os.sysconf("SC_CLK_TCK")
         log.info(
             "cgroup backend: %s, hierarchies %s, jobs %s",
@@ -394,21 +396,41 @@ class CgroupBackend:
         return found
 
     def _describe(self, path: Path, job_id: str, path_uid: int | None) -> Job | None:
-        """The Job at ``path``: owner from the path or the processes, start from the processes."""
+        """The Job at ``path``: owner from the path or the processes, start from the processes.
+
+        A job's owner and start never change, so they are remembered per job directory (its
+        path and inode: a new job of the same id is a new directory) and each job's processes
+        are read once, not at every login (an MPI job may have thousands).
+        """
+        try:
+            key = (str(path), path.stat().st_ino)
+        except FileNotFoundError:
+            return None  # the job ended while we looked
+        known = self._known.get(key)
+        if known is not None:
+            return Job(job_id, known[0], known[1])
+        job, from_processes = self._read_job(path, job_id, path_uid)
+        if job is not None and from_processes:
+            if len(self._known) >= _MAX_KNOWN:
+                self._known.pop(next(iter(self._known)))
+            self._known[key] = (job.uid, job.start_time)
+        return job
+
+    def _read_job(self, path: Path, job_id: str, path_uid: int | None) -> tuple[Job | None, bool]:
         pids = _tree_pids(path)
         uid = path_uid
         if uid is None:
             uid = self._owner(pids)
             if uid is None:
                 log.debug("job %s (%s) has no user process: owner unknown, skipped", job_id, path)
-                return None
+                return None, False
         starts = [t for p in pids if (t := self._start_time(p)) is not None]
         if starts:
-            return Job(job_id, uid, min(starts))
-        try:
-            return Job(job_id, uid, path.stat().st_ctime)
+            return Job(job_id, uid, min(starts)), True
+        try:  # no process yet: the directory's time, not remembered (processes will come)
+            return Job(job_id, uid, path.stat().st_ctime), False
         except FileNotFoundError:
-            return None  # the job ended while we looked
+            return None, False  # the job ended while we looked
 
     def _owner(self, pids: list[int]) -> int | None:
         counts = Counter(u for p in pids if (u := _proc_uid(self._proc, p)) not in (None, 0))

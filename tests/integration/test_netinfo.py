@@ -404,15 +404,16 @@ def decoy_server() -> Iterator[socket.socket]:
     s.close()
 
 
+@pytest.mark.parametrize("use_pidfd", [True, False], ids=["pidfd_getfd", "proc_net"])
 def test_session_connection_returns_the_monitor_not_the_decoy(
-    spawn: Any, decoy_server: socket.socket
+    spawn: Any, decoy_server: socket.socket, use_pidfd: bool
 ) -> None:
     tree = spawn(TREE, {"bind": "127.0.0.2", "n": 1, "decoy": decoy_server.getsockname()})
     port = tree.expect("port")["port"]
     client = _connect("127.0.0.3", ("127.0.0.2", port))
     try:
         seen = tree.expect("monitor", "helper", "decoy")
-        ni = NetInfo()
+        ni = NetInfo(use_pidfd=use_pidfd)
         for start in (seen["helper"], seen["monitor"]):
             info, conn = ni.session_connection(start)
             assert info.pid == seen["monitor"] != seen["helper"]

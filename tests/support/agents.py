@@ -164,7 +164,9 @@ class LoopbackAgents:
         extra: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         prefix: list[str] | None = None,
+        log_level: str = "info",
     ) -> None:
+        self.log_level = log_level
         self.trees = trees
         self.policy = policy or {}
         self.extra = extra or {}
@@ -238,6 +240,8 @@ class LoopbackAgents:
                 "callerid.agent",
                 "--config",
                 str(self.config(node)),
+                "--log-level",
+                self.log_level,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
