@@ -43,6 +43,8 @@ __all__ = ["PamServer", "handle_account", "handle_close_session", "handle_open_s
 log = logging.getLogger(__name__)
 
 _UCRED = struct.Struct("3i")  # pid, uid, gid
+DISCARD_MAX = 64 * 1024
+DISCARD_TIMEOUT_S = 0.05
 
 
 async def handle_account(adopter: Adopter, req: PamRequest, pid: int) -> Outcome:
@@ -58,6 +60,18 @@ async def handle_open_session(adopter: Adopter, req: PamRequest, pid: int) -> Pa
 def handle_close_session(adopter: Adopter, pid: int) -> PamReply:
     """op=close_session -> allow (forgets the session)."""
     return adopter.close_session(pid)
+
+
+async def _discard_input(reader: asyncio.StreamReader) -> None:
+    """Read and drop what the client already sent (bounded in size and time): closing a unix
+    socket with unread data resets it, and the client would lose our answer."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(DISCARD_TIMEOUT_S):
+            left = DISCARD_MAX
+            while left > 0 and (chunk := await reader.read(min(left, 4096))):
+                left -= len(chunk)
+                if chunk.endswith(b"\n"):
+                    break
 
 
 def peer_cred(sock: socket.socket) -> tuple[int, int]:
@@ -145,6 +159,7 @@ class PamServer:
         if uid != self.allowed_uid:
             self.refused += 1
             log.warning("refused a PAM socket client: pid %d uid %d is not root", pid, uid)
+            await _discard_input(reader)
             return PamReply("error", "not_root")
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -159,6 +174,7 @@ class PamServer:
         except (asyncio.LimitOverrunError, PamProtocolError) as exc:
             self.malformed += 1
             log.warning("pid %d sent a bad request: %s", pid, exc)
+            await _discard_input(reader)
             return PamReply("error", "bad_request")
         except TimeoutError:
             return None

@@ -126,6 +126,53 @@ class _Member:
     conns: list[Connection] | None = None  # read from the fds directly (None: use tables)
 
 
+class _Chain:
+    """A caller and its ancestors (below pid 1), each read only when first needed."""
+
+    def __init__(
+        self, ni: NetInfo, members: list[_Member], tables: dict[str, dict[str, str]]
+    ) -> None:
+        self.ni = ni
+        self.members = members
+        self.tables = tables
+
+    def get(self, i: int) -> _Member | None:
+        while len(self.members) <= i:
+            last = self.members[-1]
+            if last.info.ppid <= 1 or len(self.members) >= _MAX_DEPTH:
+                return None
+            try:
+                self.members.append(self.ni._member(last.info.ppid, self.tables))
+            except ProcessGone:
+                return None  # a parent exiting mid-walk ends the chain
+        return self.members[i]
+
+    def served_above(self, i: int, holder: _Member, conns: list[Connection]) -> list[Connection]:
+        """Those of ``conns`` (held by member ``i``) that the nearest ancestor with a matching
+        listener (in ``holder``'s netns) serves; ancestors are read only this far."""
+        j = i + 1
+        while (m := self.get(j)) is not None:
+            listeners = self.ni._listeners([m], holder, self.tables)
+            chosen = [c for c in conns if _served(c, listeners)]
+            if chosen:
+                return chosen
+            j += 1
+        return []
+
+    def topmost(self, i: int, inode: int) -> _Member:
+        """Climb from member ``i`` while the parent holds the same socket.
+
+        sshd runs keyboard-interactive PAM in a forked helper that inherits the connection
+        socket; the session lives in the helper's parent, the monitor, which is what must be
+        adopted (adopting the short-lived helper would let the session escape).
+        """
+        while (parent := self.get(i + 1)) is not None and inode in parent.inodes:
+            i += 1
+        member = self.get(i)
+        assert member is not None
+        return member
+
+
 def _from_facts(f: _sockfd.SockFacts) -> Connection:
     proto: Proto = "tcp" if f.proto == "tcp" else "udp"
     return Connection(proto, _endpoint(f.local), _endpoint(f.remote), f.inode, f.uid, f.state)
@@ -335,16 +382,10 @@ class NetInfo:
             tables[netns] = self._tables(pid)
         return _Member(info, inodes, netns, conns)
 
-    def _snapshot(self, pid: int) -> tuple[list[_Member], dict[str, dict[str, str]]]:
-        """Read the caller first (it may exit any moment), then its ancestors below pid 1."""
+    def _chain(self, pid: int) -> _Chain:
+        """The caller (read at once: it may exit any moment), then ancestors as needed."""
         tables: dict[str, dict[str, str]] = {}
-        members = [self._member(pid, tables)]
-        while members[-1].info.ppid > 1 and len(members) < _MAX_DEPTH:
-            try:
-                members.append(self._member(members[-1].info.ppid, tables))
-            except ProcessGone:
-                break  # a parent exiting mid-walk ends the chain
-        return members, tables
+        return _Chain(self, [self._member(pid, tables)], tables)
 
     def session_connection(self, pid: int, rhost: str | None = None) -> tuple[ProcInfo, Connection]:
         """The sshd session process (``pid`` or an ancestor) and the connection it serves.
@@ -356,21 +397,24 @@ class NetInfo:
         forked PAM helper), the topmost such holder is returned. Raises ProcessGone if ``pid``
         is gone, NetinfoError if nothing qualifies or one process holds several ("ambiguous").
         """
-        members, tables = self._snapshot(pid)
+        chain = self._chain(pid)
         want = _rhost_ip(rhost)
         init: list[_Member] | None = None  # pid 1, read only when needed
-        for i, m in enumerate(members):
-            conns = [c for c in self._connections(tables, m) if _is_connected(c)]
+        i = 0
+        while (m := chain.get(i)) is not None:
+            i += 1
+            conns = [c for c in self._connections(chain.tables, m) if _is_connected(c)]
             conns = [c for c in conns if want is None or c.remote.ip == want]
             if not conns:
                 continue
-            chosen = [c for c in conns if _served(c, self._listeners(members[i + 1 :], m, tables))]
+            chosen = chain.served_above(i - 1, m, conns)
             if not chosen:
                 if init is None:
-                    init = self._init_member(tables)
-                chosen = [c for c in conns if _served(c, self._listeners(init, m, tables))]
+                    init = self._init_member(chain.tables)
+                chosen = [c for c in conns if _served(c, self._listeners(init, m, chain.tables))]
             if len(chosen) == 1:
-                return self._topmost_member(members, i, chosen[0].inode).info, chosen[0]
+                top = chain.topmost(i - 1, chosen[0].inode)
+                return top.info, chosen[0]
             if len(chosen) > 1:
                 listed = ", ".join(f"{c.proto} {c.local}<-{c.remote}" for c in chosen)
                 msg = f"ambiguous: pid {m.info.pid} holds {len(chosen)} connections: {listed}"
@@ -378,18 +422,6 @@ class NetInfo:
         hint = f" from {want}" if want else ""
         msg = f"no connection{hint} served by an ancestor's listener for pid {pid} or its parents"
         raise NetinfoError(msg)
-
-    @staticmethod
-    def _topmost_member(members: list[_Member], i: int, inode: int) -> _Member:
-        """Climb from ``members[i]`` while the parent holds the same socket.
-
-        sshd runs keyboard-interactive PAM in a forked helper that inherits the connection
-        socket; the session lives in the helper's parent, the monitor, which is what must be
-        adopted (adopting the short-lived helper would let the session escape).
-        """
-        while i + 1 < len(members) and inode in members[i + 1].inodes:
-            i += 1
-        return members[i]
 
     def _init_member(self, tables: dict[str, dict[str, str]]) -> list[_Member]:
         try:
