@@ -28,7 +28,7 @@ from callerid.agent import policy
 from callerid.agent.backends.base import Backend, BackendError, Job
 from callerid.agent.config import Config
 from callerid.agent.journal import DecisionRecord
-from callerid.agent.netinfo import Connection, NetInfo, NetinfoError
+from callerid.agent.netinfo import Connection, NetInfo, NetinfoError, Owner
 from callerid.agent.pamproto import PamReply, PamRequest
 from callerid.bus.protocol import CallerIdQuery, CallerIdReply, ErrorCode, error_reply
 
@@ -100,56 +100,73 @@ class Adopter:
     # ------------------------------------------------------------------ destination side
 
     async def account(self, req: PamRequest, caller_pid: int) -> Outcome:
-        """Decide one login (PAM account phase) and carry the decision out."""
+        """Decide one login (PAM account phase) and carry the decision out.
+
+        Local work runs in at most two worker-thread hops (facts; adoption) with the peer
+        query, if one is needed, on the event loop in between; a decision that needs no
+        peer is carried out in the first hop.
+        """
         login = _Login(req, caller_pid, self.clock(), policy.Facts(user=req.user, uid=None))
-        login.facts = await self._user_facts(req.user)
+        step = await self._run(self._local_step, login)
+        if isinstance(step, Outcome):
+            return step
+        if step is policy.Need.CALLERID:
+            await self._ask_source(login)
+            self._mark(login, "source")
+            step = policy.decide(login.facts, self.cfg.policy, self.node, self.rng)
+            assert isinstance(step, policy.Decision)
+            step = await self._run(self._carry_out, login, step)
+        assert isinstance(step, policy.Decision)
+        if step.verdict == "adopt" and step.job is not None and login.target_pid is not None:
+            self.sessions[login.target_pid] = step.job
+            while len(self.sessions) > SESSION_MEMORY:
+                self.sessions.popitem(last=False)
+        if log.isEnabledFor(logging.DEBUG):
+            steps = " ".join(f"{k}={(t - login.started) * 1e3:.2f}" for k, t in login.marks)
+            log.debug("pid %d timings (ms since request): %s", caller_pid, steps)
+        return self._outcome(login, step)
+
+    def _mark(self, login: _Login, what: str) -> None:
+        login.marks.append((what, self.clock()))
+
+    def _local_step(self, login: _Login) -> policy.Decision | policy.Need | Outcome:
+        """(worker thread) user, local jobs and the session connection, as the policy asks;
+        a final adopt decision is carried out here too."""
+        login.facts = self._user_facts(login.req.user)
         self._mark(login, "user")
         step = policy.decide(login.facts, self.cfg.policy, self.node, self.rng)
         if step is policy.Need.JOBS:
             assert login.facts.uid is not None
             try:
-                jobs = await self._run(self.backend.jobs_of, login.facts.uid)
+                jobs = self.backend.jobs_of(login.facts.uid)
             except BackendError as exc:
                 log.error("listing the jobs of uid %d failed: %s", login.facts.uid, exc)
                 return self._error(login, "backend_error", f"cannot list jobs: {exc}")
             login.facts = dataclasses.replace(login.facts, jobs=tuple(jobs))
             self._mark(login, "jobs")
             step = policy.decide(login.facts, self.cfg.policy, self.node, self.rng)
-        if isinstance(step, policy.Decision) and step.verdict == "adopt":
-            await self._find_session(login)
         if step is policy.Need.CALLERID:
-            await self._find_session(login)
-            await self._ask_source(login)
-            self._mark(login, "source")
-            step = policy.decide(login.facts, self.cfg.policy, self.node, self.rng)
-        assert isinstance(step, policy.Decision)
-        decision = await self._carry_out(login, step)
-        self._mark(login, "adopt")
-        if log.isEnabledFor(logging.DEBUG):
-            steps = " ".join(f"{k}={(t - login.started) * 1e3:.2f}" for k, t in login.marks)
-            log.debug("pid %d timings (ms since request): %s", caller_pid, steps)
-        return self._outcome(login, decision)
+            self._find_session(login)
+        elif isinstance(step, policy.Decision) and step.verdict == "adopt":
+            self._find_session(login)
+            step = self._carry_out(login, step)
+        return step
 
-    def _mark(self, login: _Login, what: str) -> None:
-        login.marks.append((what, self.clock()))
-
-    async def _user_facts(self, user: str) -> policy.Facts:
+    def _user_facts(self, user: str) -> policy.Facts:
         try:
-            pw = await self._run(pwd.getpwnam, user)
+            pw = pwd.getpwnam(user)
         except KeyError:
             return policy.Facts(user=user, uid=None)
         groups: frozenset[str] = frozenset()
         if self.cfg.policy.exempt_groups and not (self.cfg.policy.ignore_root and pw.pw_uid == 0):
-            groups = await self._run(_group_names, user, pw.pw_gid)
+            groups = _group_names(user, pw.pw_gid)
         return policy.Facts(user=user, uid=pw.pw_uid, groups=groups)
 
-    async def _find_session(self, login: _Login) -> None:
+    def _find_session(self, login: _Login) -> None:
         """The process to adopt: the sshd monitor holding the connection (or the caller)."""
-        if login.target_pid is not None:
-            return
         try:
-            holder, conn = await self._run(
-                self.netinfo.session_connection, login.caller_pid, login.req.rhost or None
+            holder, conn = self.netinfo.session_connection(
+                login.caller_pid, login.req.rhost or None
             )
         except NetinfoError as exc:
             log.info(
@@ -185,20 +202,20 @@ class Adopter:
             login.facts, callerid_asked=True, callerid_job=job, callerid_status=status
         )
 
-    async def _carry_out(self, login: _Login, decision: policy.Decision) -> policy.Decision:
+    def _carry_out(self, login: _Login, decision: policy.Decision) -> policy.Decision:
+        """(worker thread) adopt the session process into the decided job."""
         if decision.verdict != "adopt":
             return decision
         assert decision.job is not None and login.target_pid is not None
         try:
-            await self._run(self.backend.adopt, login.target_pid, decision.job)
+            self.backend.adopt(login.target_pid, decision.job)
         except BackendError as exc:
             log.warning(
                 "adopting pid %d into job %s failed: %s", login.target_pid, decision.job.id, exc
             )
             return policy.after_adopt_failure(decision, self.cfg.policy, self.node)
-        self.sessions[login.target_pid] = decision.job
-        while len(self.sessions) > SESSION_MEMORY:
-            self.sessions.popitem(last=False)
+        finally:
+            self._mark(login, "adopt")
         return decision
 
     def _outcome(self, login: _Login, d: policy.Decision) -> Outcome:
@@ -276,9 +293,9 @@ class Adopter:
 
     async def answer(self, query: CallerIdQuery, peer: str) -> CallerIdReply:
         """Which job owns src -> dst on this node? Told only if it belongs to query.uid."""
+        t0 = self.clock()
         try:
-            owner = await self._run(self.netinfo.socket_owner, query.proto, query.src, query.dst)
-            job = await self._run(self.backend.job_of_pid, owner.pid) if owner else None
+            owner, job = await self._run(self._owner_and_job, query)
         except (BackendError, NetinfoError) as exc:
             log.warning("query %d from %s: lookup failed: %s", query.id, peer, exc)
             return error_reply(query.id, self.node, ErrorCode.BACKEND, "lookup failed")
@@ -299,8 +316,18 @@ class Adopter:
             )
             reason = "no such connection"  # the same words: never reveal another user's job
         else:
+            log.debug("query %d from %s: job %s (%.2f ms)", query.id, peer, job.id, self._ms(t0))
             return CallerIdReply(id=query.id, status="found", node=self.node, job=job.id)
+        log.debug("query %d from %s: %s (%.2f ms)", query.id, peer, reason, self._ms(t0))
         return CallerIdReply(id=query.id, status="not_found", node=self.node, reason=reason)
+
+    def _owner_and_job(self, query: CallerIdQuery) -> tuple[Owner | None, Job | None]:
+        """(worker thread) the socket's owner process and its job, in one executor hop."""
+        owner = self.netinfo.socket_owner(query.proto, query.src, query.dst, uid=query.uid)
+        return owner, (self.backend.job_of_pid(owner.pid) if owner else None)
+
+    def _ms(self, since: float) -> float:
+        return (self.clock() - since) * 1e3
 
 
 def _group_names(user: str, gid: int) -> frozenset[str]:

@@ -77,6 +77,13 @@ def main() -> int:
             f"  max {max(values):.2f} ms"
         )
     print("  targets: decision p50 <= 2 ms, p99 <= 10 ms")
+    steps: dict[str, list[float]] = {}
+    for m in marks:
+        prev = 0.0
+        for k, v in m.items():
+            steps.setdefault(k, []).append(float(v) - prev)
+            prev = float(v)
+    print("  median per step: " + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in steps.items()))
     print(
         f"  stand-in sshd, accept -> reply: p50 {statistics.median(wall):.2f} ms"
         f"  p99 {pct(wall, 99):.2f} ms"
