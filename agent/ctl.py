@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from callerid.agent import config as config_mod
+from callerid.agent._ctl_doctor import cmd_doctor, doctor_args
 from callerid.agent._ctl_inspect import (
     InspectError,
     audit_args,
@@ -212,6 +213,11 @@ COMMANDS: dict[str, Command] = {
         help="dry run: what would happen if USER logged in here now",
         add_arguments=explain_args,
         run=cmd_explain,
+    ),
+    "doctor": Command(
+        help="check this node's set-up and say what to fix",
+        add_arguments=doctor_args,
+        run=cmd_doctor,
     ),
     "audit": Command(
         help="list decision records from the journal", add_arguments=audit_args, run=cmd_audit

@@ -355,3 +355,27 @@ def test_calleridctl_whois_and_explain(
             assert r.stdout.rstrip().endswith("decision: allow (reason root)")
         finally:
             finish(client)
+
+
+def test_calleridctl_doctor(agents: LoopbackAgents, tmp_path: Path) -> None:
+    agents.write_config("b")
+    pam = tmp_path / "sshd"
+    pam.write_text("account required pam_callerid.so\nsession include common-session\n")
+    (tmp_path / "common-session").write_text("session optional pam_systemd.so\n")
+    r = ctl(agents, "b", "doctor", "--ping", "--pam-file", str(pam))
+    assert r.returncode == 1  # pam_systemd in an included file is a failure
+    out = r.stdout
+    assert "ok    keypair" in out and "(mode 600)" in out
+    assert "ok    2 authorized peer key(s)" in out
+    assert "ok    cgroup backend readable" in out
+    assert "ok    agent answers on" in out and "verdict=allow reason=root" in out
+    assert "ok    ping a at 127.0.0.2: ok" in out and "ok    ping b at 127.0.0.3: ok" in out
+    assert "FAIL  " in out and "pam_systemd" in out
+    (tmp_path / "common-session").write_text("session required pam_unix.so\n")
+    r = ctl(agents, "b", "doctor", "--pam-file", str(pam))
+    assert r.returncode == 0, r.stdout
+    cfg = agents.config("b")
+    cfg.write_text(cfg.read_text().replace(str(agents.socket("b")), "/nonexistent/agent.sock"))
+    r = ctl(agents, "b", "doctor", "--pam-file", str(pam))
+    assert r.returncode == 1 and "FAIL  no agent socket at /nonexistent/agent.sock" in r.stdout
+    agents.write_config("b")
