@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support.agents import ADDRESSES, LoopbackAgents, client_argv  # noqa: E402
-from tests.support.cgroups import JobTree  # noqa: E402
-from tests.support.users import throwaway_user  # noqa: E402
+from tests.support.agents import ADDRESSES, LoopbackAgents, client_argv
+from tests.support.cgroups import JobTree
+from tests.support.users import throwaway_user
 
 
 def pct(values: list[float], p: float) -> float:
@@ -83,7 +83,10 @@ def main() -> int:
         for k, v in m.items():
             steps.setdefault(k, []).append(float(v) - prev)
             prev = float(v)
-    print("  median per step: " + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in steps.items()))
+    print(
+        "  median per step: "
+        + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in steps.items())
+    )
     print(
         f"  stand-in sshd, accept -> reply: p50 {statistics.median(wall):.2f} ms"
         f"  p99 {pct(wall, 99):.2f} ms"
