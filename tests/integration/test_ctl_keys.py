@@ -211,7 +211,7 @@ def test_usage_errors_exit_1_not_a_ping_code(argv: list[str]) -> None:
 
 def test_help_documents_the_exit_codes() -> None:
     out = ctl.build_parser().format_help()
-    assert "2  ping: nothing listens" in out
+    assert "2  ping, whois: nothing listens" in out
     for code in ("3  ping", "4  ping", "5  ping"):
         assert code in out
 
