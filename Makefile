@@ -9,20 +9,21 @@ APT_STAMP := .apt.stamp
 APT_PACKAGES := gcc make pkg-config libsystemd-dev libpam0g-dev pamtester \
 	openssh-server openssh-client sshpass iproute2 systemd procps psmisc python3-venv \
 	slurmd slurmctld slurm-client munge
+# Only for `make deb`, `make rpm` and `make test-packages` (packaging/build.sh): build tools,
+# linters, and the distribution's Python packages the .deb depends on.
+PKG_APT_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+	python3-wheel libpam0g-dev gcc make rpm rpmlint lintian fakeroot devscripts pamtester systemd strace \
+	python3-zmq python3-msgpack python3-psutil python3-yaml python3-systemd
+PKG_APT_STAMP := build/.pkg-apt.stamp
 
-.PHONY: all deps apt venv pam test test-unit lint typecheck demo bench clean
+.PHONY: all deps apt venv pam test test-unit lint typecheck demo bench clean deb rpm test-packages
 
 all: pam venv
 
 deps: apt venv
 
 $(APT_STAMP):
-	@if [ "$$(id -u)" != 0 ]; then echo "make: root is needed to apt-get install: $(APT_PACKAGES)" >&2; exit 1; fi
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	  echo "apt-get install $$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	fi
+	scripts/apt-install.sh $(APT_PACKAGES)
 	@touch $@
 
 apt: $(APT_STAMP)
@@ -56,6 +57,23 @@ demo: deps pam
 
 bench: deps pam
 	$(PY) bench/run.py
+
+$(PKG_APT_STAMP):
+	scripts/apt-install.sh $(PKG_APT_PACKAGES)
+	@mkdir -p $(@D) && touch $@
+
+# build/deb/*.deb and build/rpm/RPMS/*/*.rpm from a copy of the working tree, each checked
+# with lintian / rpmlint (filters: packaging/lintian-suppress, packaging/rpmlintrc).
+deb: $(PKG_APT_STAMP)
+	packaging/build.sh deb
+
+rpm: $(PKG_APT_STAMP)
+	packaging/build.sh rpm
+
+# Builds both, installs the .debs on this machine, logs in through the installed PAM module,
+# purges them again; installs the .rpms into a scratch root (needs root: CI).
+test-packages: $(PKG_APT_STAMP) venv
+	$(PY) -m pytest tests/e2e/test_packages.py
 
 clean:
 	$(MAKE) -C pam clean

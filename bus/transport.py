@@ -181,7 +181,8 @@ class MeshServer:
         try:
             if self._load_peers:
                 self.reload_keys()
-            self._auth = AsyncioAuthenticator(self._ctx, log=logging.getLogger(f"{__name__}.zap"))
+            self._auth = AsyncioAuthenticator(self._ctx)  # pyzmq 24 (Debian 12) takes no log=
+            self._auth.log = logging.getLogger(f"{__name__}.zap")
             self._auth.start()
             self._auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self._provider)
             sock: zmq.Socket[bytes] = zmq.Socket(self._ctx, zmq.ROUTER)  # driven by LoopSocket
