@@ -379,3 +379,34 @@ def test_calleridctl_doctor(agents: LoopbackAgents, tmp_path: Path) -> None:
     r = ctl(agents, "b", "doctor", "--pam-file", str(pam))
     assert r.returncode == 1 and "FAIL  no agent socket at /nonexistent/agent.sock" in r.stdout
     agents.write_config("b")
+
+
+def test_open_session_puts_back_a_session_moved_out_of_its_job(
+    agents: LoopbackAgents, trees: dict[str, JobTree], user: ThrowawayUser
+) -> None:
+    """Something between account and session (a misplaced pam_systemd) moved the monitor."""
+    agents.write_config("b")
+    elsewhere = trees["b"].root / "elsewhere"
+    elsewhere.mkdir()
+    try:
+        sshd = agents.sshd("b", escape=str(elsewhere / "cgroup.procs"))
+        client = connect_from_job(trees, user, "42", "tcp", sshd.port)
+        try:
+            login = sshd.login(user.name)
+        finally:
+            finish(client)
+        assert login["fields"]["job"] == "42"
+        assert "/elsewhere" in login["moved"]  # it had left the job ...
+        assert login["session"] == "CALLERID/1 verdict=adopt reason=readopted job=42 msg="
+        assert trees["b"].cgroup_of(login["monitor"]) == trees["b"].cgroup_path("42", "step_extern")
+        sshd.close()
+    finally:
+        wait_for(lambda: _rmdir(elsewhere), what="empty cgroup removed")
+
+
+def _rmdir(path: Path) -> bool:
+    try:
+        path.rmdir()
+    except OSError:
+        return False
+    return True

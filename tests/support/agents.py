@@ -43,6 +43,8 @@ ADDRESSES = {"a": "127.0.0.2", "b": "127.0.0.3"}
 _SSHD = r"""
 import json, os, signal, socket, sys
 proto, host, agent_sock, helper = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+escape = sys.argv[5]  # "": nothing; else a cgroup.procs the monitor moves itself to before
+                      # the session phase (what a misplaced pam_systemd would do)
 kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
 lst = socket.socket(socket.AF_INET, kind)
 lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -80,6 +82,15 @@ for line in sys.stdin:
                 os._exit(0)
         else:
             os.waitpid(asker, 0)
+        if escape:
+            with open(escape, "w") as f:
+                f.write(str(os.getpid()))
+            moved = open(f"/proc/{os.getpid()}/cgroup").read()
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(agent_sock)
+            s.sendall(f"CALLERID/1 op=open_session user={user} service=sshd\n".encode())
+            session = s.makefile().readline().strip()
+            os.write(w, (json.dumps({"session": session, "moved": moved}) + "\n").encode())
         cgroup = open(f"/proc/{os.getpid()}/cgroup").read()
         os.write(w, (json.dumps({"monitor": os.getpid(), "cgroup": cgroup}) + "\n").encode())
         os.close(w)
@@ -122,9 +133,12 @@ def client_argv(proto: str, src: str, host: str, port: int) -> list[str]:
 
 
 class FakeSshd:
-    def __init__(self, proto: str, host: str, agent_socket: Path, *, helper: bool) -> None:
+    def __init__(
+        self, proto: str, host: str, agent_socket: Path, *, helper: bool, escape: str = ""
+    ) -> None:
+        argv = [proto, host, str(agent_socket), "1" if helper else "0", escape]
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SSHD, proto, host, str(agent_socket), "1" if helper else "0"],
+            [sys.executable, "-c", _SSHD, *argv],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -287,8 +301,10 @@ class LoopbackAgents:
         for node in list(self.procs):
             self.stop(node)
 
-    def sshd(self, node: str, proto: str = "tcp", *, helper: bool = False) -> FakeSshd:
-        sshd = FakeSshd(proto, ADDRESSES[node], self.socket(node), helper=helper)
+    def sshd(
+        self, node: str, proto: str = "tcp", *, helper: bool = False, escape: str = ""
+    ) -> FakeSshd:
+        sshd = FakeSshd(proto, ADDRESSES[node], self.socket(node), helper=helper, escape=escape)
         self._sshds.append(sshd)
         return sshd
 
