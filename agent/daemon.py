@@ -15,8 +15,9 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ __all__ = ["Agent", "build", "make_backend", "node_name", "run"]
 log = logging.getLogger(__name__)
 
 WORKER_THREADS = 8
+SHUTDOWN_STEP_S = 3.0
 
 
 def node_name(cfg: Config) -> str:
@@ -231,11 +233,19 @@ async def serve(agent: Agent) -> None:
             await agent.pam.stop()
             await agent.pam.drain(agent.cfg.pam_timeout_ms / 1000)
             watchdog.cancel()
-            await agent.mesh.close()
+            await _bounded(agent.mesh.close(), "closing the mesh server")
     finally:
-        await agent.client.close()
+        await _bounded(agent.client.close(), "closing the mesh client")
         agent.backend.close()
         agent.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _bounded(step: Awaitable[None], what: str) -> None:
+    try:
+        async with asyncio.timeout(SHUTDOWN_STEP_S):
+            await step
+    except TimeoutError:
+        log.warning("%s took over %.0f s; going on with the shutdown", what, SHUTDOWN_STEP_S)
 
 
 def run(cfg_path: Path) -> int:
@@ -243,4 +253,9 @@ def run(cfg_path: Path) -> int:
     cfg = config_mod.load(cfg_path)
     agent = build(cfg, cfg_path=cfg_path)
     asyncio.run(serve(agent))
+    # A worker thread stuck in a hung read (/proc of a D-state process, a wedged slurmstepd)
+    # would keep the interpreter from exiting: the answered logins are done, so exit anyway.
+    timer = threading.Timer(SHUTDOWN_STEP_S, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
     return 0
