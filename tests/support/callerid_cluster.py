@@ -108,17 +108,8 @@ class CalleridCluster:
         authorized = self.keys_dir / "authorized"
         authorized.mkdir(parents=True, exist_ok=True)
         for node in cluster:
-            ctl(
-                "keygen",
-                "--dir",
-                str(self.keys_dir / node.name),
-                "--name",
-                node.name,
-                "--address",
-                node.ipv4,
-                "--address",
-                node.ipv6,
-            )
+            addresses = [a for ip in (node.ipv4, node.ipv6) if ip for a in ("--address", ip)]
+            ctl("keygen", "--dir", str(self.keys_dir / node.name), "--name", node.name, *addresses)
             pub = self.keys_dir / node.name / f"{node.name}.key"
             (authorized / pub.name).write_bytes(pub.read_bytes())
 
@@ -130,7 +121,7 @@ class CalleridCluster:
         policy = {**self.policy, **self.node_policy.get(node.name, {})}
         cfg: dict[str, Any] = {
             "node_name": node.name,
-            "listen": [node.ipv4, node.ipv6],
+            "listen": [ip for ip in (node.ipv4, node.ipv6) if ip],
             "keys": {
                 "dir": str(self.keys_dir / node.name),
                 "authorized": str(self.keys_dir / "authorized"),

@@ -1,4 +1,4 @@
-"""A real single-node Slurm 22.05 cluster for tests and demos, and a fake slurmstepd.
+"""A real Slurm 22.05 cluster on this machine for tests and demos (one node, or several).
 
     with LocalSlurm() as slurm:                       # munged + slurmctld + slurmd, node idle
         job = slurm.submit(alice.name, wrap="sleep 300")
@@ -12,42 +12,74 @@ apt-get when missing) the way reference/slurm-local ran them on this machine: pr
 task/cgroup, cgroup/v1 (hybrid hosts), ``PrologFlags=contain``. Everything it creates lives in
 one temp dir (spool, state, logs, a private munged with its own key and socket), except
 ``/etc/slurm/slurm.conf`` and ``cgroup.conf``, which Debian's tools read: any existing files are
-backed up and restored at teardown. Daemons listen on 127.0.0.1 only
-(``CommunicationParameters=NoInAddrAny``) on free ports (6817/6818 when free). It refuses to
-start while a slurmctld or slurmd it did not start runs. Teardown cancels every job, waits for
-their slurmstepd to exit, stops exactly the daemons it started, removes the cgroups Slurm left
-(``<hierarchy>/slurm_<node>`` when empty, and only if it was not there before) and the temp dir.
+backed up and restored at teardown. Only one LocalSlurm runs on the machine at a time: `start`
+first takes an exclusive ``flock`` on ``/run/callerid-test-slurm.lock`` (waiting up to
+``lock_timeout`` seconds, 15 minutes by default, for another process's LocalSlurm to finish),
+and `stop` releases it last. It refuses to start while a slurmctld or slurmd it did not start
+runs. Teardown cancels every job, waits for their slurmstepd to exit, stops exactly the daemons
+it started, removes the cgroups Slurm left (``<hierarchy>/slurm_<node>`` when empty, and only if
+it was not there before) and the temp dir.
 
-`FakeStepd` is a slurmstepd stand-in on a real unix socket, for failure modes a real stepd
-does not show on demand (a hung stepd, refusals, closed connections).
+One node (the default): NodeName is the short hostname (or ``node_name``), daemons listen on
+127.0.0.1 only (``CommunicationParameters=NoInAddrAny``) on free ports (6817/6818 when free).
+With a ``node_name`` other than the hostname, ``scontrol listpids`` (hence `listpids`,
+`step_pids` and `wait_running`) cannot find the node's stepds (it looks them up by hostname);
+use ``nodes=`` with a UTS namespace per node for that.
+
+Several nodes: ``nodes=[SlurmNode(name, address, entry), ...]``, where ``entry`` is the argv
+prefix that runs a command inside that node (e.g. ``nsenter`` into a network namespace whose
+address is ``address`` and a UTS namespace whose hostname is ``name``; see
+tests/support/cluster.py). Each node runs its own slurmd (``-N name``) through its entry, with
+its own spool dir (``SlurmdSpoolDir=<top>/spool/%n``); slurmctld and every client command
+(sbatch, squeue, scancel, sinfo) run in the first node; ``scontrol listpids`` runs in the node
+asked about (it finds the stepds by its hostname). Slurm names each node's cgroups
+``slurm_<NodeName>``, so nodes sharing this kernel do not mix their jobs' cgroups.
+
+`FakeStepd` (tests/support/fake_stepd.py, re-exported here) is a slurmstepd stand-in on a real
+unix socket, for failure modes a real stepd does not show on demand.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import logging
 import os
 import re
 import secrets
-import selectors
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
-import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import pytest
 
 from callerid.agent.backends import stepd
+from tests.support.fake_stepd import FakeStepd, stale_socket
 from tests.support.poll import wait_for
 
-__all__ = ["PACKAGES", "FakeStepd", "LocalSlurm", "SlurmError", "require_slurm", "stale_socket"]
+__all__ = [
+    "LOCK_FILE",
+    "PACKAGES",
+    "FakeStepd",
+    "LocalSlurm",
+    "SlurmError",
+    "SlurmNode",
+    "require_slurm",
+    "stale_socket",
+]
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("slurmd", "slurmctld", "slurm-client", "munge")
+LOCK_FILE = Path("/run/callerid-test-slurm.lock")
+LOCK_TIMEOUT = 15 * 60.0
 ETC = Path("/etc/slurm")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _DAEMONS = ("/usr/sbin/slurmctld", "/usr/sbin/slurmd")
@@ -57,7 +89,7 @@ _JOB_TIMEOUT = 30.0
 _SLURM_CONF = """\
 # Written by callerid's tests/support/slurm.py (LocalSlurm); restored at teardown.
 ClusterName=cid{tag}
-SlurmctldHost={node}(127.0.0.1)
+SlurmctldHost={ctld_host}({ctld_addr})
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={ctld_port}
@@ -67,11 +99,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={munge_socket}
 StateSaveLocation={top}/state
-SlurmdSpoolDir={top}/spool
+SlurmdSpoolDir={spool}
 SlurmctldPidFile={top}/slurmctld.pid
-SlurmdPidFile={top}/slurmd.pid
+SlurmdPidFile={top}/slurmd{per_node}.pid
 SlurmctldLogFile={top}/log/slurmctld.log
-SlurmdLogFile={top}/log/slurmd.log
+SlurmdLogFile={top}/log/slurmd{per_node}.log
 SlurmctldDebug=info
 SlurmdDebug={debug}
 PrologFlags=contain
@@ -91,9 +123,10 @@ SlurmctldTimeout=120
 InactiveLimit=0
 KillWait=2
 MinJobAge=10
-NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=500 State=UNKNOWN
-PartitionName=cid Nodes={node} Default=YES MaxTime=INFINITE OverSubscribe=FORCE:8 State=UP
+{node_lines}
+PartitionName=cid Nodes={node_list} Default=YES MaxTime=INFINITE OverSubscribe=FORCE:8 State=UP
 """
+_NODE_LINE = "NodeName={name} NodeAddr={address} CPUs={cpus} RealMemory=500 State=UNKNOWN"
 
 _CGROUP_CONF = """\
 # Written by callerid's tests/support/slurm.py (LocalSlurm); restored at teardown.
@@ -138,6 +171,16 @@ def require_slurm() -> None:
         pytest.skip(f"cannot install {' '.join(missing)} with apt-get: {tail}")
 
 
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+        raise
+    return True
+
+
 def _exe_pids(exes: tuple[str, ...]) -> dict[int, str]:
     """Running processes whose executable is one of ``exes``: pid -> exe."""
     found = {}
@@ -175,6 +218,15 @@ def _pick_ports() -> tuple[int, int]:
     raise SlurmError(msg)
 
 
+@dataclass(frozen=True)
+class SlurmNode:
+    """One Slurm node: its NodeName, NodeAddr and the argv prefix running a command in it."""
+
+    name: str
+    address: str = "127.0.0.1"
+    entry: tuple[str, ...] = ()
+
+
 @dataclass
 class _Daemon:
     name: str
@@ -183,11 +235,28 @@ class _Daemon:
 
 
 class LocalSlurm:
-    """One-node Slurm 22.05 (munged, slurmctld, slurmd) owned by this object."""
+    """Slurm 22.05 (munged, slurmctld, one slurmd per node) owned by this object."""
 
-    def __init__(self, *, node_name: str | None = None, slurmd_debug: str = "debug") -> None:
-        self.node = node_name or socket.gethostname().split(".")[0]
+    def __init__(
+        self,
+        *,
+        node_name: str | None = None,
+        nodes: Sequence[SlurmNode] | None = None,
+        slurmd_debug: str = "debug",
+        lock_timeout: float = LOCK_TIMEOUT,
+    ) -> None:
+        host = socket.gethostname().split(".")[0]
+        self.multi = nodes is not None
+        self.nodes = list(nodes) if nodes is not None else [SlurmNode(node_name or host)]
+        if not self.nodes or len({n.name for n in self.nodes}) != len(self.nodes):
+            msg = f"nodes must be distinct and at least one: {self.nodes}"
+            raise ValueError(msg)
+        self.node = self.nodes[0].name
+        # slurmctld checks that it runs on SlurmctldHost: this host, or the first node's
+        self._ctld = self.nodes[0] if self.multi else SlurmNode(host)
         self.slurmd_debug = slurmd_debug
+        self.lock_timeout = lock_timeout
+        self._lock_fd: int | None = None
         self.top = Path("/nonexistent")
         self.ctld_port = self.slurmd_port = 0
         self._daemons: list[_Daemon] = []
@@ -199,7 +268,12 @@ class LocalSlurm:
 
     @property
     def spool_dir(self) -> Path:
-        return self.top / "spool"
+        """The (first) node's SlurmdSpoolDir."""
+        return self.spool_of(self.node)
+
+    def spool_of(self, node: str) -> Path:
+        """Node ``node``'s SlurmdSpoolDir."""
+        return self.top / "spool" / node if self.multi else self.top / "spool"
 
     @property
     def log_dir(self) -> Path:
@@ -209,23 +283,38 @@ class LocalSlurm:
     def munge_socket(self) -> Path:
         return self.top / "munge" / "munge.socket"
 
-    def extern_socket(self, jobid: str) -> Path:
-        """The socket of the job's extern step (which may not exist yet, or any more)."""
-        return self.spool_dir / f"{self.node}_{jobid}.{stepd.EXTERN_STEP}"
+    def node_of(self, name: str) -> SlurmNode:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        msg = f"no node {name!r} in this cluster ({[n.name for n in self.nodes]})"
+        raise KeyError(msg)
 
-    def step_sockets(self, jobid: str | None = None) -> list[Path]:
-        """Every stepd socket in the spool dir (of one job, when given)."""
-        pattern = re.compile(rf"{re.escape(self.node)}_(\d+)\.\d+(\.\d+)?")
+    def extern_socket(self, jobid: str, node: str | None = None) -> Path:
+        """The socket of the job's extern step on ``node`` (default: the first node); it may
+        not exist yet, or any more."""
+        node = node or self.node
+        return self.spool_of(node) / f"{node}_{jobid}.{stepd.EXTERN_STEP}"
+
+    def step_sockets(self, jobid: str | None = None, node: str | None = None) -> list[Path]:
+        """Every stepd socket in the spool dirs (of one job, of one node, when given)."""
+        found = []
+        for name in [node] if node else [n.name for n in self.nodes]:
+            found += self._node_sockets(name, jobid)
+        return sorted(found)
+
+    def _node_sockets(self, node: str, jobid: str | None) -> list[Path]:
+        pattern = re.compile(rf"{re.escape(node)}_(\d+)\.\d+(\.\d+)?")
+        spool = self.spool_of(node)
         try:
-            names = os.listdir(self.spool_dir)
+            names = os.listdir(spool)
         except FileNotFoundError:
             return []
-        found = []
-        for name in names:
-            m = pattern.fullmatch(name)
-            if m is not None and (jobid is None or m.group(1) == jobid):
-                found.append(self.spool_dir / name)
-        return sorted(found)
+        return [
+            spool / name
+            for name in names
+            if (m := pattern.fullmatch(name)) is not None and (jobid is None or m[1] == jobid)
+        ]
 
     # ----------------------------------------------------------------------- lifecycle
 
@@ -241,7 +330,9 @@ class LocalSlurm:
         self.stop()
 
     def start(self) -> None:
-        """Write the configs and start munged, slurmctld and slurmd; wait for an idle node."""
+        """Take the machine-wide lock, write the configs and start munged, slurmctld and the
+        slurmds; wait until every node is idle."""
+        self._lock()
         foreign = _exe_pids(_DAEMONS)
         if foreign:
             listing = ", ".join(f"{exe} (pid {pid})" for pid, exe in sorted(foreign.items()))
@@ -255,18 +346,31 @@ class LocalSlurm:
         self.top.chmod(0o755)  # job users reach the munge socket below it
         for sub in ("state", "spool", "log"):
             (self.top / sub).mkdir(mode=0o755)
+        for node in self.nodes:
+            self.spool_of(node.name).mkdir(mode=0o755, exist_ok=True)
         self._cgroups_before = set(self._slurm_cgroups())
         self.ctld_port, self.slurmd_port = _pick_ports()
         self._start_munged()
         self._write_configs()
         conf = str(ETC / "slurm.conf")
-        self._spawn("slurmctld", ["/usr/sbin/slurmctld", "-D", "-f", conf])
+        self._spawn("slurmctld", ["/usr/sbin/slurmctld", "-D", "-f", conf], self._ctld)
         self._wait("slurmctld to answer", lambda: self._run(["scontrol", "ping"]).returncode == 0)
-        self._spawn("slurmd", ["/usr/sbin/slurmd", "-D", "-f", conf, "-N", self.node])
-        self._wait("the node to become idle", self._node_idle)
+        for node in self.nodes:
+            name = f"slurmd-{node.name}" if self.multi else "slurmd"
+            self._spawn(name, ["/usr/sbin/slurmd", "-D", "-f", conf, "-N", node.name], node)
+        self._wait("every node to become idle", self._nodes_idle)
 
     def stop(self) -> None:
-        """Cancel jobs, stop our daemons, restore /etc/slurm, remove cgroups and temp files."""
+        """Cancel jobs, stop our daemons, restore /etc/slurm, remove cgroups and temp files;
+        release the lock. Does nothing when the lock was never taken (nothing was started)."""
+        if self._lock_fd is None:
+            return
+        try:
+            self._stop_all()
+        finally:
+            self._unlock()
+
+    def _stop_all(self) -> None:
         errors: list[str] = []
         if self._alive("slurmctld") and self._alive("slurmd"):
             with contextlib.suppress(SlurmError, AssertionError):
@@ -284,6 +388,37 @@ class LocalSlurm:
             self.top = Path("/nonexistent")
         if errors:
             raise SlurmError("; ".join(errors))
+
+    def _lock(self) -> None:
+        """Exclusive flock on LOCK_FILE: one LocalSlurm per machine (other processes wait)."""
+        if self._lock_fd is not None:
+            return
+        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            if not _try_flock(fd):
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                log.warning(
+                    "LocalSlurm: %s is held by another process (pid %s); waiting up to %.0f s",
+                    LOCK_FILE,
+                    holder,
+                    self.lock_timeout,
+                )
+                t0 = time.monotonic()
+                self._wait(f"the lock {LOCK_FILE}", lambda: _try_flock(fd), self.lock_timeout)
+                log.warning("LocalSlurm: got %s after %.1f s", LOCK_FILE, time.monotonic() - t0)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # releases the flock
 
     # ----------------------------------------------------------------------- jobs
 
@@ -310,30 +445,42 @@ class LocalSlurm:
         """squeue's state of the job (RUNNING, PENDING ...), or "" once it has left the queue."""
         return self._run(["squeue", "-h", "-j", jobid, "-o", "%T"]).stdout.strip()
 
+    def job_nodes(self, jobid: str) -> list[str]:
+        """The nodes the job runs on, the batch host first ([] when it does not run)."""
+        if not self.multi:
+            return [self.node] if self.job_state(jobid) == "RUNNING" else []
+        listed = self._run(["squeue", "-h", "-j", jobid, "-t", "R", "-o", "%B %N"]).stdout.split()
+        if len(listed) != 2:
+            return []
+        names = self._run(["scontrol", "show", "hostnames", listed[1]]).stdout.split()
+        return [listed[0], *(n for n in names if n != listed[0])]
+
     def wait_running(self, jobid: str, timeout: float = _JOB_TIMEOUT) -> None:
-        """Wait until the job runs, its extern step socket exists and its batch step has a pid."""
+        """Wait until the job runs, its extern step socket exists on each of its nodes and its
+        batch step has a pid."""
 
         def ready() -> bool:
+            nodes = self.job_nodes(jobid)
             return (
-                self.job_state(jobid) == "RUNNING"
-                and self.extern_socket(jobid).exists()
-                and bool(self.step_pids(jobid).get("batch"))
+                bool(nodes)
+                and all(self.extern_socket(jobid, n).exists() for n in nodes)
+                and bool(self.step_pids(jobid, nodes[0]).get("batch"))
             )
 
         self._wait(f"job {jobid} to run", ready, timeout)
 
-    def listpids(self, jobid: str) -> str:
-        """The output of ``scontrol listpids <jobid>``."""
-        proc = self._run(["scontrol", "listpids", jobid])
+    def listpids(self, jobid: str, node: str | None = None) -> str:
+        """The output of ``scontrol listpids <jobid>`` on ``node`` (default: the first)."""
+        proc = self._run(["scontrol", "listpids", jobid], node=node or self.node)
         if proc.returncode != 0:
-            msg = f"scontrol listpids {jobid}: {proc.stderr.strip()}"
+            msg = f"scontrol listpids {jobid} on {node or self.node}: {proc.stderr.strip()}"
             raise SlurmError(msg)
         return proc.stdout
 
-    def step_pids(self, jobid: str) -> dict[str, list[int]]:
-        """`listpids` parsed: step id ("batch", "extern", "0" ...) -> pids."""
+    def step_pids(self, jobid: str, node: str | None = None) -> dict[str, list[int]]:
+        """`listpids` on ``node`` parsed: step id ("batch", "extern", "0" ...) -> pids."""
         steps: dict[str, list[int]] = {}
-        proc = self._run(["scontrol", "listpids", jobid])
+        proc = self._run(["scontrol", "listpids", jobid], node=node or self.node)
         for line in proc.stdout.splitlines()[1:]:
             fields = line.split()
             if len(fields) >= 3 and fields[0].isdigit():
@@ -359,10 +506,14 @@ class LocalSlurm:
 
     # ----------------------------------------------------------------------- internals
 
-    def _run(self, argv: list[str], input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, argv: list[str], input: str | None = None, node: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """A Slurm command, in ``node`` (default: where slurmctld runs)."""
+        entry = self.node_of(node).entry if node else self._ctld.entry
         env = dict(os.environ, SLURM_CONF=str(ETC / "slurm.conf"))
         return subprocess.run(
-            argv, capture_output=True, text=True, input=input, env=env, timeout=30
+            [*entry, *argv], capture_output=True, text=True, input=input, env=env, timeout=30
         )
 
     def _wait(
@@ -381,11 +532,13 @@ class LocalSlurm:
                 parts.append(f"--- {log.name}\n" + "\n".join(lines))
         return "\n".join(parts)
 
-    def _node_idle(self) -> bool:
-        state = self._run(["sinfo", "-h", "-n", self.node, "-o", "%T"]).stdout.strip()
-        if state.startswith(("down", "drain", "fail")) and not state.endswith("*"):
-            self._run(["scontrol", "update", f"nodename={self.node}", "state=resume"])
-        return state == "idle"
+    def _nodes_idle(self) -> bool:
+        listed = self._run(["sinfo", "-h", "-N", "-o", "%N %T"]).stdout.split("\n")
+        states = dict(line.split() for line in listed if len(line.split()) == 2)
+        for name, state in states.items():
+            if state.startswith(("down", "drain", "fail")) and not state.endswith("*"):
+                self._run(["scontrol", "update", f"nodename={name}", "state=resume"])
+        return all(states.get(n.name) == "idle" for n in self.nodes)
 
     def _start_munged(self) -> None:
         mdir = self.top / "munge"
@@ -407,15 +560,22 @@ class LocalSlurm:
         if not ETC.exists():
             ETC.mkdir(mode=0o755)
             self._etc_created = True
+        cpus = os.cpu_count() or 1
         text = _SLURM_CONF.format(
             tag=secrets.token_hex(3),
-            node=self.node,
+            ctld_host=self._ctld.name,
+            ctld_addr=self._ctld.address,
             ctld_port=self.ctld_port,
             slurmd_port=self.slurmd_port,
             munge_socket=self.munge_socket,
             top=self.top,
+            spool=self.top / "spool" / "%n" if self.multi else self.top / "spool",
+            per_node="-%n" if self.multi else "",
             debug=self.slurmd_debug,
-            cpus=os.cpu_count() or 1,
+            node_lines="\n".join(
+                _NODE_LINE.format(name=n.name, address=n.address, cpus=cpus) for n in self.nodes
+            ),
+            node_list=",".join(n.name for n in self.nodes),
         )
         for name, content in (("slurm.conf", text), ("cgroup.conf", _CGROUP_CONF)):
             path = ETC / name
@@ -438,8 +598,10 @@ class LocalSlurm:
                 ETC.rmdir()
             self._etc_created = False
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str], node: SlurmNode | None = None) -> None:
+        """Start a daemon (in ``node``, through its entry); the entry must exec, not fork."""
         log = self.log_dir / f"{name}.out"
+        argv = [*node.entry, *argv] if node is not None else argv
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
@@ -447,7 +609,9 @@ class LocalSlurm:
         self._daemons.append(_Daemon(name, proc, log))
 
     def _alive(self, name: str) -> bool:
-        return any(d.name == name and d.proc.poll() is None for d in self._daemons)
+        """Whether every daemon called ``name`` (or ``name-<node>``) runs."""
+        mine = [d for d in self._daemons if d.name == name or d.name.startswith(f"{name}-")]
+        return bool(mine) and all(d.proc.poll() is None for d in mine)
 
     def _stop_daemon(self, daemon: _Daemon, errors: list[str]) -> None:
         if daemon.proc.poll() is not None:
@@ -462,9 +626,10 @@ class LocalSlurm:
 
     def _slurm_cgroups(self) -> Iterator[Path]:
         for hierarchy in CGROUP_ROOT.iterdir():
-            candidate = hierarchy / f"slurm_{self.node}"
-            if candidate.is_dir():
-                yield candidate
+            for node in self.nodes:
+                candidate = hierarchy / f"slurm_{node.name}"
+                if candidate.is_dir():
+                    yield candidate
 
     def _remove_cgroups(self) -> None:
         """rmdir the slurm_<node> trees Slurm created (bottom-up; busy ones are left)."""
@@ -474,154 +639,3 @@ class LocalSlurm:
             for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
                 with contextlib.suppress(OSError):
                     os.rmdir(dirpath)
-
-
-# --------------------------------------------------------------------------- fake slurmstepd
-
-Behaviour = Literal["answer", "refuse", "close", "hang"]
-
-
-@dataclass
-class _Peer:
-    sock: socket.socket
-    reader: stepd.Reader[Any] = field(default_factory=stepd.hello_reader)
-    greeted: bool = False
-
-
-class FakeStepd:
-    """A stand-in slurmstepd on a real unix socket, served by a thread.
-
-    ``on_hello``: "answer" (reply ``version``), "refuse" (reply -1 and close), "hang" (accept,
-    never answer). ``on_add``: how ADD_EXTERN_PID is met: "answer" (rc 0, the pid is recorded in
-    `adopted`), "refuse" (rc -1, as 22.05 does), "close" (close without a reply, as 26.05 does),
-    "hang". STEP_UID answers ``uid``; PID_IN_CONTAINER answers whether the pid was adopted (or
-    is in ``pids``); STEP_LIST_PIDS lists those; DAEMON_PID answers the serving thread's id (not
-    the test's pid); STATE ``state`` (2: running).
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        *,
-        uid: int,
-        version: int = stepd.PROTOCOL_22_05,
-        on_hello: Behaviour = "answer",
-        on_add: Behaviour = "answer",
-        pids: tuple[int, ...] = (),
-        state: int = 2,
-    ) -> None:
-        self.path, self.uid, self.version = path, uid, version
-        self.on_hello, self.on_add = on_hello, on_add
-        self.adopted: list[int] = []
-        self.pids = list(pids)
-        self.state = state
-        self.requests: list[tuple[stepd.Request, int | None]] = []
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(path))
-        self._listener.listen(16)
-        self._listener.setblocking(False)
-        self._stop = threading.Event()
-        self._peers: list[_Peer] = []
-        self._thread = threading.Thread(target=self._serve, name=f"fake-stepd {path.name}")
-        self._thread.start()
-
-    def __enter__(self) -> FakeStepd:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Stop serving, close every connection and remove the socket file."""
-        self._stop.set()
-        self._thread.join(timeout=10)
-        self._listener.close()
-        for peer in self._peers:
-            peer.sock.close()
-        self.path.unlink(missing_ok=True)
-
-    def _serve(self) -> None:
-        with selectors.DefaultSelector() as sel:
-            sel.register(self._listener, selectors.EVENT_READ, None)
-            while not self._stop.is_set():
-                for key, _mask in sel.select(timeout=0.05):
-                    if key.data is None:
-                        self._accept(sel)
-                    else:
-                        self._on_data(sel, key.data)
-
-    def _accept(self, sel: selectors.BaseSelector) -> None:
-        with contextlib.suppress(BlockingIOError):
-            conn, _ = self._listener.accept()
-            peer = _Peer(conn)
-            self._peers.append(peer)
-            sel.register(conn, selectors.EVENT_READ, peer)
-
-    def _drop(self, sel: selectors.BaseSelector, peer: _Peer) -> None:
-        sel.unregister(peer.sock)
-        peer.sock.close()
-
-    def _on_data(self, sel: selectors.BaseSelector, peer: _Peer) -> None:
-        data = peer.sock.recv(4096)
-        if not data:
-            self._drop(sel, peer)
-            return
-        while data:
-            data = data[peer.reader.feed(data) :]
-            if not peer.reader.done:
-                return
-            if not self._answer(sel, peer):
-                return
-            peer.reader = stepd.request_reader()
-
-    def _answer(self, sel: selectors.BaseSelector, peer: _Peer) -> bool:
-        """Reply to the message just decoded; False once the connection is closed or hung."""
-        if not peer.greeted:
-            peer.greeted = True
-            return self._act(sel, peer, self.on_hello, "hello", self.version)
-        request, arg = peer.reader.value
-        self.requests.append((request, arg))
-        if request == stepd.Request.ADD_EXTERN_PID:
-            ok = self._act(sel, peer, self.on_add, request, 0)
-            if ok and self.on_add == "answer":
-                self.adopted.append(arg)
-            return ok
-        value: object = {
-            stepd.Request.STEP_UID: self.uid,
-            stepd.Request.PID_IN_CONTAINER: arg in self.adopted or arg in self.pids,
-            stepd.Request.STEP_LIST_PIDS: self.pids + self.adopted,
-            stepd.Request.DAEMON_PID: self._thread.native_id,
-            stepd.Request.STATE: self.state,
-        }[request]
-        peer.sock.sendall(stepd.encode_reply(request, value))
-        return True
-
-    def _act(
-        self,
-        sel: selectors.BaseSelector,
-        peer: _Peer,
-        how: Behaviour,
-        request: stepd.Request | str,
-        value: int,
-    ) -> bool:
-        if how == "answer":
-            peer.sock.sendall(stepd.encode_reply(request, value))
-            return True
-        if how == "refuse":
-            peer.sock.sendall(stepd.encode_reply(request, -1))
-            if request == "hello":
-                self._drop(sel, peer)
-                return False
-            return True
-        if how == "close":
-            self._drop(sel, peer)
-            return False
-        sel.unregister(peer.sock)  # hang: keep the connection open, never read or answer
-        return False
-
-
-def stale_socket(path: Path) -> None:
-    """Leave a socket file at ``path`` whose listener is gone (connect: ECONNREFUSED)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.bind(str(path))
-        s.listen(1)

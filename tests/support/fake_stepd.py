@@ -1,0 +1,171 @@
+"""A stand-in slurmstepd on a real unix socket, for failure modes a real stepd does not show on
+demand (a hung stepd, refusals, closed connections); and a stale stepd socket.
+
+    with FakeStepd(spool / "node_42.4294967292", uid=alice.uid, on_add="close") as fake:
+        ...                                   # the backend under test talks to it
+        fake.requests, fake.adopted
+
+(Also importable from tests.support.slurm, next to the real cluster `LocalSlurm`.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import selectors
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from callerid.agent.backends import stepd
+
+__all__ = ["Behaviour", "FakeStepd", "stale_socket"]
+
+Behaviour = Literal["answer", "refuse", "close", "hang"]
+
+
+@dataclass
+class _Peer:
+    sock: socket.socket
+    reader: stepd.Reader[Any] = field(default_factory=stepd.hello_reader)
+    greeted: bool = False
+
+
+class FakeStepd:
+    """A stand-in slurmstepd on a real unix socket, served by a thread.
+
+    ``on_hello``: "answer" (reply ``version``), "refuse" (reply -1 and close), "hang" (accept,
+    never answer). ``on_add``: how ADD_EXTERN_PID is met: "answer" (rc 0, the pid is recorded in
+    `adopted`), "refuse" (rc -1, as 22.05 does), "close" (close without a reply, as 26.05 does),
+    "hang". STEP_UID answers ``uid``; PID_IN_CONTAINER answers whether the pid was adopted (or
+    is in ``pids``); STEP_LIST_PIDS lists those; DAEMON_PID answers the serving thread's id (not
+    the test's pid); STATE ``state`` (2: running).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        uid: int,
+        version: int = stepd.PROTOCOL_22_05,
+        on_hello: Behaviour = "answer",
+        on_add: Behaviour = "answer",
+        pids: tuple[int, ...] = (),
+        state: int = 2,
+    ) -> None:
+        self.path, self.uid, self.version = path, uid, version
+        self.on_hello, self.on_add = on_hello, on_add
+        self.adopted: list[int] = []
+        self.pids = list(pids)
+        self.state = state
+        self.requests: list[tuple[stepd.Request, int | None]] = []
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(16)
+        self._listener.setblocking(False)
+        self._stop = threading.Event()
+        self._peers: list[_Peer] = []
+        self._thread = threading.Thread(target=self._serve, name=f"fake-stepd {path.name}")
+        self._thread.start()
+
+    def __enter__(self) -> FakeStepd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop serving, close every connection and remove the socket file."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._listener.close()
+        for peer in self._peers:
+            peer.sock.close()
+        self.path.unlink(missing_ok=True)
+
+    def _serve(self) -> None:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._listener, selectors.EVENT_READ, None)
+            while not self._stop.is_set():
+                for key, _mask in sel.select(timeout=0.05):
+                    if key.data is None:
+                        self._accept(sel)
+                    else:
+                        self._on_data(sel, key.data)
+
+    def _accept(self, sel: selectors.BaseSelector) -> None:
+        with contextlib.suppress(BlockingIOError):
+            conn, _ = self._listener.accept()
+            peer = _Peer(conn)
+            self._peers.append(peer)
+            sel.register(conn, selectors.EVENT_READ, peer)
+
+    def _drop(self, sel: selectors.BaseSelector, peer: _Peer) -> None:
+        sel.unregister(peer.sock)
+        peer.sock.close()
+
+    def _on_data(self, sel: selectors.BaseSelector, peer: _Peer) -> None:
+        data = peer.sock.recv(4096)
+        if not data:
+            self._drop(sel, peer)
+            return
+        while data:
+            data = data[peer.reader.feed(data) :]
+            if not peer.reader.done:
+                return
+            if not self._answer(sel, peer):
+                return
+            peer.reader = stepd.request_reader()
+
+    def _answer(self, sel: selectors.BaseSelector, peer: _Peer) -> bool:
+        """Reply to the message just decoded; False once the connection is closed or hung."""
+        if not peer.greeted:
+            peer.greeted = True
+            return self._act(sel, peer, self.on_hello, "hello", self.version)
+        request, arg = peer.reader.value
+        self.requests.append((request, arg))
+        if request == stepd.Request.ADD_EXTERN_PID:
+            ok = self._act(sel, peer, self.on_add, request, 0)
+            if ok and self.on_add == "answer":
+                self.adopted.append(arg)
+            return ok
+        value: object = {
+            stepd.Request.STEP_UID: self.uid,
+            stepd.Request.PID_IN_CONTAINER: arg in self.adopted or arg in self.pids,
+            stepd.Request.STEP_LIST_PIDS: self.pids + self.adopted,
+            stepd.Request.DAEMON_PID: self._thread.native_id,
+            stepd.Request.STATE: self.state,
+        }[request]
+        peer.sock.sendall(stepd.encode_reply(request, value))
+        return True
+
+    def _act(
+        self,
+        sel: selectors.BaseSelector,
+        peer: _Peer,
+        how: Behaviour,
+        request: stepd.Request | str,
+        value: int,
+    ) -> bool:
+        if how == "answer":
+            peer.sock.sendall(stepd.encode_reply(request, value))
+            return True
+        if how == "refuse":
+            peer.sock.sendall(stepd.encode_reply(request, -1))
+            if request == "hello":
+                self._drop(sel, peer)
+                return False
+            return True
+        if how == "close":
+            self._drop(sel, peer)
+            return False
+        sel.unregister(peer.sock)  # hang: keep the connection open, never read or answer
+        return False
+
+
+def stale_socket(path: Path) -> None:
+    """Leave a socket file at ``path`` whose listener is gone (connect: ECONNREFUSED)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(path))
+        s.listen(1)
