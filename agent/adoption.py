@@ -219,49 +219,39 @@ class Adopter:
         return decision
 
     def _outcome(self, login: _Login, d: policy.Decision) -> Outcome:
-        latency_us = int((self.clock() - login.started) * 1e6)
         job = d.job.id if d.job else None
         uid = login.facts.uid
-        conn = login.conn
         who = f"{login.req.user} (uid {uid})" if uid is not None else login.req.user
-        where = f" from {conn.remote}" if conn else ""
+        where = f" from {login.conn.remote}" if login.conn else ""
         what = {"adopt": f"adopted into job {job}", "allow": "allowed", "deny": "denied"}[d.verdict]
-        record = DecisionRecord(
-            decision=d.verdict,
-            reason=d.reason,
-            user=login.req.user,
-            uid=uid,
-            pid=login.target_pid if login.target_pid is not None else login.caller_pid,
-            job=job,
-            src=str(conn.remote) if conn else None,
-            dst=str(conn.local) if conn else None,
-            peer_status=login.peer_status,
-            latency_us=latency_us,
-            message=f"{who}{where} {what} ({d.reason})",
-            service=login.req.service or None,
-            node=self.node,
-        )
+        record = self._record(login, d.verdict, d.reason, job, f"{who}{where} {what} ({d.reason})")
         log.info("%s", record.message)
         return Outcome(PamReply(d.verdict, d.reason, job, d.user_message), record)
 
     def _error(self, login: _Login, reason: str, text: str) -> Outcome:
         """verdict=error: the PAM module's on_error= decides (default deny)."""
-        record = DecisionRecord(
-            decision="error",
+        record = self._record(login, "error", reason, None, f"{login.req.user}: {text} ({reason})")
+        return Outcome(PamReply("error", reason), record)
+
+    def _record(
+        self, login: _Login, decision: str, reason: str, job: str | None, message: str
+    ) -> DecisionRecord:
+        conn = login.conn
+        return DecisionRecord(
+            decision=decision,
             reason=reason,
             user=login.req.user,
             uid=login.facts.uid,
-            pid=login.caller_pid,
-            job=None,
-            src=None,
-            dst=None,
+            pid=login.target_pid if login.target_pid is not None else login.caller_pid,
+            job=job,
+            src=str(conn.remote) if conn else None,
+            dst=str(conn.local) if conn else None,
             peer_status=login.peer_status,
             latency_us=int((self.clock() - login.started) * 1e6),
-            message=f"{login.req.user}: {text} ({reason})",
+            message=message,
             service=login.req.service or None,
             node=self.node,
         )
-        return Outcome(PamReply("error", reason), record)
 
     async def open_session(self, req: PamRequest, caller_pid: int) -> PamReply:
         """Session phase: make sure a session adopted at account time is still in its job.
