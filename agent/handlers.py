@@ -118,6 +118,8 @@ class PamServer:
         self.refused = 0
         self.malformed = 0
         self._server: asyncio.Server | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def start(self, path: Path) -> None:
         sock = bind_unix(path)
@@ -132,12 +134,15 @@ class PamServer:
                 self.path.unlink()
 
     async def drain(self, deadline_s: float) -> None:
-        end = self.clock() + deadline_s
-        while self.in_flight and self.clock() < end:
-            await asyncio.sleep(0.01)
+        """Wait (at most ``deadline_s``) until every request in flight has been answered."""
+        if self.in_flight:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(deadline_s):
+                    await self._idle.wait()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.in_flight += 1
+        self._idle.clear()
         try:
             reply = await self._one(reader, writer)
             if reply is not None:
@@ -147,6 +152,8 @@ class PamServer:
             log.debug("pam connection ended early: %s", exc)
         finally:
             self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
