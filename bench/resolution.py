@@ -13,24 +13,34 @@ same language: parse /proc/net/tcp then tcp6 line by line for the 4-tuple's inod
 readdir(/proc) in order and stat() every /proc/<pid>/fd/* until one has that inode.
 
 Reproduce:  sudo .venv/bin/python bench/resolution.py [--sleepers 2000] [--sockets 10000]
+            [--scenarios default,uid,fallback,fresh,farm] [--json PATH]
+
+`make bench` (bench/run.py) runs it at three node sizes: 1k sockets / 500 processes,
+10k / 2k and 50k / 10k, scenario "default" only, and puts the p50/p99 of both columns into
+its table (``--json``). The sleepers are started by one shell (one process group), so
+10k of them cost neither 10k pipes nor 10k Popen objects here.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import pwd
 import random
-import resource
 import secrets
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import Row, need_root, raise_nofile, ratio_text, reproduce, write_rows
 from callerid.agent.netinfo import NetInfo
 from callerid.bus.protocol import Endpoint
 
@@ -38,7 +48,7 @@ Tuple4 = tuple[str, int, str, int]  # local ip, local port, remote ip, remote po
 
 # Holds n connections to itself (both ends) or, with host/port, n client connections to them.
 HOLDER = r"""
-import json, socket, sys
+import json, socket, struct, sys
 n, host, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 keep, conns, lst = [], [], None
 if port == 0:  # a farm: connect to our own listener and hold the accepted ends too
@@ -55,7 +65,13 @@ for _ in range(n):
         keep.append(lst.accept()[0])
 print(json.dumps(conns), flush=True)
 sys.stdin.read()
+for c in keep:  # reset rather than close: no TIME_WAIT rows left for the next run
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
 """
+
+# Starts N `sleep` processes (all in this shell's process group), says so, waits.
+SPAWNER = 'for i in $(seq "$1"); do sleep 3600 & done; echo ready; wait'
 
 # Accepts forever (the server end of the targets' connections).
 ACCEPTOR = r"""
@@ -73,6 +89,7 @@ class Node:
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[str]] = []
+        self.groups: list[subprocess.Popen[str]] = []
         self.user: str | None = None
         self.cgroup: Path | None = None
 
@@ -86,7 +103,38 @@ class Node:
         self.procs.append(p)
         return p
 
+    def spawn_sleepers(self, count: int) -> None:
+        """``count`` sleepers in one new process group (killed as a group in close())."""
+        p = subprocess.Popen(
+            ["bash", "-c", SPAWNER, "spawner", str(count)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.groups.append(p)
+        assert p.stdout is not None
+        if p.stdout.readline().strip() != "ready":
+            msg = "the sleeper spawner failed"
+            raise RuntimeError(msg)
+
     def close(self) -> None:
+        for g in self.groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(g.pid, signal.SIGKILL)
+            g.wait()
+            for f in (g.stdin, g.stdout):
+                if f is not None:
+                    f.close()
+        for p in self.procs:  # holders reset their connections at EOF on stdin
+            if p.stdin is not None:
+                with contextlib.suppress(OSError):
+                    p.stdin.close()
+        deadline = time.monotonic() + 10
+        for p in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                is_acceptor = isinstance(p.args, list) and ACCEPTOR in p.args
+                p.wait(0 if is_acceptor else max(0.0, deadline - time.monotonic()))
         for p in self.procs:
             p.kill()
         for p in self.procs:
@@ -146,8 +194,8 @@ def build(node: Node, args: argparse.Namespace) -> tuple[list[tuple[int, Tuple4]
         p = node.spawn([sys.executable, "-c", HOLDER, str(per_farm), f"127.0.1.{i + 1}", "0"])
         assert p.stdout is not None
         farm += [(p.pid, tuple(c)) for c in json.loads(p.stdout.readline())]
-    for _ in range(args.sleepers):
-        node.spawn(["sleep", "3600"], stdout=False)
+    if args.sleepers:
+        node.spawn_sleepers(args.sleepers)
     fresh = target_procs(1)  # like an ssh client that just started
     return targets, farm, fresh
 
@@ -238,7 +286,17 @@ def ours(ni: NetInfo) -> Callable[[Endpoint, Endpoint], int | None]:
     return run
 
 
-def main() -> None:
+SCENARIOS = {
+    "default": "job targets, default (sock_diag + cgroup)",
+    "uid": "job targets, uid scan (cgroups off)",
+    "fallback": "job targets, /proc/net fallback + uid scan",
+    "fresh": "fresh target process, uid scan",
+    "fresh-default": "fresh target process, default",
+    "farm": "farm sockets (root, 2000 fds/holder)",
+}
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sleepers", type=int, default=2000)
     ap.add_argument("--sockets", type=int, default=10000, help="farm sockets (both ends)")
@@ -247,11 +305,54 @@ def main() -> None:
     ap.add_argument("--per-target", type=int, default=10, help="connections per target")
     ap.add_argument("--lookups", type=int, default=200)
     ap.add_argument("--slurm-lookups", type=int, default=50)
+    ap.add_argument(
+        "--scenarios",
+        default="default,uid,fallback,fresh,farm",
+        help=f"comma-separated, from: {', '.join(SCENARIOS)}",
+    )
+    ap.add_argument("--json", type=Path, help="write the summary rows here (bench/run.py)")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("needs root (a throwaway user, cgroups, setpriv)")
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        ap.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    return args
+
+
+def summary_row(
+    args: argparse.Namespace, nproc: int, ntcp: int, results: dict[str, dict[str, float]]
+) -> Row:
+    """The first scenario's figures; the others' go into the notes."""
+    key = args.scenarios[0]
+    res = results[key]
+    others = [
+        f"{SCENARIOS[k]}: ours p50 {r['o50']:.3f} / ref p50 {r['s50']:.1f} ms"
+        for k, r in results.items()
+        if k != key
+    ]
+    argv = [
+        *("--sockets", args.sockets, "--sleepers", args.sleepers, "--lookups", args.lookups),
+        *("--slurm-lookups", args.slurm_lookups, "--scenarios", ",".join(args.scenarios)),
+    ]
+    return Row(
+        row="3",
+        what=f"source-side lookup ({SCENARIOS[key]}), {args.sockets / 1000:g}k sockets, "
+        f"{args.sleepers} more processes",
+        n=f"{args.lookups} / {args.slurm_lookups}",
+        ours=f"p50 {res['o50']:.3f} / p99 {res['o99']:.3f} ms",
+        reference=f"p50 {res['s50']:.1f} / p99 {res['s99']:.1f} ms",
+        ratio=ratio_text(res["o50"], res["s50"]),
+        target="-",
+        met="NO (wrong answers)" if res["wrong"] else "-",
+        reproduce=reproduce("resolution.py", [str(a) for a in argv]),
+        notes=[f"{nproc} processes, {ntcp} rows in /proc/net/tcp", *others],
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    need_root()
+    raise_nofile(1 << 16)
     node = Node()
     try:
         t0 = time.monotonic()
@@ -270,25 +371,41 @@ def main() -> None:
         rng = random.Random(42)
         default, no_cg = NetInfo(), NetInfo(use_cgroups=False)
         no_nl = NetInfo(use_netlink=False, use_cgroups=False)
-        rows = [
-            ("job targets, default (sock_diag + cgroup)", ours(default), targets),
-            ("job targets, uid scan (cgroups off)", ours(no_cg), targets),
-            ("job targets, /proc/net fallback + uid scan", ours(no_nl), targets),
-            ("fresh target process, uid scan", ours(no_cg), fresh),
-            ("farm sockets (root, 2000 fds/holder)", ours(default), farm),
-        ]
+        rows = {
+            "default": (ours(default), targets),
+            "uid": (ours(no_cg), targets),
+            "fallback": (ours(no_nl), targets),
+            "fresh": (ours(no_cg), fresh),
+            "fresh-default": (ours(default), fresh),
+            "farm": (ours(default), farm),
+        }
         print(
             f"# {args.lookups} random lookups per row, slurm column: the first {args.slurm_lookups}"
         )
         print(f"{'scenario':46} {'ours p50/p99 ms':>18} {'slurm p50/p99 ms':>18} {'p50 ratio':>9}")
-        for name, fn, pool in rows:
+        results: dict[str, dict[str, float]] = {}
+        for key in args.scenarios:
+            fn, pool = rows[key]
             picks = [rng.choice(pool) for _ in range(args.lookups)]
             fn(Endpoint(*picks[0][1][:2]), Endpoint(*picks[0][1][2:]))  # warm-up
             o50, o99, owrong = timed(fn, picks)
             s50, s99, swrong = timed(slurm_owner, picks[: args.slurm_lookups])
+            results[key] = {
+                "o50": o50,
+                "o99": o99,
+                "s50": s50,
+                "s99": s99,
+                "wrong": owrong + swrong,
+            }
             bad = f"  WRONG ours={owrong} slurm={swrong}" if owrong or swrong else ""
+            name = SCENARIOS[key]
             print(f"{name:46} {o50:8.3f} /{o99:8.3f} {s50:8.2f} /{s99:8.2f} {s50 / o50:8.1f}x{bad}")
         print(f"# reproduce: sudo {sys.executable} {' '.join(sys.argv)}")
+        write_rows(
+            args.json,
+            [summary_row(args, nproc, ntcp, results)],
+            {"scenarios": results, "processes": nproc, "tcp_rows": ntcp},
+        )
     finally:
         node.close()
 

@@ -1,0 +1,404 @@
+"""ssh logins from inside a Slurm job: callerid beside pam_slurm_adopt, on a real Slurm 22.05.
+
+Rows 1, 2 and 5 of `make bench`. One real single-node Slurm (tests/support/slurm.py
+LocalSlurm: Debian's slurmctld, slurmd, munged; PrologFlags=contain, proctrack/cgroup) and one
+sshd per target on 127.0.0.3, each with its own PAM service; the stacks differ only in the
+account line:
+
+    plain           (none: the baseline)
+    psa             pam_slurm_adopt.so service=<svc> log_level=debug            (22.05, Debian)
+    psa-rpc         ... single_job_skip_rpc=0     (always the callerid RPC to the source slurmd)
+    cid-slurm       pam_callerid.so socket=<agent> debug   agent: backend slurm (slurmstepd)
+    cid-slurm-rpc   the same, agent with single_job_shortcut: false (always asks the source)
+    cid-cgroup      agent: backend cgroup (Slurm's freezer tree, the pid written by the agent)
+    cid-cgroup-rpc  the same, single_job_shortcut: false
+
+The source of every connection is 127.0.0.1 (the ssh client's address), where slurmd and the
+source callerid agent listen; the destination agents listen on their own addresses, so an
+RPC-path login really crosses the CURVE mesh (no local short-cut). A throwaway user runs the
+timing loop as a Slurm batch job (the ssh clients are inside the job's step, as the reference
+measure_job.py did): `ssh -p PORT 127.0.0.3 true`, targets interleaved (order reversed every
+round), 3 warm-up rounds, N measured. Every measured login is checked: psa "adopted into job",
+psa-rpc "member of job", callerid "adopt" with reason single_job / callerid.
+
+Module time: pam_slurm_adopt's own first-to-last syslog line (log_level=debug, its timings);
+for callerid the agent's CALLERID_LATENCY_US (request -> reply, incl. the adoption) and the
+module's own first-to-last syslog line (`debug`). Stalled source (row 5): the job then asks to
+be stalled; slurmd and the source agent are SIGSTOPped, and psa-rpc / cid-slurm-rpc logins
+are timed (pam_slurm_adopt waits MessageTimeout, callerid peer.timeout_ms), then SIGCONT.
+
+Reproduce (root):  .venv/bin/python bench/login.py [--rounds 30] [--stalled 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import TOP, apt_install, need_root, poll, write_rows
+from bench._login_logs import (
+    bootstrap_ci,
+    cid_split,
+    psa_split,
+    records,
+    slurmd_callerid_ms,
+    spans,
+    stats,
+    timing_marks,
+)
+from bench._login_report import print_report, report_rows
+from bench._sshbench import SSHD_HOST, AgentSet, SshdFarm, SyslogSink
+from tests.support.slurm import PACKAGES, LocalSlurm
+from tests.support.users import ThrowawayUser, create_user, delete_user
+
+PAM_SO = TOP / "pam" / "pam_callerid.so"
+WARMUP = 3
+SOURCE_IP = "127.0.0.1"
+AGENTS = {  # name -> address; "src" answers for the ssh clients (127.0.0.1)
+    "src": SOURCE_IP,
+    "dslurm": "127.0.0.4",
+    "dslurmrpc": "127.0.0.5",
+    "dcg": "127.0.0.6",
+    "dcgrpc": "127.0.0.7",
+}
+TARGETS = {  # target -> (agent serving it or None, pam_slurm_adopt options or None)
+    "plain": (None, None),
+    "psa": (None, ""),
+    "psa-rpc": (None, "single_job_skip_rpc=0"),
+    "cid-slurm": ("dslurm", None),
+    "cid-slurm-rpc": ("dslurmrpc", None),
+    "cid-cgroup": ("dcg", None),
+    "cid-cgroup-rpc": ("dcgrpc", None),
+}
+STALLED = ("psa-rpc", "cid-slurm-rpc")
+
+# The timing loop, run inside the batch job as the user (system python3: the user cannot
+# read the venv). Phase 1: warm-up + interleaved rounds; phase 2: stalled-source logins.
+JOB = r"""
+import json, os, subprocess, sys, time
+spec = json.load(open(sys.argv[1]))
+
+def one(name):
+    argv = ["ssh", *spec["ssh_opts"], "-p", str(spec["ports"][name]), spec["host"], "true"]
+    t0, w0 = time.perf_counter(), time.time()
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True)
+    ms = (time.perf_counter() - t0) * 1000
+    if r.returncode != 0:
+        raise SystemExit("ssh to %s failed (%d): %s" % (name, r.returncode, r.stderr.decode()))
+    return {"target": name, "ms": ms, "start": w0, "end": time.time()}
+
+names = spec["order"]
+out = {"warmup": [], "rounds": [], "stalled": []}
+for _ in range(spec["warmup"]):
+    out["warmup"] += [one(n) for n in names]
+for i in range(spec["rounds"]):
+    out["rounds"] += [one(n) for n in (names if i % 2 == 0 else names[::-1])]
+json.dump(out, open(spec["out"] + ".tmp", "w"))
+os.rename(spec["out"] + ".tmp", spec["out"])
+if spec["stalled"]:
+    open(spec["ready"], "w").close()
+    deadline = time.monotonic() + 120
+    while not os.path.exists(spec["go"]):
+        if time.monotonic() > deadline:
+            raise SystemExit("no go for the stalled phase")
+        time.sleep(0.05)
+    for _ in range(spec["stalled"]):
+        out["stalled"] += [one(n) for n in spec["stalled_targets"]]
+    json.dump(out, open(spec["out"] + ".tmp", "w"))
+    os.rename(spec["out"] + ".tmp", spec["stalled_out"])
+"""
+
+
+def account_line(name: str, farm: SshdFarm, agents: AgentSet) -> str | None:
+    agent, psa = TARGETS[name]
+    if agent is not None:
+        return f"account    required     {PAM_SO} socket={agents.socket(agent)} debug"
+    if psa is not None:
+        opts = f"service={farm.service(name)} log_level=debug {psa}".strip()
+        return f"account    required     pam_slurm_adopt.so {opts}"
+    return None
+
+
+def agent_overrides(slurm: LocalSlurm) -> dict[str, dict[str, Any]]:
+    slurm_backend = {
+        "type": "slurm",
+        "slurm": {"spool_dir": str(slurm.spool_dir), "node_name": slurm.node},
+    }
+    cgroup_backend = {
+        "type": "cgroup",
+        "cgroup": {
+            "root": "/sys/fs/cgroup/freezer",
+            "jobs": f"slurm_{slurm.node}/uid_{{uid}}/job_{{job}}",
+            "extern": "step_extern",
+        },
+    }
+    return {
+        "src": {"backend": slurm_backend},
+        "dslurm": {"backend": slurm_backend},
+        "dslurmrpc": {"backend": slurm_backend, "policy": {"single_job_shortcut": False}},
+        "dcg": {"backend": cgroup_backend},
+        "dcgrpc": {"backend": cgroup_backend, "policy": {"single_job_shortcut": False}},
+    }
+
+
+def user_keys(user: ThrowawayUser, farm: SshdFarm) -> list[str]:
+    """The user's ssh key, authorized_keys and known_hosts; the ssh options that use them."""
+    assert user.home is not None
+    ssh = user.home / ".ssh"
+    ssh.mkdir(mode=0o700, exist_ok=True)
+    key = ssh / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    shutil.copy(key.with_suffix(".pub"), ssh / "authorized_keys")
+    (ssh / "known_hosts").write_text(farm.known_hosts())
+    for path in [ssh, *ssh.iterdir()]:
+        os.chown(path, user.uid, user.gid)
+    opts = {
+        "BatchMode": "yes",
+        "StrictHostKeyChecking": "yes",
+        "LogLevel": "ERROR",
+        "UserKnownHostsFile": str(ssh / "known_hosts"),
+        "GlobalKnownHostsFile": "/dev/null",
+        "IdentitiesOnly": "yes",
+        "IdentityFile": str(key),
+        "UpdateHostKeys": "no",
+    }
+    return ["-F", "/dev/null", *(x for k, v in opts.items() for x in ("-o", f"{k}={v}"))]
+
+
+def slurmd_pid(slurm: LocalSlurm) -> int:
+    pid = int((slurm.top / "slurmd.pid").read_text().split()[0])
+    if os.readlink(f"/proc/{pid}/exe") != os.path.realpath("/usr/sbin/slurmd"):
+        msg = f"pid {pid} is not our slurmd"
+        raise RuntimeError(msg)
+    return pid
+
+
+def run_job(
+    stack: contextlib.ExitStack,
+    slurm: LocalSlurm,
+    user: ThrowawayUser,
+    work: Path,
+    *,
+    spec: dict[str, Any],
+    stall_pids: list[int],
+) -> dict[str, Any]:
+    """Submit the timing job; stall the source for its second phase; return its samples."""
+    script = work / "job.py"
+    script.write_text(JOB)
+    (work / "spec.json").write_text(json.dumps(spec))
+    for p in (script, work / "spec.json"):
+        p.chmod(0o644)
+    args = [f"--output={work}/job.out", f"--error={work}/job.out", "--job-name=cidbench"]
+    job = slurm.submit(user.name, wrap=f"/usr/bin/python3 {script} {work}/spec.json", args=args)
+    minutes = 10
+    got = poll(
+        lambda: Path(spec["out"]).exists() or job_failed(slurm, job, work),
+        minutes * 60,
+        "the timing job",
+        0.2,
+    )
+    if got == "failed":
+        msg = f"the timing job failed: {(work / 'job.out').read_text()[-3000:]}"
+        raise RuntimeError(msg)
+    if spec["stalled"]:
+        poll(lambda: Path(spec["ready"]).exists(), 60, "the job's stall request", 0.05)
+        for pid in stall_pids:
+            stack.callback(_cont, pid)  # always resumed, even if we fail from here on
+            os.kill(pid, signal.SIGSTOP)
+        Path(spec["go"]).touch()
+        got = poll(
+            lambda: Path(spec["stalled_out"]).exists() or job_failed(slurm, job, work),
+            spec["stalled"] * 15 + 60,
+            "the stalled logins",
+            0.2,
+        )
+        for pid in stall_pids:
+            _cont(pid)
+        if got == "failed":
+            msg = f"the timing job failed: {(work / 'job.out').read_text()[-3000:]}"
+            raise RuntimeError(msg)
+        return dict(json.loads(Path(spec["stalled_out"]).read_text()))
+    return dict(json.loads(Path(spec["out"]).read_text()))
+
+
+def migration_probe(idle_s: float = 1.0) -> float:
+    """ms to move a sleeping process into a fresh freezer cgroup after ``idle_s`` without
+    any migration of ours: the kernel cost every adoption pays (reference: 11-14 ms)."""
+    import time
+
+    top = Path(f"/sys/fs/cgroup/freezer/cidbench-{secrets.token_hex(3)}")
+    top.mkdir()
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        time.sleep(idle_s)  # the idle gap is what is measured, not a synchronisation
+        t0 = time.perf_counter()
+        (top / "cgroup.procs").write_text(str(proc.pid))
+        took = (time.perf_counter() - t0) * 1000
+        Path("/sys/fs/cgroup/freezer/cgroup.procs").write_text(str(proc.pid))
+    finally:
+        proc.kill()
+        proc.wait()
+        poll(lambda: not (top / "cgroup.procs").read_text().strip(), 10, "an empty cgroup")
+        top.rmdir()
+    return took
+
+
+def _cont(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)
+
+
+def job_failed(slurm: LocalSlurm, job: str, work: Path) -> str | None:
+    state = slurm.job_state(job)
+    return "failed" if state in ("", "FAILED", "CANCELLED", "COMPLETED") else None
+
+
+def analyze(
+    samples: dict[str, Any],
+    lines: list[str],
+    recs: dict[str, list[dict[str, str]]],
+    *,
+    slurmd: list[float],
+    rounds: int,
+    timings: dict[str, list[dict[str, float]]],
+) -> dict[str, Any]:
+    from bench._common import median, pct
+
+    by_target: dict[str, list[float]] = defaultdict(list)
+    for login in samples["rounds"]:
+        by_target[login["target"]].append(login["ms"])
+    st: dict[str, Any] = {"ssh": {}, "module": {}, "agent": {}, "errors": {}, "rounds": rounds}
+    for name, ms in by_target.items():
+        st["ssh"][name] = {
+            "n": len(ms),
+            "median": median(ms),
+            "p90": pct(ms, 90),
+            "ci90": bootstrap_ci(ms, by_target["plain"]),
+        }
+    measured = spans(lines, samples["rounds"])
+    st["split"] = {}
+    for name, want in (("psa", "adopted into job"), ("psa-rpc", "member of job")):
+        got = measured.get(name, [])
+        st["module"][name] = stats([s["ms"] for s in got])
+        st["errors"][name] = rounds - sum(1 for s in got if want in s["text"])
+        st["split"][name] = psa_split([s["text"] for s in got])
+    for name, (agent, _) in TARGETS.items():
+        if agent is None:
+            continue
+        st["module"][name] = stats([s["ms"] for s in measured.get(name, [])])
+        rs = recs[agent][WARMUP : WARMUP + rounds]
+        want = "callerid" if agent.endswith("rpc") else "single_job"
+        st["agent"][name] = stats([int(r["CALLERID_LATENCY_US"]) / 1000 for r in rs])
+        st["split"][name] = cid_split(timings[agent][WARMUP : WARMUP + rounds])
+        st["errors"][name] = rounds - sum(
+            1
+            for r in rs
+            if (r.get("CALLERID_DECISION"), r.get("CALLERID_REASON")) == ("adopt", want)
+        )
+    st["slurmd_callerid"] = stats(slurmd)
+    if samples.get("stalled"):
+        stalled: dict[str, list[float]] = defaultdict(list)
+        for login in samples["stalled"]:
+            stalled[login["target"]].append(login["ms"])
+        st["stalled"] = {n: stats(v) for n, v in stalled.items()}
+        sp = spans(lines, samples["stalled"]).get("psa-rpc", [])
+        st["stalled"]["psa-rpc module"] = stats([s["ms"] for s in sp])
+        rs = recs["dslurmrpc"][WARMUP + rounds :]
+        st["stalled"]["cid agent"] = stats([int(r["CALLERID_LATENCY_US"]) / 1000 for r in rs])
+        st["stalled"]["cid peer status"] = [r.get("CALLERID_PEER_STATUS") for r in rs]
+        st["stalled"]["psa text"] = sp[0]["text"] if sp else ""
+    return st
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    with contextlib.ExitStack() as stack:
+        work = Path(tempfile.mkdtemp(prefix="cidlogin-", dir="/tmp"))
+        work.chmod(0o755)  # the job (the user) reads its script and writes its results here
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        sink = SyslogSink(work)
+        stack.callback(sink.close)
+        user = create_user(home=True, shell="/bin/bash", locked=False)
+        stack.callback(delete_user, user)
+        os.chown(work, user.uid, user.gid)
+        slurm = stack.enter_context(LocalSlurm(slurmd_debug="debug2"))
+        agents = AgentSet(work, AGENTS)
+        stack.callback(agents.close)
+        agents.start(agent_overrides(slurm), args.agent_log_level)
+        farm = SshdFarm(work, f"cidb{secrets.token_hex(2)}", sink.prefix())
+        stack.callback(farm.close)
+        for name in TARGETS:
+            farm.add(name, account_line(name, farm, agents))
+        spec = {
+            "ssh_opts": user_keys(user, farm),
+            "host": SSHD_HOST,
+            "ports": farm.ports,
+            "order": list(TARGETS),
+            "warmup": WARMUP,
+            "rounds": args.rounds,
+            "out": str(work / "phase1.json"),
+            "stalled_out": str(work / "phase2.json"),
+            "stalled": args.stalled,
+            "stalled_targets": list(STALLED),
+            "ready": str(work / "stall.ready"),
+            "go": str(work / "stall.go"),
+        }
+        mark = len(sink.lines())
+        stall = [slurmd_pid(slurm), agents.procs["src"].pid]
+        samples = run_job(stack, slurm, user, work, spec=spec, stall_pids=stall)
+        lines = sink.lines()[mark:]
+        recs = {a: records(agents.log(a)) for a in AGENTS}
+        timings = {a: timing_marks(agents.log(a)) for a in AGENTS}
+        slurmd = slurmd_callerid_ms(slurm.log_dir / "slurmd.log")
+        if args.keep:
+            keep = Path(args.keep)
+            keep.mkdir(parents=True, exist_ok=True)
+            (keep / "syslog.log").write_text("\n".join(lines) + "\n")
+            (keep / "samples.json").write_text(json.dumps(samples))
+            for a in AGENTS:
+                shutil.copy(agents.log(a), keep / f"agent-{a}.log")
+            shutil.copy(slurm.log_dir / "slurmd.log", keep / "slurmd.log")
+        st = analyze(samples, lines, recs, slurmd=slurmd, rounds=args.rounds, timings=timings)
+        st["migration_ms"] = [migration_probe(), migration_probe()]
+        return st
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=30, help="measured rounds (each target once)")
+    ap.add_argument("--stalled", type=int, default=3, help="stalled-source logins per target")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--keep", help="copy the raw logs and samples into this directory")
+    ap.add_argument(
+        "--agent-log-level",
+        default="debug",
+        choices=["debug", "info"],
+        help="debug (default) logs each login's timing marks, as psa logs at debug",
+    )
+    args = ap.parse_args()
+    need_root()
+    apt_install([*PACKAGES, "libpam-slurm-adopt", "openssh-server", "openssh-client"])
+    if not PAM_SO.exists():
+        subprocess.run(["make", "-s", "-C", str(TOP / "pam")], check=True)
+    st = measure(args)
+    print_report(st, TARGETS, STALLED, WARMUP)
+    rows = report_rows(args.rounds, args.stalled, st)
+    print(f"reproduce: {rows[0].reproduce}")
+    write_rows(args.json, rows, st)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""Login storm: many concurrent PAM requests against one agent, each needing a cross-node query.
+
+Two real agents (tests/support/agents.py: "a" on 127.0.0.2 is the source, "b" on 127.0.0.3 the
+destination), each with a real cgroup v2 job tree; the user has jobs 42 and 43 on both nodes,
+so every request is decided by asking "a" over the CURVE mesh (reason=callerid).
+
+What runs (all real processes, real sockets):
+
+* on "a": `--clients` processes inside job 42 or 43 (alternately), each holding
+  `--per-client` TCP connections from 127.0.0.2 to a stand-in sshd on "b";
+* on "b": the stand-in sshd's listener accepts every connection and forks one "monitor"
+  process per connection (as sshd does), which holds that one connection;
+* at "go", every monitor keeps `--inflight` PAM requests open at once on b's agent socket
+  (one unix connection each, the exact line pam_callerid.so sends) until it has sent
+  `--requests`; so `connections x inflight` requests are in flight together (1,000 by default).
+
+The agent resolves each request as it would a real login: SO_PEERCRED pid -> the monitor's TCP
+connection (its parent holds the listener) -> CallerIdQuery to "a" -> "a" finds the client
+process by sock_diag and its job -> b adopts the monitor into that job's extern cgroup. A
+request counts as an error unless it is `verdict=adopt reason=callerid job=<the client's job>`.
+
+Reported: decisions/s (all requests over the wall time from "go" to the last reply), the
+client-side round trip p50/p99, the agent's own CALLERID_LATENCY_US p50/p99, errors, and the
+peer status counts. Reproduce (root):  .venv/bin/python bench/storm.py [--connections 100]
+[--inflight 10] [--requests 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import (
+    Row,
+    cpu_s,
+    kill_wait,
+    median,
+    met,
+    need_root,
+    pct,
+    raise_nofile,
+    reproduce,
+    rss_mb,
+    write_rows,
+)
+from tests.support.agents import ADDRESSES, USER_PYTHON, LoopbackAgents
+from tests.support.cgroups import JobTree
+from tests.support.users import throwaway_user
+
+TARGET_RATE = 2000  # decisions/s per agent
+TARGET_P99_MS = 10.0
+
+# Client on the source node: n connections from `src` to host:port; prints its local ports.
+CLIENT = r"""
+import json, socket, sys
+src, host, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+keep = []
+for _ in range(n):
+    s = socket.socket()
+    s.bind((src, 0))
+    s.connect((host, port))
+    keep.append(s)
+print(json.dumps([s.getsockname()[1] for s in keep]), flush=True)
+sys.stdin.read()
+"""
+
+# The stand-in sshd of node "b": accept, fork a monitor per connection, run the storm.
+SSHD = r"""
+import json, os, selectors, socket, sys, time
+host, agent_sock, out_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+lst = socket.socket()
+lst.bind((host, 0))
+lst.listen(4096)
+print(json.dumps({"port": lst.getsockname()[1]}), flush=True)
+spec = json.loads(sys.stdin.readline())
+go_r, go_w = os.pipe()
+ready_r, ready_w = os.pipe()
+line = ("CALLERID/1 op=account user=%s service=sshd rhost=%s tty=ssh\n"
+        % (spec["user"], spec["rhost"])).encode()
+
+def monitor(conn, job):
+    os.close(go_w); os.close(ready_r); lst.close()
+    os.write(ready_w, b"r"); os.close(ready_w)
+    os.read(go_r, 1)  # EOF when the listener closes go_w: everybody starts together
+    sel = selectors.DefaultSelector()
+    todo, lat, bad = spec["requests"], [], []
+    starts, buf = {}, {}
+    def start():
+        nonlocal todo
+        todo -= 1
+        s = socket.socket(socket.AF_UNIX)
+        t0 = time.perf_counter()
+        s.connect(agent_sock)
+        s.sendall(line)
+        s.setblocking(False)
+        starts[s], buf[s] = t0, b""
+        sel.register(s, selectors.EVENT_READ)
+    first = time.time()
+    for _ in range(min(spec["inflight"], todo)):
+        start()
+    while starts:
+        for key, _ in sel.select():
+            s = key.fileobj
+            chunk = s.recv(4096)
+            buf[s] += chunk
+            if chunk and not buf[s].endswith(b"\n"):
+                continue
+            lat.append((time.perf_counter() - starts.pop(s)) * 1000)
+            reply = dict(f.split("=", 1) for f in buf.pop(s).decode().split()[1:])
+            if (reply.get("verdict"), reply.get("reason"), reply.get("job")) != (
+                "adopt", "callerid", job):
+                bad.append(reply)
+            sel.unregister(s); s.close()
+            if todo > 0:
+                start()
+    out = {"lat": lat, "bad": bad[:5], "nbad": len(bad), "first": first, "last": time.time()}
+    with open(os.path.join(out_dir, "%d.json" % os.getpid()), "w") as f:
+        json.dump(out, f)
+    os._exit(0)
+
+kids = []
+for _ in range(spec["connections"]):
+    conn, peer = lst.accept()
+    pid = os.fork()
+    if pid == 0:
+        monitor(conn, spec["jobs"][str(peer[1])])
+    conn.close()  # as sshd's listener does: only the monitor holds the connection
+    kids.append(pid)
+os.close(ready_w)
+got = 0
+while got < len(kids):
+    chunk = os.read(ready_r, 4096)
+    if not chunk:
+        break
+    got += len(chunk)
+print(json.dumps({"ready": got}), flush=True)
+sys.stdin.readline()  # "go"
+os.close(go_w)
+for pid in kids:
+    os.waitpid(pid, 0)
+print(json.dumps({"done": len(kids)}), flush=True)
+sys.stdin.read()
+"""
+
+
+def start_clients(
+    ta: JobTree, user: Any, port: int, args: argparse.Namespace
+) -> tuple[list[subprocess.Popen[bytes]], dict[str, str]]:
+    """Client processes on "a" (jobs 42 and 43 alternately); local port -> job id."""
+    procs, jobs = [], {}
+    for i in range(args.clients):
+        job = ("42", "43")[i % 2]
+        argv = [USER_PYTHON, "-c", CLIENT, ADDRESSES["a"], ADDRESSES["b"], str(port)]
+        proc = ta.spawn_in(
+            job,
+            "step_batch",
+            [*argv, str(args.per_client)],
+            user=user,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        for p in json.loads(proc.stdout.readline()):
+            jobs[str(p)] = job
+        procs.append(proc)
+    return procs, jobs
+
+
+def storm(
+    agents: LoopbackAgents, ta: JobTree, user: Any, args: argparse.Namespace
+) -> dict[str, Any]:
+    out_dir = Path(tempfile.mkdtemp(prefix="cidstorm-", dir="/tmp"))
+    sshd = subprocess.Popen(
+        [sys.executable, "-c", SSHD, ADDRESSES["b"], str(agents.socket("b")), str(out_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    clients: list[subprocess.Popen[bytes]] = []
+    try:
+        assert sshd.stdin is not None and sshd.stdout is not None
+        port = json.loads(sshd.stdout.readline())["port"]
+        clients, jobs = start_clients(ta, user, port, args)
+        spec = {
+            "user": user.name,
+            "rhost": ADDRESSES["a"],
+            "connections": len(jobs),
+            "inflight": args.inflight,
+            "requests": args.requests,
+            "jobs": jobs,
+        }
+        sshd.stdin.write(json.dumps(spec) + "\n")
+        sshd.stdin.flush()
+        ready = json.loads(sshd.stdout.readline())
+        assert ready["ready"] == len(jobs), ready
+        time.sleep(0.5)  # let the forks settle before the clock starts (not a synchronisation)
+        log_at = len(agents.log("b"))
+        cpu0 = {n: cpu_s(p.pid) for n, p in agents.procs.items()}
+        cpu0.update({f"{n} (sys)": cpu_s(p.pid, sys_only=True) for n, p in agents.procs.items()})
+        spies = profile(agents, args.profile)
+        sshd.stdin.write("go\n")
+        sshd.stdin.flush()
+        done = json.loads(sshd.stdout.readline())
+        for spy in spies:  # SIGINT: py-spy stops sampling and writes its file
+            spy.send_signal(signal.SIGINT)
+        for spy in spies:
+            spy.wait(30)
+        assert done["done"] == len(jobs), done
+        cpu = {n: cpu_s(p.pid) - cpu0[n] for n, p in agents.procs.items()}
+        cpu.update(
+            {
+                f"{n} (sys)": cpu_s(p.pid, sys_only=True) - cpu0[f"{n} (sys)"]
+                for n, p in agents.procs.items()
+            }
+        )
+        cpu["monitors"] = cpu_s(sshd.pid, children=True)
+        results = [json.loads(p.read_text()) for p in out_dir.glob("*.json")]
+        log = agents.log("b")[log_at:]
+    finally:
+        os.killpg(sshd.pid, signal.SIGKILL)
+        sshd.wait()
+        for pipe in (sshd.stdin, sshd.stdout):
+            if pipe is not None:
+                pipe.close()
+        kill_wait(clients)
+        for client in clients:
+            for raw in (client.stdin, client.stdout):
+                if raw is not None:
+                    raw.close()
+        shutil.rmtree(out_dir, ignore_errors=True)
+    res = summarize(results, log, len(jobs) * args.requests)
+    res["cpu_ms_per_request"] = {k: v * 1000 / max(1, res["requests"]) for k, v in cpu.items()}
+    return res
+
+
+def profile(agents: LoopbackAgents, out: Path | None) -> list[subprocess.Popen[bytes]]:
+    """py-spy (raw collapsed stacks, GIL holders and idle threads excluded) on both agents."""
+    if out is None:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    opts = ["--format", "raw", "--rate", "250", "--gil", "--nonblocking"]
+    return [
+        subprocess.Popen(
+            [spy, "record", "--pid", str(proc.pid), *opts, "--output", str(out / f"{node}.txt")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for node, proc in agents.procs.items()
+    ]
+
+
+def summarize(results: list[dict[str, Any]], log: str, expected: int) -> dict[str, Any]:
+    lat = [x for r in results for x in r["lat"]]
+    wall = max(r["last"] for r in results) - min(r["first"] for r in results)
+    agent_ms = [int(m) / 1000 for m in re.findall(r"CALLERID_LATENCY_US=(\d+)", log)]
+    return {
+        "requests": len(lat),
+        "expected": expected,
+        "errors": sum(r["nbad"] for r in results) + (expected - len(lat)),
+        "bad_examples": [b for r in results for b in r["bad"]][:5],
+        "wall_s": wall,
+        "rate": len(lat) / wall if wall > 0 else 0.0,
+        "rt_p50": median(lat),
+        "rt_p99": pct(lat, 99),
+        "agent_p50": median(agent_ms),
+        "agent_p99": pct(agent_ms, 99),
+        "peer_status": dict(Counter(re.findall(r"CALLERID_PEER_STATUS=(\w+)", log))),
+        "reasons": dict(Counter(re.findall(r"CALLERID_REASON=(\w+)", log))),
+    }
+
+
+def rows(args: argparse.Namespace, res: dict[str, Any]) -> list[Row]:
+    conns = str(args.clients * args.per_client)
+    argv = ["--connections", conns, "--inflight", str(args.inflight)]
+    cmd = reproduce("storm.py", [*argv, "--requests", str(args.requests)])
+    concurrent = args.clients * args.per_client * args.inflight
+    ok = res["rate"] >= TARGET_RATE and res["errors"] == 0
+    return [
+        Row(
+            row="4",
+            what=f"login storm: {concurrent} concurrent PAM requests on one agent, cross-node",
+            n=str(res["requests"]),
+            ours=(
+                f"{res['rate']:.0f} decisions/s, errors {res['errors']}; round trip p50 "
+                f"{res['rt_p50']:.0f} / p99 {res['rt_p99']:.0f} ms; in agent p50 "
+                f"{res['agent_p50']:.1f} / p99 {res['agent_p99']:.1f} ms"
+            ),
+            reference="- (no daemon: each sshd runs its own RPC to slurmd)",
+            ratio="-",
+            target=f">= {TARGET_RATE}/s, 0 errors",
+            met=met(ok),
+            reproduce=cmd,
+            notes=[
+                f"peer status {res['peer_status']}, reasons {res['reasons']}",
+                f"CPU ms per decision: {res['cpu_ms_per_request']}",
+                f"agent RSS/PSS/USS after the storm: {res.get('rss', {})}",
+            ],
+        )
+    ]
+
+
+def mem_text(pid: int) -> str:
+    rss, pss, uss = rss_mb(pid)
+    return f"{rss:.0f}/{pss:.0f}/{uss:.0f} MB"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--connections", type=int, default=100, help="monitors on b (one conn each)")
+    ap.add_argument("--per-client", type=int, default=10, help="connections per client on a")
+    ap.add_argument("--inflight", type=int, default=10, help="requests in flight per monitor")
+    ap.add_argument("--requests", type=int, default=20, help="requests per monitor")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--profile", type=Path, help="py-spy both agents; raw stacks into this dir")
+    args = ap.parse_args()
+    args.clients = max(1, args.connections // args.per_client)
+    need_root()
+    raise_nofile(1 << 16)
+    with throwaway_user() as user, JobTree("v2") as ta, JobTree("v2") as tb:
+        for job in ("42", "43"):
+            ta.add_job(job, user.uid)
+            tb.add_job(job, user.uid)
+        with LoopbackAgents({"a": ta, "b": tb}, extra={"pam_timeout_ms": 2000}) as agents:
+            res = storm(agents, ta, user, args)
+            res["rss"] = {n: mem_text(p.pid) for n, p in agents.procs.items()}
+    concurrent = args.clients * args.per_client * args.inflight
+    print(
+        f"login storm: {concurrent} PAM requests in flight against agent b, "
+        f"{res['requests']} of {res['expected']} answered in {res['wall_s']:.2f} s"
+    )
+    print(f"  {res['rate']:.0f} decisions/s (target >= {TARGET_RATE}), errors {res['errors']}")
+    print(f"  round trip (monitor): p50 {res['rt_p50']:.1f} ms  p99 {res['rt_p99']:.1f} ms")
+    print(
+        f"  in the agent (CALLERID_LATENCY_US): p50 {res['agent_p50']:.2f} ms  "
+        f"p99 {res['agent_p99']:.2f} ms"
+    )
+    print(f"  peer status: {res['peer_status']}  reasons: {res['reasons']}")
+    cpu = ", ".join(f"{k} {v:.2f}" for k, v in res["cpu_ms_per_request"].items())
+    print(f"  CPU ms per request: {cpu}")
+    print(f"  agent RSS/PSS/USS after the storm: {res['rss']}")
+    if res["bad_examples"]:
+        print(f"  examples of errors: {res['bad_examples']}")
+    out = rows(args, res)
+    print(f"reproduce: {out[0].reproduce}")
+    write_rows(args.json, out, res)
+    return 0 if res["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
