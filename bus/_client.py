@@ -55,6 +55,7 @@ QueryStatus = Literal["ok", "unreachable", "auth_failed", "timeout", "unknown_pe
 MAX_DEAD_HOSTS: Final = 4096  # bound of the negative cache
 _STATUS_OF: Final[dict[str, QueryStatus]] = {
     "unreachable": "unreachable",
+    "stalled": "timeout",
     "auth_failed": "auth_failed",
     "lost": "unreachable",
 }
@@ -369,14 +370,17 @@ class MeshClient:
     # ------------------------------------------------------------------ per-socket tasks
 
     async def _watch(self, conn: _PeerConn) -> None:
-        established = False
+        established = connected = False
         while not conn.closed:
             try:
                 event, value = parse_event(await conn.mon.recv_multipart())
             except ValueError:
                 continue
-            verdict = classify_event(event, value, established=established)
+            verdict = classify_event(event, value, established=established, connected=connected)
             if verdict is None:
+                continue
+            if verdict.state == "connected":
+                connected = True
                 continue
             if verdict.state == "up":
                 established = True
@@ -384,7 +388,7 @@ class MeshClient:
                     conn.ready.set_result(None)
                 continue
             log.debug("peer %s:%d: %s (%s)", *conn.key, verdict.state, verdict.detail)
-            if verdict.state == "unreachable":
+            if verdict.state == "unreachable":  # nothing listens: skip the host for a while
                 self._mark_dead(conn.key)
             self._drop(conn, _Failure(_STATUS_OF[verdict.state], verdict.detail))
             return

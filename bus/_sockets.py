@@ -191,7 +191,8 @@ class LoopSocket:
 # --------------------------------------------------------------------------- monitor events
 
 MONITOR_EVENTS: Final = (
-    zmq.EVENT_CONNECT_RETRIED
+    zmq.EVENT_CONNECTED
+    | zmq.EVENT_CONNECT_RETRIED
     | zmq.EVENT_CLOSED
     | zmq.EVENT_DISCONNECTED
     | zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -199,6 +200,7 @@ MONITOR_EVENTS: Final = (
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 )
+_TIMEOUT_ERRNOS: Final = frozenset({errno.EAGAIN, errno.ETIMEDOUT})
 _HANDSHAKE_FAILED: Final = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
@@ -209,7 +211,7 @@ _HANDSHAKE_FAILED: Final = (
 class Verdict:
     """What a monitor event means for a peer connection."""
 
-    state: str  # "up" | "unreachable" | "auth_failed" | "lost"
+    state: str  # "connected" | "up" | "unreachable" | "stalled" | "auth_failed" | "lost"
     detail: str = ""
 
 
@@ -222,27 +224,39 @@ def parse_event(frames: list[bytes]) -> tuple[int, int]:
     return int(event), int(value)
 
 
-def classify_event(event: int, value: int, *, established: bool) -> Verdict | None:
+def classify_event(
+    event: int, value: int, *, established: bool, connected: bool = False
+) -> Verdict | None:
     """Map a monitor event to a verdict; None for events that change nothing.
 
-    Before the CURVE handshake has succeeded, a closed or retried connection means nothing
-    answers there (a refused connect shows up within ~1 ms on loopback), and a failed
-    handshake means that the peer refused our key, or is not the node whose key we hold.
+    Before the TCP connection is made, a closed or retried connection means nothing listens
+    there (a refused connect shows up within ~1 ms on loopback): "unreachable", worth caching.
+    Once it is made (``connected``) but before the CURVE handshake succeeds, a handshake that
+    times out or a connection closed without a word means the peer accepted but did not
+    answer in time (an overloaded or stopped agent): "stalled", reported as a timeout and not
+    cached. A failed handshake means that the peer refused our key, or is not the node whose
+    key we hold: "auth_failed".
     """
     if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
         return Verdict("up")
+    if event == zmq.EVENT_CONNECTED:
+        return Verdict("connected")
     if established:
         if event == zmq.EVENT_DISCONNECTED:
             return Verdict("lost", "connection to the peer lost")
         return None
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return Verdict("auth_failed", f"the peer refused our key (ZAP status {value})")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and value in _TIMEOUT_ERRNOS:
+        return Verdict("stalled", "the peer accepted but did not complete the handshake in time")
     if event in _HANDSHAKE_FAILED:
         return Verdict(
             "auth_failed",
             f"CURVE handshake failed (event {event:#x}, value {value:#x}): the peer's key "
             "is not the one we hold, or it is not a callerid agent",
         )
+    if connected and event in (zmq.EVENT_CLOSED, zmq.EVENT_DISCONNECTED):
+        return Verdict("stalled", "the peer accepted, then closed before the handshake")
     if event in (zmq.EVENT_CLOSED, zmq.EVENT_CONNECT_RETRIED):
         return Verdict("unreachable", "connection refused or connect timed out")
     if event == zmq.EVENT_DISCONNECTED:
