@@ -177,7 +177,9 @@ class PeerTable:
     ) -> PeerTable:
         """Read every ``*.key`` in ``authorized_dir``; unusable files are logged and skipped.
 
-        Raises OSError when the directory itself cannot be read.
+        A key whose file names its ``addresses`` is taken at its word; only the others have
+        their node name resolved (a thousand name lookups at start-up would make the agent
+        wait on DNS). Raises OSError when the directory itself cannot be read.
         """
         if not Path(authorized_dir).is_dir():
             msg = f"authorized keys directory {authorized_dir} does not exist"
@@ -187,7 +189,7 @@ class PeerTable:
             peer = _read_peer(path)
             if peer is None:
                 continue
-            if resolve:
+            if resolve and not peer.addresses:
                 extra = tuple(ip for ip in resolver(peer.node) if ip not in peer.addresses)
                 peer = Peer(peer.node, peer.public_key, peer.addresses, extra, path)
             peers.append(peer)

@@ -118,18 +118,25 @@ def test_peer_table_maps_addresses_and_keys(tmp_path: Path) -> None:
     assert table.keys() == {p.public_key for p in table}
 
 
-def test_peer_table_resolves_node_names_without_overriding_explicit_addresses(
+def test_peer_table_resolves_only_names_without_explicit_addresses(
     tmp_path: Path,
 ) -> None:
     generate_keypair(tmp_path, "alpha", addresses=["10.0.0.9"])
     generate_keypair(tmp_path, "beta")
     names = {"alpha": ["10.0.0.1"], "beta": ["10.0.0.9", "::ffff:10.0.0.2"]}
-    table = PeerTable.load(tmp_path, resolver=lambda name: names.get(name, []))
+    asked: list[str] = []
+
+    def resolver(name: str) -> list[str]:
+        asked.append(name)
+        return names.get(name, [])
+
+    table = PeerTable.load(tmp_path, resolver=resolver)
+    assert asked == ["beta"]  # alpha's key file names its address: no DNS for it
     assert {ip: p.node for ip, p in ((ip, table.by_address(ip)) for ip in names["beta"]) if p} == {
         "10.0.0.9": "alpha",
         "::ffff:10.0.0.2": "beta",
     }
-    assert table.addresses() == {"10.0.0.9": "alpha", "10.0.0.1": "alpha", "10.0.0.2": "beta"}
+    assert table.addresses() == {"10.0.0.9": "alpha", "10.0.0.2": "beta"}
     assert PeerTable.load(tmp_path, resolve=False).addresses() == {"10.0.0.9": "alpha"}
 
 
