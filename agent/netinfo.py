@@ -40,6 +40,7 @@ _TABLES: Final[tuple[tuple[Proto, str], ...]] = (
     ("udp", "udp"),
     ("udp", "udp6"),
 )
+_MAX_HOLDERS: Final = 1 << 16  # remembered socket holders (source side)
 _MAX_DEPTH: Final = 512  # bound on ancestor walks (a pid chain cannot really be this long)
 _UNSPECIFIED: Final = frozenset({"0.0.0.0", "::"})
 
@@ -200,6 +201,7 @@ class NetInfo:
         self._btime: float | None = None
         self._cgroups: sd.CgroupProcs | None = None
         self._lock = threading.Lock()
+        self._holders: dict[int, int] = {}  # socket inode -> a pid seen holding it
 
     def close(self) -> None:
         """Release the cgroup2 mount fd held for the cgroup fast path (reopened if used again)."""
@@ -341,6 +343,25 @@ class NetInfo:
             log.info("pidfd_getfd unavailable (%s): reading /proc/<pid>/net instead", exc)
             self._use_pidfd = False
             return None
+
+    def _scan(self, pid: int, target: str) -> bool:
+        """Like `_holds`, and remember every socket seen on the way (inode -> pid).
+
+        When mpirun fans out to a thousand nodes, their queries ask for the sockets of
+        processes in one job cgroup, one after another; a process read once answers the
+        next queries for its other sockets from memory (checked with one readlink).
+        """
+        found = False
+        try:
+            for link in self._fd_links(pid):
+                if link.startswith("socket:["):
+                    self._holders[int(link[8:-1])] = pid
+                    found = found or link == target
+        except (OSError, ValueError):
+            return False
+        if len(self._holders) > _MAX_HOLDERS:
+            self._holders.clear()  # a crude bound: the memo refills from the next scans
+        return found
 
     def _holds(self, pid: int, target: str) -> bool:
         """Whether ``pid`` has an fd linking to ``target``; False if it vanished."""
@@ -552,11 +573,14 @@ class NetInfo:
         every /proc/*/fd); vanishing processes are skipped.
         """
         target = f"socket:[{sock.inode}]"
+        known = self._holders.get(sock.inode)
+        if known is not None and self._holds(known, target):
+            return self._topmost(known, target)
         scanned: set[int] = set()
         if self._use_cgroups and sock.cgroup_id is not None:
             for pid in sorted(self._cgroup_procs().pids(sock.cgroup_id) or (), reverse=True):
                 scanned.add(pid)
-                if self._holds(pid, target):
+                if self._scan(pid, target):
                     return self._topmost(pid, target)
         procfd = os.open(self._rs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -564,7 +588,7 @@ class NetInfo:
             for pid in pids:
                 if pid not in scanned and self._owner_uid(pid, procfd) == sock.uid:
                     scanned.add(pid)
-                    if self._holds(pid, target):
+                    if self._scan(pid, target):
                         return self._topmost(pid, target)
         finally:
             os.close(procfd)

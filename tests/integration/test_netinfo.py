@@ -215,6 +215,10 @@ class RecordingNetInfo(NetInfo):
         self.looked.append(pid)
         return super()._holds(pid, target)
 
+    def _scan(self, pid: int, target: str) -> bool:
+        self.looked.append(pid)
+        return super()._scan(pid, target)
+
 
 # --------------------------------------------------------------------------- source side
 
@@ -361,6 +365,29 @@ def test_socket_owner_searches_the_sockets_cgroup_first(spawn: Any, cgroup2_dir:
     assert owner.pid == client.pid
     # no other root process was read, except the parent: is it a forked sharer?
     assert ni.looked == [client.pid, os.getpid()]
+
+
+def test_socket_owner_remembers_sockets_seen_while_searching(spawn: Any, cgroup2_dir: Path) -> None:
+    """A fan-out asks for one job's sockets one after another: each process is read once."""
+    server = spawn(SERVER, {"proto": "tcp", "bind": "127.0.0.2"})
+    sport = server.expect("port")["port"]
+    cfg = {"proto": "tcp", "bind": "127.0.0.3", "host": "127.0.0.2", "port": sport}
+    clients, ports = [], []
+    for _ in range(2):
+        client = spawn(CLIENT, {**cfg, "wait_go": True})
+        client.expect("ready")
+        (cgroup2_dir / "cgroup.procs").write_text(str(client.pid))
+        client.send("go\n")
+        clients.append(client)
+        ports.append(client.expect("port")["port"])
+    ni = RecordingNetInfo()
+    first = ni.socket_owner("tcp", ep("127.0.0.3", ports[0]), ep("127.0.0.2", sport))
+    assert first is not None and first.pid == clients[0].pid
+    assert clients[1].pid in ni.looked  # newest first: the second client was read on the way
+    ni.looked.clear()
+    second = ni.socket_owner("tcp", ep("127.0.0.3", ports[1]), ep("127.0.0.2", sport))
+    assert second is not None and second.pid == clients[1].pid
+    assert ni.looked == [clients[1].pid, os.getpid()]  # checked from memory, not searched
 
 
 def test_netlink_failure_falls_back_and_logs_once(
