@@ -53,6 +53,7 @@ log = logging.getLogger("callerid.bus.transport")
 
 QueryStatus = Literal["ok", "unreachable", "auth_failed", "timeout", "unknown_peer", "error"]
 MAX_DEAD_HOSTS: Final = 4096  # bound of the negative cache
+IDLE_CLOSE_S: Final = 300.0  # a pooled peer connection unused this long is closed
 _STATUS_OF: Final[dict[str, QueryStatus]] = {
     "unreachable": "unreachable",
     "stalled": "timeout",
@@ -123,6 +124,7 @@ class _PeerConn:
     io: LoopSocket | None = None
     monitor: asyncio.Task[None] | None = None
     closed: bool = False
+    last_used: float = 0.0
 
     def settle(self, failure: _Failure) -> None:
         """Fail everything waiting on this connection (no exception objects involved)."""
@@ -310,10 +312,13 @@ class MeshClient:
         self._dead[key] = now + self._cfg.unreachable_ttl_s
 
     def _connection(self, key: tuple[str, int], server_key: str) -> _PeerConn:
+        now = self._clock()
+        self._expire_idle(now)
         conn = self._pool.get(key)
         if conn is not None:
             if conn.server_key == server_key:
                 self._pool.move_to_end(key)
+                conn.last_used = now
                 return conn
             self._drop(conn, _Failure("error", "the peer's key changed"))
         while len(self._pool) >= self._cfg.pool_size:
@@ -321,8 +326,19 @@ class MeshClient:
             victim = idle[0] if idle else next(iter(self._pool.values()))
             self._drop(victim, _Failure("error", "connection evicted from the pool"))
         conn = self._open(key, server_key)
+        conn.last_used = now
         self._pool[key] = conn
         return conn
+
+    def _expire_idle(self, now: float) -> None:
+        """Close connections unused for IDLE_CLOSE_S: a source then holds state only for the
+        peers that asked it recently, not for every node that ever did (LRU order: the
+        least recently used come first)."""
+        for conn in list(self._pool.values()):
+            if now - conn.last_used < IDLE_CLOSE_S:
+                break
+            if not conn.pending:
+                self._drop(conn, _Failure("error", "idle connection closed"))
 
     def _open(self, key: tuple[str, int], server_key: str) -> _PeerConn:
         sock: zmq.Socket[bytes] = zmq.Socket(self._ctx, zmq.DEALER)  # driven by LoopSocket

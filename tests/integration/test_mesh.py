@@ -18,6 +18,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from callerid.bus._client import IDLE_CLOSE_S
 from callerid.bus.peers import PeerTable
 from callerid.bus.protocol import (
     CallerIdQuery,
@@ -374,6 +375,29 @@ def test_black_hole_peer_is_bounded_by_the_deadline(keys: Keys) -> None:
                 conn.close()
         assert result.status == "timeout", result
         assert 0.3 <= took <= 0.4, f"took {took:.3f}s for a 0.3s deadline"
+
+    run(main())
+
+
+def test_idle_pooled_connections_are_closed(keys: Keys) -> None:
+    """A peer connection unused for IDLE_CLOSE_S is closed, so a source keeps no state for
+    nodes that stopped asking it."""
+    kp_a, kp_b = keys.node("nodeA"), keys.node("nodeB", B_IP)
+    now = [1000.0]
+
+    async def main() -> None:
+        async with (
+            server(kp_b, keys, Echo("nodeB"), B_IP) as srv,
+            client(kp_a, keys, clock=lambda: now[0]) as cli,
+        ):
+            assert ok_reply(await cli.query(B_IP, query_for(cli, 1), srv.port)).job == "1"
+            assert cli.connected_peers == [(B_IP, srv.port)]
+            now[0] += IDLE_CLOSE_S - 1
+            assert ok_reply(await cli.query(B_IP, query_for(cli, 2), srv.port)).job == "2"
+            assert cli.stats.sockets_opened == 1  # still in use: kept
+            now[0] += IDLE_CLOSE_S + 1
+            assert ok_reply(await cli.query(B_IP, query_for(cli, 3), srv.port)).job == "3"
+            assert cli.stats.sockets_opened == 2  # the idle one was closed and a new one made
 
     run(main())
 
