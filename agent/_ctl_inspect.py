@@ -1,4 +1,4 @@
-"""calleridctl subcommands that look, never touch: whois, explain, audit.
+"""calleridctl subcommands that look, never touch: status, whois, explain, audit.
 
 `whois` asks an agent the question a destination asks; `explain` runs this node's decision
 for a user as a dry run (the same policy code, the real backend and mesh; nothing adopted,
@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from callerid.agent import policy
 from callerid.agent.config import Config
@@ -64,6 +65,48 @@ def _ask(cfg: Config, host: str, port: int, query: CallerIdQuery) -> QueryResult
             return await client.query(host, query, port)
 
     return asyncio.run(run())
+
+
+# --------------------------------------------------------------------------- status
+
+
+def status_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the agent's answer as JSON")
+
+
+def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
+    """Ask the running agent (over its root-only socket) for its state and counters."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(cfg.pam_timeout_ms / 1000)
+            s.connect(str(cfg.pam_socket))
+            s.sendall(b"CALLERID/1 op=status user=root service=calleridctl\n")
+            line = s.makefile("rb").readline().decode("ascii", "replace").strip()
+    except OSError as exc:
+        msg = f"no agent answers on {cfg.pam_socket}: {exc.strerror or exc}"
+        raise InspectError(msg) from exc
+    fields = dict(f.split("=", 1) for f in line.split(" ")[1:] if "=" in f)
+    if fields.get("reason") != "status":
+        msg = f"unexpected answer from the agent: {line[:200]!r}"
+        raise InspectError(msg)
+    body = json.loads(unquote(fields.get("msg", ""), errors="strict"))
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    print(f"callerid-agent {body['version']} on {body['node']}, pid {body['pid']}, "
+          f"up {body['uptime_s']:.0f} s, backend {body['backend']}")  # fmt: skip
+    print(f"mesh: {' '.join(body['mesh'])}; {body['peers']} authorized peers, "
+          f"{body['pooled']} connections open to peers")  # fmt: skip
+    served, asked, pam = body["served"], body["asked"], body["pam"]
+    print(f"served: {served['answered']} answered, {served['malformed']} malformed, "
+          f"{served['unauthorized']} unauthorized, {served['internal_errors']} internal "
+          "errors")  # fmt: skip
+    print(f"asked: {asked['sockets_opened']} connections opened, "
+          f"{asked['negative_cache_hits']} skipped (no agent there)")  # fmt: skip
+    journald = "on" if body["journald"] else "OFF"
+    print(f"PAM socket: {pam['in_flight']} in flight, {pam['refused']} refused, "
+          f"{pam['malformed']} malformed; journald {journald}")  # fmt: skip
+    return 0
 
 
 # --------------------------------------------------------------------------- whois

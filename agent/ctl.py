@@ -26,8 +26,10 @@ from callerid.agent._ctl_inspect import (
     audit_args,
     cmd_audit,
     cmd_explain,
+    cmd_status,
     cmd_whois,
     explain_args,
+    status_args,
     whois_args,
 )
 from callerid.agent.config import Config, ConfigError
@@ -205,6 +207,9 @@ COMMANDS: dict[str, Command] = {
     ),
     "ping": Command(
         help="check the mesh link to another agent", add_arguments=_ping_args, run=cmd_ping
+    ),
+    "status": Command(
+        help="the running agent's state and counters", add_arguments=status_args, run=cmd_status
     ),
     "whois": Command(
         help="ask an agent which job owns a connection", add_arguments=whois_args, run=cmd_whois

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import psutil
 
+from callerid.agent import __version__
 from callerid.agent import config as config_mod
 from callerid.agent.adoption import Adopter
 from callerid.agent.backends.base import Backend
@@ -104,6 +106,7 @@ class Agent:
     executor: ThreadPoolExecutor
     clock: Callable[[], float]
     commands: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    started: float = 0.0
 
     async def ask_peer(self, host: str, query: CallerIdQuery) -> tuple[str, CallerIdReply | None]:
         result = await self.client.query(host, query)
@@ -112,6 +115,27 @@ class Agent:
 
     async def on_query(self, query: CallerIdQuery, peer: PeerIdentity) -> CallerIdReply:
         return await self.adopter.answer(query, peer.node or peer.public_key[:8])
+
+    def status(self) -> dict[str, object]:
+        """What `calleridctl status` shows: identity, uptime and the counters that matter."""
+        return {
+            "node": self.node,
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(self.clock() - self.started, 1),
+            "backend": self.backend.name,
+            "mesh": self.mesh.endpoints,
+            "peers": len(self.peers),
+            "pooled": len(self.client.connected_peers),
+            "served": dataclasses.asdict(self.mesh.stats),
+            "asked": dataclasses.asdict(self.client.stats),
+            "pam": {
+                "in_flight": self.pam.in_flight,
+                "refused": self.pam.refused,
+                "malformed": self.pam.malformed,
+            },
+            "journald": self.journal.journald_running,
+        }
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file and the keys; keep the old ones on error."""
@@ -176,6 +200,8 @@ def build(
     agent = Agent(
         cfg, cfg_path, node, journal, backend, adopter, pam, mesh, client, peers, executor, clock
     )
+    agent.started = clock()
+    pam.status = agent.status
     agent_ref.append(agent)
     return agent
 

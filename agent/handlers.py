@@ -6,6 +6,7 @@ PAM socket (stream, mode 0600, root only): one line in, one line out (see pampro
                    -> CALLERID/1 verdict=adopt|allow|deny|error reason=W [job=J] msg=M
     open_session   same fields -> verdict=adopt|allow|error (re-adopts a moved session)
     close_session  same fields -> verdict=allow
+    status         (calleridctl) -> verdict=allow reason=status msg=<the agent's counters, JSON>
 
 Mesh (see callerid.bus.protocol):
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -38,7 +40,13 @@ from callerid.agent.pamproto import (
     parse_request,
 )
 
-__all__ = ["PamServer", "handle_account", "handle_close_session", "handle_open_session"]
+__all__ = [
+    "PamServer",
+    "handle_account",
+    "handle_close_session",
+    "handle_open_session",
+    "handle_status",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +80,12 @@ async def _discard_input(reader: asyncio.StreamReader) -> None:
                 left -= len(chunk)
                 if chunk.endswith(b"\n"):
                     break
+
+
+def handle_status(status: Callable[[], dict[str, object]] | None) -> PamReply:
+    """op=status -> allow, msg = the agent's counters as compact JSON (for calleridctl)."""
+    body = status() if status is not None else {}
+    return PamReply("allow", "status", None, json.dumps(body, separators=(",", ":")))
 
 
 def peer_cred(sock: socket.socket) -> tuple[int, int]:
@@ -117,6 +131,7 @@ class PamServer:
         self.in_flight = 0
         self.refused = 0
         self.malformed = 0
+        self.status: Callable[[], dict[str, object]] | None = None  # set by the daemon
         self._server: asyncio.Server | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -203,6 +218,8 @@ class PamServer:
             return outcome.reply
         if req.op == "open_session":
             return await handle_open_session(self.adopter, req, pid)
+        if req.op == "status":
+            return handle_status(self.status)
         return handle_close_session(self.adopter, pid)
 
     def _journal_error(

@@ -7,9 +7,10 @@ percent-encoded:
     request: CALLERID/1 op=account user=alice service=sshd rhost=10.0.0.1 tty=ssh
     reply:   CALLERID/1 verdict=adopt job=42 reason=callerid msg=...
 
-``op`` is account | open_session | close_session. Unknown request keys are ignored (forward
-compatible); missing ``op`` or ``user`` is an error. ``verdict`` is adopt | allow | deny |
-error; ``msg`` is shown to the user on deny.
+``op`` is account | open_session | close_session | status (the last from `calleridctl
+status`, never from the PAM module: the reply's ``msg`` is the agent's counters as JSON).
+Unknown request keys are ignored (forward compatible); missing ``op`` or ``user`` is an
+error. ``verdict`` is adopt | allow | deny | error; ``msg`` is shown to the user on deny.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ __all__ = [
 MAGIC: Final = "CALLERID/1"
 MAX_LINE: Final = 4096
 MAX_VALUE: Final = 1024  # bytes of one decoded value
-OPS: Final = ("account", "open_session", "close_session")
+OPS: Final = ("account", "open_session", "close_session", "status")
 
-Op = Literal["account", "open_session", "close_session"]
+Op = Literal["account", "open_session", "close_session", "status"]
 PamVerdict = Literal["adopt", "allow", "deny", "error"]
 
 _SAFE: Final = frozenset(

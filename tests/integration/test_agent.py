@@ -7,6 +7,7 @@ stand-in sshd on "b" whose per-connection monitor asks b's agent, as pam_calleri
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -410,3 +411,21 @@ def _rmdir(path: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_calleridctl_status(agents: LoopbackAgents) -> None:
+    agents.write_config("b")
+    r = ctl(agents, "b", "status", "--json")
+    assert r.returncode == 0, r.stderr
+    body = json.loads(r.stdout)
+    assert body["node"] == "b" and body["backend"] == "cgroup" and body["peers"] == 2
+    assert body["pid"] == agents.procs["b"].pid
+    assert body["served"]["answered"] >= 0 and "in_flight" in body["pam"]
+    r = ctl(agents, "b", "status")
+    assert r.returncode == 0 and r.stdout.startswith("callerid-agent ")
+    assert "on b, pid" in r.stdout and "2 authorized peers" in r.stdout
+    cfg = agents.config("b")
+    cfg.write_text(cfg.read_text().replace(str(agents.socket("b")), "/nonexistent/agent.sock"))
+    r = ctl(agents, "b", "status")
+    assert r.returncode == 1 and "no agent answers on /nonexistent/agent.sock" in r.stderr
+    agents.write_config("b")
