@@ -14,6 +14,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+from callerid.agent._ctl_inspect import InspectError, mesh_identity
 from callerid.agent.backends.base import BackendError
 from callerid.agent.config import Config
 from callerid.agent.daemon import make_backend, node_name
@@ -169,11 +170,9 @@ def _includes_systemd(pam_dir: Path, lines: list[list[str]]) -> bool:
 def _peers(args: argparse.Namespace, cfg: Config) -> Iterator[Check]:
     if not args.ping:
         return
-    node = node_name(cfg)
     try:
-        keypair = load_keypair(cfg.keys.dir, node)
-        peers = PeerTable.load(cfg.keys.authorized)
-    except (OSError, ValueError):
+        keypair, peers = mesh_identity(cfg)
+    except InspectError:
         return  # reported by _keys
     targets = sorted((name, ip) for ip, name in peers.addresses().items())
 

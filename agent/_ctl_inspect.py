@@ -27,7 +27,7 @@ from callerid.agent.config import Config
 from callerid.agent.daemon import make_backend, node_name
 from callerid.bus.peers import PeerTable, local_node_name
 from callerid.bus.protocol import CallerIdQuery, CallerIdReply, Endpoint
-from callerid.bus.transport import MeshClient, QueryResult, load_keypair
+from callerid.bus.transport import KeyPair, MeshClient, QueryResult, load_keypair
 
 __all__ = [
     "InspectError",
@@ -53,12 +53,18 @@ def _endpoint(text: str) -> Endpoint:
         raise InspectError(str(exc)) from exc
 
 
-def _ask(cfg: Config, host: str, port: int, query: CallerIdQuery) -> QueryResult:
+def mesh_identity(cfg: Config) -> tuple[KeyPair, PeerTable]:
+    """This node's keypair and the authorized peers, as every mesh-speaking command needs."""
     try:
-        keypair = load_keypair(cfg.keys.dir, local_node_name(cfg.node_name))
-        peers = PeerTable.load(cfg.keys.authorized)
+        return load_keypair(cfg.keys.dir, local_node_name(cfg.node_name)), PeerTable.load(
+            cfg.keys.authorized
+        )
     except (OSError, ValueError) as exc:
         raise InspectError(str(exc)) from exc
+
+
+def _ask(cfg: Config, host: str, port: int, query: CallerIdQuery) -> QueryResult:
+    keypair, peers = mesh_identity(cfg)
 
     async def run() -> QueryResult:
         async with MeshClient(keypair, peers, cfg.peer, port=port) as client:

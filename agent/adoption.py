@@ -41,7 +41,9 @@ SESSION_MEMORY = 4096  # adopted monitor pids remembered for open_session re-che
 
 
 class PeerAsk(Protocol):
-    """Ask the agent at ``host`` a CallerIdQuery; returns (peer status, reply or None)."""
+    """Ask the agent at ``host`` a CallerIdQuery; returns (peer status, reply or None).
+
+    The asker sets the request id (it owns the connection the reply comes back on)."""
 
     def __call__(
         self, host: str, query: CallerIdQuery
@@ -92,7 +94,6 @@ class Adopter:
         self.clock = clock
         self.rng = rng or random.Random()  # noqa: S311 - job choice, not crypto
         self.sessions: OrderedDict[int, Job] = OrderedDict()
-        self._next_id = 0
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -184,9 +185,8 @@ class Adopter:
         if conn is None or login.facts.uid is None:
             login.facts = dataclasses.replace(login.facts, callerid_asked=True)
             return
-        self._next_id = (self._next_id + 1) % 2**63
-        query = CallerIdQuery(
-            id=self._next_id, proto=conn.proto, src=conn.remote, dst=conn.local, uid=login.facts.uid
+        query = CallerIdQuery(  # id 0: the mesh client gives the real one (ask_peer)
+            id=0, proto=conn.proto, src=conn.remote, dst=conn.local, uid=login.facts.uid
         )
         reply: CallerIdReply | None
         if self.is_local(conn.remote.ip):
@@ -228,6 +228,14 @@ class Adopter:
         log.info("%s", record.message)
         return Outcome(PamReply(d.verdict, d.reason, job, d.user_message), record)
 
+    def error_record(
+        self, req: PamRequest, caller_pid: int, started: float, reason: str, text: str
+    ) -> DecisionRecord:
+        """The record of a login the PAM server answered with verdict=error itself."""
+        login = _Login(req, caller_pid, started, policy.Facts(user=req.user, uid=None))
+        login.peer_status = ""
+        return self._error(login, reason, text).record
+
     def _error(self, login: _Login, reason: str, text: str) -> Outcome:
         """verdict=error: the PAM module's on_error= decides (default deny)."""
         record = self._record(login, "error", reason, None, f"{login.req.user}: {text} ({reason})")
@@ -246,7 +254,7 @@ class Adopter:
             job=job,
             src=str(conn.remote) if conn else None,
             dst=str(conn.local) if conn else None,
-            peer_status=login.peer_status,
+            peer_status=login.peer_status or None,
             latency_us=int((self.clock() - login.started) * 1e6),
             message=message,
             service=login.req.service or None,

@@ -29,13 +29,14 @@ from callerid.agent._ctl_inspect import (
     cmd_status,
     cmd_whois,
     explain_args,
+    mesh_identity,
     status_args,
     whois_args,
 )
 from callerid.agent.config import Config, ConfigError
-from callerid.bus.peers import PeerTable, local_node_name
+from callerid.bus.peers import local_node_name
 from callerid.bus.protocol import Pong, normalize_ip
-from callerid.bus.transport import MeshClient, QueryResult, generate_keypair, load_keypair
+from callerid.bus.transport import MeshClient, QueryResult, generate_keypair
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -168,13 +169,7 @@ def cmd_ping(args: argparse.Namespace, cfg: Config) -> int:
     """Round trip a Ping to the agent at HOST; prints its node name and the round-trip time."""
     host, port = parse_target(args.target, cfg.port)
     ip = _resolve(host)
-    try:
-        keypair = load_keypair(cfg.keys.dir, local_node_name(cfg.node_name))
-        peers = PeerTable.load(cfg.keys.authorized, resolve=False)
-        if peers.by_address(ip) is None:  # only then pay for name resolution
-            peers = PeerTable.load(cfg.keys.authorized, resolve=True)
-    except (OSError, ValueError) as exc:
-        raise CtlError(str(exc)) from exc
+    keypair, peers = mesh_identity(cfg)
     settings = cfg.peer
     if args.timeout_ms is not None:
         if args.timeout_ms <= 0:

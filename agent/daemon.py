@@ -108,14 +108,6 @@ class Agent:
     commands: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     started: float = 0.0
 
-    async def ask_peer(self, host: str, query: CallerIdQuery) -> tuple[str, CallerIdReply | None]:
-        result = await self.client.query(host, query)
-        reply = result.reply if isinstance(result.reply, CallerIdReply) else None
-        return result.status, reply
-
-    async def on_query(self, query: CallerIdQuery, peer: PeerIdentity) -> CallerIdReply:
-        return await self.adopter.answer(query, peer.node or peer.public_key[:8])
-
     def status(self) -> dict[str, object]:
         """What `calleridctl status` shows: identity, uptime and the counters that matter."""
         return {
@@ -174,10 +166,12 @@ def build(
     executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="callerid-io")
     backend = make_backend(cfg, proc_root)
     client = MeshClient(keypair, peers, cfg.peer, port=cfg.port, clock=clock)
-    agent_ref: list[Agent] = []
 
     async def ask(host: str, query: CallerIdQuery) -> tuple[str, CallerIdReply | None]:
-        return await agent_ref[0].ask_peer(host, query)
+        """A destination's question to the source agent at ``host`` (the client's request id)."""
+        result = await client.query(host, dataclasses.replace(query, id=client.next_id()))
+        reply = result.reply if isinstance(result.reply, CallerIdReply) else None
+        return result.status, reply
 
     adopter = Adopter(
         cfg,
@@ -191,7 +185,7 @@ def build(
     )
 
     async def on_query(query: CallerIdQuery, peer: PeerIdentity) -> CallerIdReply:
-        return await agent_ref[0].on_query(query, peer)
+        return await adopter.answer(query, peer.node or peer.public_key[:8])
 
     mesh = MeshServer(
         keypair, on_query, peers=peers, addresses=cfg.listen, port=cfg.port, node=node
@@ -202,7 +196,6 @@ def build(
     )
     agent.started = clock()
     pam.status = agent.status
-    agent_ref.append(agent)
     return agent
 
 
@@ -263,6 +256,7 @@ async def serve(agent: Agent) -> None:
     finally:
         await _bounded(agent.client.close(), "closing the mesh client")
         agent.backend.close()
+        agent.adopter.netinfo.close()
         agent.executor.shutdown(wait=False, cancel_futures=True)
 
 

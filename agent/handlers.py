@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from callerid.agent.adoption import Adopter, Outcome
-from callerid.agent.journal import DecisionRecord, Journal
+from callerid.agent.journal import Journal
 from callerid.agent.pamproto import (
     MAX_LINE,
     PamProtocolError,
@@ -227,20 +227,4 @@ class PamServer:
     ) -> None:
         if req.op != "account":
             return
-        self.journal.record(
-            DecisionRecord(
-                decision="error",
-                reason=reason,
-                user=req.user,
-                uid=None,
-                pid=pid,
-                job=None,
-                src=None,
-                dst=None,
-                peer_status=None,
-                latency_us=int((self.clock() - started) * 1e6),
-                message=f"{req.user}: {text} ({reason})",
-                service=req.service or None,
-                node=self.adopter.node,
-            )
-        )
+        self.journal.record(self.adopter.error_record(req, pid, started, reason, text))
