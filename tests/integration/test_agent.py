@@ -130,23 +130,28 @@ def test_a_job_is_never_told_to_another_uid(
         assert login["fields"]["job"] in ("77", "78")
 
 
-def test_pam_socket_is_root_only(agents: LoopbackAgents, user: ThrowawayUser) -> None:
-    path = agents.socket("b")
-    st = path.stat()
-    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
+def connect_as(user: ThrowawayUser, path: Path, body: str) -> str:
+    """Run `body` as `user` in a process that has just made `s`, a unix socket to `path`;
+    a refused connect prints EACCES. Returns what the process printed."""
     code = (
-        "import socket,sys,os; os.setgid(int(sys.argv[3])); os.setuid(int(sys.argv[2]));"
+        "import socket,sys,os; os.setgid(int(sys.argv[3])); os.setuid(int(sys.argv[2]))\n"
         "s=socket.socket(socket.AF_UNIX)\ntry:\n s.connect(sys.argv[1])\n"
-        "except PermissionError: print('EACCES')"
+        "except PermissionError:\n print('EACCES'); sys.exit()\n" + body
     )
-    out = subprocess.run(
+    return subprocess.run(
         [USER_PYTHON, "-c", code, str(path), str(user.uid), str(user.gid)],
         capture_output=True,
         text=True,
         timeout=10,
         check=True,
     ).stdout
-    assert out.strip() == "EACCES"
+
+
+def test_pam_socket_is_root_only(agents: LoopbackAgents, user: ThrowawayUser) -> None:
+    path = agents.socket("b")
+    st = path.stat()
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
+    assert connect_as(user, path, "print('connected')").strip() == "EACCES"
 
 
 def test_non_root_peer_is_refused(agents: LoopbackAgents, user: ThrowawayUser) -> None:
@@ -154,18 +159,8 @@ def test_non_root_peer_is_refused(agents: LoopbackAgents, user: ThrowawayUser) -
     os.chmod(path, 0o666)  # pretend an admin loosened the mode: SO_PEERCRED still refuses
     os.chmod(path.parent, 0o711)
     try:
-        code = (
-            "import socket,sys,os; os.setgid(int(sys.argv[3])); os.setuid(int(sys.argv[2]));"
-            "s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
-            "s.sendall(b'CALLERID/1 op=account user=root\\n'); print(s.makefile().readline())"
-        )
-        out = subprocess.run(
-            [USER_PYTHON, "-c", code, str(path), str(user.uid), str(user.gid)],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
+        body = "s.sendall(b'CALLERID/1 op=account user=root\\n'); print(s.makefile().readline())"
+        out = connect_as(user, path, body)
     finally:
         os.chmod(path, 0o600)
         os.chmod(path.parent, 0o700)
