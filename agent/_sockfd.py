@@ -18,7 +18,6 @@ import ctypes
 import errno
 import os
 import socket
-import struct
 from dataclasses import dataclass
 from typing import Final
 
@@ -29,6 +28,7 @@ _TCP_STATES: Final = {
     1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
     6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING",
 }  # fmt: skip
+_KINDS: Final = (socket.SOCK_STREAM, socket.SOCK_DGRAM)
 _UNSUPPORTED_ERRNOS: Final = frozenset({errno.ENOSYS, errno.EPERM, errno.EACCES, errno.EINVAL})
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -56,29 +56,41 @@ def _getfd(pidfd: int, fd: int) -> int:
     return got
 
 
-def _facts(sock: socket.socket, dup: int) -> SockFacts | None:
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return None
-    if sock.type == socket.SOCK_STREAM:
-        proto = "tcp"
-    elif sock.type == socket.SOCK_DGRAM:
-        proto = "udp"
-    else:
-        return None
-    st = os.fstat(dup)
-    local = sock.getsockname()[:2]
+def _facts(dup: int) -> SockFacts | None:
+    """Facts of the socket ``dup`` (closed here), None if it is not inet TCP/UDP.
+
+    A socket object given its family and type asks the kernel nothing when it is made, so a
+    unix socket (most of an sshd monitor's sockets) costs two getsockopt calls; an inet one
+    gets an object of its real family (Python sizes address buffers by it)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, dup)
     try:
-        remote = sock.getpeername()[:2]
-    except OSError:
-        remote = ("::" if sock.family == socket.AF_INET6 else "0.0.0.0", 0)
-    if proto == "udp":
-        state = "ESTABLISHED" if remote[1] else "UNCONN"
-    elif sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        state = "LISTEN"
-    else:
+        family = probe.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+        kind = probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+    finally:
+        probe.detach()
+    if family not in (socket.AF_INET, socket.AF_INET6) or kind not in _KINDS:
+        os.close(dup)
+        return None
+    sock = socket.socket(family, kind, 0, dup)
+    with sock:
+        st = os.fstat(dup)
+        local = sock.getsockname()[:2]
+        unset = ("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
+        if kind == socket.SOCK_DGRAM:
+            remote = _peer(sock, unset)
+            state = "ESTABLISHED" if remote[1] else "UNCONN"
+            return SockFacts("udp", local, remote, st.st_ino, st.st_uid, state)
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
-        state = _TCP_STATES.get(struct.unpack_from("B", info)[0], "UNKNOWN")
-    return SockFacts(proto, local, remote, st.st_ino, st.st_uid, state)
+        state = _TCP_STATES.get(info[0], "UNKNOWN")
+        remote = unset if state == "LISTEN" else _peer(sock, unset)
+        return SockFacts("tcp", local, remote, st.st_ino, st.st_uid, state)
+
+
+def _peer(sock: socket.socket, unset: tuple[str, int]) -> tuple[str, int]:
+    try:
+        return sock.getpeername()[:2]  # type: ignore[no-any-return]
+    except OSError:
+        return unset
 
 
 def socket_facts(pid: int, fds: list[int]) -> list[SockFacts]:
@@ -102,11 +114,7 @@ def socket_facts(pid: int, fds: list[int]) -> list[SockFacts]:
                 if exc.errno == errno.ESRCH:
                     raise ProcessLookupError(pid) from exc
                 raise Unsupported(str(exc)) from exc
-            sock = socket.socket(fileno=dup)
-            try:
-                facts = _facts(sock, dup)
-            finally:
-                sock.close()
+            facts = _facts(dup)
             if facts is not None:
                 out.append(facts)
     finally:

@@ -70,18 +70,6 @@ def handle_close_session(adopter: Adopter, pid: int) -> PamReply:
     return adopter.close_session(pid)
 
 
-async def _discard_input(reader: asyncio.StreamReader) -> None:
-    """Read and drop what the client already sent (bounded in size and time): closing a unix
-    socket with unread data resets it, and the client would lose our answer."""
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(DISCARD_TIMEOUT_S):
-            left = DISCARD_MAX
-            while left > 0 and (chunk := await reader.read(min(left, 4096))):
-                left -= len(chunk)
-                if chunk.endswith(b"\n"):
-                    break
-
-
 def handle_status(status: Callable[[], dict[str, object]] | None) -> PamReply:
     """op=status -> allow, msg = the agent's counters as compact JSON (for calleridctl)."""
     body = status() if status is not None else {}
@@ -114,6 +102,12 @@ def bind_unix(path: Path) -> socket.socket:
 
 
 class PamServer:
+    """The PAM socket: one `_PamConnection` per client, on the event loop.
+
+    A plain asyncio Protocol rather than streams: a login storm is thousands of one-line
+    connections, and per connection this keeps one object, one timer and one task.
+    """
+
     def __init__(
         self,
         adopter: Adopter,
@@ -138,7 +132,8 @@ class PamServer:
 
     async def start(self, path: Path) -> None:
         sock = bind_unix(path)
-        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_LINE)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _PamConnection(self), sock=sock)
         self.path = path
 
     async def stop(self) -> None:
@@ -155,57 +150,18 @@ class PamServer:
                 async with asyncio.timeout(deadline_s):
                     await self._idle.wait()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _begin(self) -> None:
         self.in_flight += 1
         self._idle.clear()
-        try:
-            reply = await self._one(reader, writer)
-            if reply is not None:
-                # one short line: the kernel takes it at once (a unix socket buffer holds far
-                # more), so no drain() and no wait for the close: both cost a task switch
-                writer.write(format_reply(reply))
-        except (ConnectionError, OSError) as exc:
-            log.debug("pam connection ended early: %s", exc)
-        finally:
-            self.in_flight -= 1
-            if not self.in_flight:
-                self._idle.set()
-            writer.close()
 
-    async def _one(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> PamReply | None:
-        started = self.clock()
-        pid, uid = peer_cred(writer.get_extra_info("socket"))
-        if uid != self.allowed_uid:
-            self.refused += 1
-            log.warning("refused a PAM socket client: pid %d uid %d is not root", pid, uid)
-            await _discard_input(reader)
-            return PamReply("error", "not_root")
+    def _end(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._idle.set()
+
+    async def _decide(self, req: PamRequest, pid: int, started: float) -> PamReply:
         try:
-            async with asyncio.timeout(self.timeout_s):
-                line = await reader.readuntil(b"\n")
-                req = parse_request(line)
-        except asyncio.IncompleteReadError as exc:
-            if not exc.partial:
-                return None  # connected and closed without a word (a liveness probe)
-            self.malformed += 1
-            log.warning("pid %d sent a request without a newline", pid)
-            return PamReply("error", "bad_request")
-        except (asyncio.LimitOverrunError, PamProtocolError) as exc:
-            self.malformed += 1
-            log.warning("pid %d sent a bad request: %s", pid, exc)
-            await _discard_input(reader)
-            return PamReply("error", "bad_request")
-        except TimeoutError:
-            return None
-        remaining = self.timeout_s - (self.clock() - started)
-        try:
-            async with asyncio.timeout(remaining):
-                return await self._dispatch(req, pid)
-        except TimeoutError:
-            self._journal_error(req, pid, started, "timeout", "no decision within the deadline")
-            return PamReply("error", "timeout")
+            return await self._dispatch(req, pid)
         except Exception:
             log.exception("internal error deciding for pid %d", pid)
             self._journal_error(req, pid, started, "agent_error", "internal error")
@@ -228,3 +184,143 @@ class PamServer:
         if req.op != "account":
             return
         self.journal.record(self.adopter.error_record(req, pid, started, reason, text))
+
+
+class _PamConnection(asyncio.Protocol):
+    """One client: read one bounded line, decide, write one line, close.
+
+    States: ``read`` (collecting the line), ``busy`` (deciding), ``discard`` (a refused or
+    malformed client: what it sends is read and dropped, bounded in size and time, before
+    the answer, because closing a unix socket with unread data resets it and the client
+    would lose the answer), ``done``. The deadline (``timeout_s`` from the accept) bounds all
+    of it: a line not complete by then gets no answer; a decision not ready gets
+    verdict=error reason=timeout (and is cancelled).
+    """
+
+    def __init__(self, server: PamServer) -> None:
+        self.server = server
+        self.state = "read"
+        self.buf = b""
+        self.pid = 0
+        self.req: PamRequest | None = None
+        self.pending: PamReply | None = None  # the answer once discarding ends
+        self.left = 0
+        self.task: asyncio.Task[PamReply] | None = None
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.started = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        srv = self.server
+        self.transport = transport
+        self.started = srv.clock()
+        srv._begin()
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(srv.timeout_s, self._expired)
+        try:
+            self.pid, uid = peer_cred(transport.get_extra_info("socket"))
+        except OSError as exc:
+            log.debug("pam connection without credentials: %s", exc)
+            self._finish(None)
+            return
+        if uid != srv.allowed_uid:
+            srv.refused += 1
+            log.warning("refused a PAM socket client: pid %d uid %d is not root", self.pid, uid)
+            self._discard(PamReply("error", "not_root"))
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == "discard":
+            self.left -= len(data)
+            if self.left <= 0 or data.endswith(b"\n"):
+                self._finish(self.pending)
+            return
+        if self.state != "read":
+            return  # anything after the request line is ignored
+        self.buf += data
+        end = self.buf.find(b"\n")
+        if end < 0 or end >= MAX_LINE:
+            if len(self.buf) >= MAX_LINE:
+                self._malformed(f"a line longer than {MAX_LINE} bytes")
+            return
+        try:
+            req = parse_request(self.buf[: end + 1])
+        except PamProtocolError as exc:
+            self._malformed(str(exc), discard=False)
+            return
+        self.state = "busy"
+        self.req = req
+        self.task = asyncio.get_running_loop().create_task(
+            self.server._decide(req, self.pid, self.started)
+        )
+        self.task.add_done_callback(self._decided)
+
+    def eof_received(self) -> bool:
+        if self.state == "read":
+            if self.buf:
+                self.server.malformed += 1
+                log.warning("pid %d sent a request without a newline", self.pid)
+                self._finish(PamReply("error", "bad_request"))
+            else:
+                self._finish(None)  # connected and closed without a word (a liveness probe)
+        elif self.state == "discard":
+            self._finish(self.pending)
+        return True  # half-closed: the answer can still be written
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # a decision in progress goes on (the login's record is still written)
+        if self.state in ("read", "discard"):
+            self._finish(None)
+        self.transport = None
+
+    def _malformed(self, why: str, *, discard: bool = True) -> None:
+        self.server.malformed += 1
+        log.warning("pid %d sent a bad request: %s", self.pid, why)
+        reply = PamReply("error", "bad_request")
+        if discard:
+            self._discard(reply)
+        else:
+            self._finish(reply)
+
+    def _discard(self, reply: PamReply) -> None:
+        self.state = "discard"
+        self.pending = reply
+        self.left = DISCARD_MAX
+        self.buf = b""
+        if self.timer is not None:  # the discarding is bounded by its own short time
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(DISCARD_TIMEOUT_S, self._expired)
+
+    def _decided(self, task: asyncio.Task[PamReply]) -> None:
+        if self.state != "busy" or task.cancelled():
+            return
+        self._finish(task.result())
+
+    def _expired(self) -> None:
+        self.timer = None
+        if self.state == "busy":
+            assert self.req is not None and self.task is not None
+            self.task.cancel()
+            self.server._journal_error(
+                self.req, self.pid, self.started, "timeout", "no decision within the deadline"
+            )
+            self._finish(PamReply("error", "timeout"))
+        elif self.state == "discard":
+            self._finish(self.pending)
+        else:
+            self._finish(None)  # no complete line within the deadline: no answer
+
+    def _finish(self, reply: PamReply | None) -> None:
+        if self.state == "done":
+            return
+        self.state = "done"
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.transport is not None:
+            if reply is not None:
+                # one short line: the kernel takes it at once (a unix socket buffer holds far
+                # more), so no wait for the write or the close
+                self.transport.write(format_reply(reply))
+            self.transport.close()
+        self.server._end()

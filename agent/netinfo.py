@@ -29,7 +29,7 @@ from callerid.agent import _sockdiag as sd
 from callerid.agent import _sockfd
 from callerid.bus.protocol import Endpoint, normalize_ip
 
-__all__ = ["Connection", "NetInfo", "NetinfoError", "Owner", "ProcInfo", "ProcessGone"]
+__all__ = ["Connection", "NetInfo", "NetinfoError", "Owner", "Proc", "ProcInfo", "ProcessGone"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ _TABLES: Final[tuple[tuple[Proto, str], ...]] = (
 _MAX_HOLDERS: Final = 1 << 16  # remembered socket holders (source side)
 _MAX_DEPTH: Final = 512  # bound on ancestor walks (a pid chain cannot really be this long)
 _UNSPECIFIED: Final = frozenset({"0.0.0.0", "::"})
+_READ_CHUNK: Final = 8192
+_CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 
 
 class NetinfoError(Exception):
@@ -67,6 +69,16 @@ class Connection:
     inode: int
     uid: int
     state: str
+
+
+@dataclass(frozen=True, slots=True)
+class Proc:
+    """A process of a session's chain: ``start_time`` epoch seconds."""
+
+    pid: int
+    ppid: int
+    comm: str
+    start_time: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +133,7 @@ def _is_listener(c: Connection) -> bool:
 class _Member:
     """One process of a caller's chain, read at once (the caller may exit right after)."""
 
-    info: ProcInfo
+    info: Proc
     inodes: frozenset[int]
     netns: str
     conns: list[Connection] | None = None  # read from the fds directly (None: use tables)
@@ -213,14 +225,27 @@ class NetInfo:
     # ------------------------------------------------------------------ processes
 
     def _read(self, pid: int, name: str) -> str:
+        """A /proc/<pid> file's text: raw os calls, no buffered file object (a login reads
+        several of these; open() would add an fstat, an ioctl and an lseek to each)."""
         try:
-            with open(f"{self._rs}/{pid}/{name}", encoding="utf-8", errors="replace") as f:
-                return f.read()
+            fd = os.open(f"{self._rs}/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, ProcessLookupError) as exc:
             raise ProcessGone(pid) from exc
         except OSError as exc:
             msg = f"cannot read /proc/{pid}/{name}: {exc.strerror}"
             raise NetinfoError(msg) from exc
+        try:
+            chunks = [os.read(fd, _READ_CHUNK)]
+            while len(chunks[-1]) == _READ_CHUNK:
+                chunks.append(os.read(fd, _READ_CHUNK))
+        except ProcessLookupError as exc:
+            raise ProcessGone(pid) from exc
+        except OSError as exc:
+            msg = f"cannot read /proc/{pid}/{name}: {exc.strerror}"
+            raise NetinfoError(msg) from exc
+        finally:
+            os.close(fd)
+        return b"".join(chunks).decode("utf-8", "replace")
 
     def _boot_time(self) -> float:
         if self._btime is None:
@@ -251,8 +276,17 @@ class NetInfo:
         except ValueError as exc:
             msg = f"/proc/{pid}/status: {exc}"
             raise NetinfoError(msg) from exc
-        start = self._boot_time() + ticks / os.sysconf("SC_CLK_TCK")
-        return ProcInfo(pid=pid, ppid=ppid, uid=uid, comm=comm, start_time=start)
+        return ProcInfo(pid=pid, ppid=ppid, uid=uid, comm=comm, start_time=self._start(ticks))
+
+    def _start(self, ticks: int) -> float:
+        return self._boot_time() + ticks / _CLK_TCK
+
+    def _brief(self, pid: int) -> Proc:
+        """`process` without the uid (one file read instead of two): a chain member's facts."""
+        if pid <= 0:
+            raise ProcessGone(pid)
+        comm, ppid, ticks = self._stat(pid)
+        return Proc(pid=pid, ppid=ppid, comm=comm, start_time=self._start(ticks))
 
     def ancestors(self, pid: int) -> list[ProcInfo]:
         """``pid`` first, then its parents up to (excluding) pid 1 / 0."""
@@ -394,7 +428,7 @@ class NetInfo:
 
     def _member(self, pid: int, tables: dict[str, dict[str, str]]) -> _Member:
         """Read one process of the chain: facts, socket inodes, netns (and its tables, once)."""
-        info = self.process(pid)
+        info = self._brief(pid)
         fds = self._socket_fds(pid)
         inodes = frozenset(fds.values())
         netns = self._netns(pid)
@@ -408,7 +442,7 @@ class NetInfo:
         tables: dict[str, dict[str, str]] = {}
         return _Chain(self, [self._member(pid, tables)], tables)
 
-    def session_connection(self, pid: int, rhost: str | None = None) -> tuple[ProcInfo, Connection]:
+    def session_connection(self, pid: int, rhost: str | None = None) -> tuple[Proc, Connection]:
         """The sshd session process (``pid`` or an ancestor) and the connection it serves.
 
         A connection qualifies when it is established (UDP: connected), comes from ``rhost``

@@ -253,7 +253,7 @@ def profile(agents: LoopbackAgents, out: Path | None) -> list[subprocess.Popen[b
         return []
     out.mkdir(parents=True, exist_ok=True)
     spy = str(Path(sys.executable).with_name("py-spy"))
-    opts = ["--format", "raw", "--rate", "250", "--gil", "--nonblocking"]
+    opts = ["--format", "raw", "--rate", "1000", "--gil", "--nonblocking"]
     return [
         subprocess.Popen(
             [spy, "record", "--pid", str(proc.pid), *opts, "--output", str(out / f"{node}.txt")],

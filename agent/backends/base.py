@@ -1,7 +1,11 @@
 """The backend interface: where jobs come from and how a process is adopted into one.
 
-A backend is a small synchronous object (the daemon calls it from a worker thread). It is the
-only code that writes cgroups or speaks to slurmstepd.
+A backend is a small synchronous object. It is the only code that writes cgroups or speaks to
+slurmstepd. Its ``blocking`` attribute says where the daemon calls it: a backend whose calls
+may wait on another process (slurmstepd) is called from worker threads; one that only reads
+and writes the kernel's files (cgroupfs, /proc) is called on the event loop. (A cgroup
+migration may wait for an RCU grace period, 10-30 ms on some kernels, when the node has been
+idle; under load the kernel stays in the fast mode and a write takes tens of microseconds.)
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class JobVanished(BackendError):
 
 class Backend(Protocol):
     name: str
+    blocking: bool  # True: its calls may wait on another process (run them in threads)
 
     def jobs_of(self, uid: int) -> list[Job]:
         """The running jobs of ``uid`` on this node (any order)."""

@@ -79,6 +79,7 @@ class JobPattern:
     depth: int
     has_uid: bool
     _tokens: tuple[str, ...]
+    _segments: tuple[tuple[tuple[str, ...], re.Pattern[str]], ...]  # per path part
 
     @classmethod
     def compile(cls, text: str) -> JobPattern:
@@ -92,7 +93,39 @@ class JobPattern:
             raise ValueError(msg)
         tokens = _tokenize(text)
         regex = "".join(_token_regex(t) for t in tokens)
-        return cls(text, re.compile(regex), len(parts), "{uid}" in tokens, tuple(tokens))
+        segments = []
+        for part in parts:
+            toks = tuple(_tokenize(part))
+            segments.append((toks, re.compile("".join(_token_regex(t) for t in toks))))
+        return cls(
+            text, re.compile(regex), len(parts), "{uid}" in tokens, tuple(tokens), tuple(segments)
+        )
+
+    def find(self, base: str, *, uid: int | None = None, job: str | None = None) -> list[str]:
+        """Paths (relative to ``base``) that may be job directories: every job's, or only
+        ``uid``'s and/or job ``job``'s. Parts that are fully known are joined without a
+        look (the caller checks the directory); the others are listed and matched, skipping
+        dot names as a glob would. Much cheaper than glob.glob on every login."""
+        values = {"{uid}": None if uid is None else str(uid), "{job}": job}
+        paths = [""]
+        for toks, regex in self._segments:
+            if all(t not in _WILD and values.get(t, t) is not None for t in toks):
+                name = "".join(v if (v := values.get(t)) is not None else t for t in toks)
+                paths = [f"{p}/{name}" if p else name for p in paths]
+                continue
+            wanted = {t[1:-1]: v for t in toks if (v := values.get(t)) is not None}
+            found = []
+            for p in paths:
+                try:
+                    names = os.listdir(f"{base}/{p}" if p else base)
+                except OSError:
+                    continue  # missing or removed meanwhile: nothing below it
+                for n in names:
+                    m = None if n.startswith(".") else regex.fullmatch(n)
+                    if m is not None and all(m.group(k) == v for k, v in wanted.items()):
+                        found.append(f"{p}/{n}" if p else n)
+            paths = found
+        return paths
 
     def glob(self, *, uid: int | None = None, job: str | None = None) -> str:
         """The glob for every job, or only for ``uid``'s and/or job ``job``."""
@@ -141,6 +174,9 @@ def _tokenize(text: str) -> list[str]:
             raise ValueError(msg)
         tokens.append(piece)
     return tokens
+
+
+_WILD = frozenset({"*", "?"})
 
 
 def _token_regex(tok: str) -> str:
@@ -287,6 +323,7 @@ class CgroupBackend:
     """Jobs from cgroup directories; adoption by writing the extern step's cgroup.procs."""
 
     name = "cgroup"
+    blocking = False  # listing and look-ups only read cgroupfs and /proc
 
     def __init__(self, cfg: CgroupBackendConfig, *, proc_root: Path = Path("/proc")) -> None:
         try:
@@ -356,7 +393,7 @@ class CgroupBackend:
         for _h, extern in targets:
             _write_pid(extern, pid, job)
         self._verify(pid, targets)
-        log.info("adopted pid %d into job %s (%s)", pid, job.id, targets[0][1])
+        log.debug("adopted pid %d into job %s (%s)", pid, job.id, targets[0][1])
 
     def close(self) -> None:
         """Nothing to release: the backend holds no open file or socket."""
@@ -368,7 +405,7 @@ class CgroupBackend:
     ) -> list[tuple[Path, str, int | None]]:
         """Job directories in ``h`` (only ``uid``'s / job ``job``'s when given)."""
         out = []
-        for rel in sorted(glob.glob(self._pattern.glob(uid=uid, job=job), root_dir=h.base)):
+        for rel in sorted(self._pattern.find(str(h.base), uid=uid, job=job)):
             found = self._pattern.match(rel)
             if found is None or (job is not None and found[0] != job):
                 continue

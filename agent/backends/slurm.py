@@ -287,6 +287,7 @@ class SlurmBackend:
     """Jobs from slurmstepd extern steps; adoption with ADD_EXTERN_PID."""
 
     name = "slurm"
+    blocking = True  # every call is an RPC to a slurmstepd
 
     def __init__(self, cfg: SlurmBackendConfig, *, proc_root: Path = Path("/proc")) -> None:
         self._proc = proc_root
