@@ -127,17 +127,16 @@ def _pad16(packed: bytes) -> bytes:
 def ip_bytes(family: int, ip: str) -> bytes:
     """The 16-byte address field of an inet_diag_sockid (IPv4 in the first 4 bytes)."""
     if family == socket.AF_INET:
-        return _pad16(ipaddress.IPv4Address(ip).packed)
-    addr = ipaddress.ip_address(ip)
-    if isinstance(addr, ipaddress.IPv4Address):  # ask AF_INET6 for an IPv4-mapped socket
-        return ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + addr.packed).packed
-    return addr.packed
+        return _pad16(socket.inet_pton(socket.AF_INET, ip))
+    if ":" not in ip:  # ask AF_INET6 for an IPv4-mapped socket
+        return b"\0" * 10 + b"\xff\xff" + socket.inet_pton(socket.AF_INET, ip)
+    return socket.inet_pton(socket.AF_INET6, ip)
 
 
 def _ip_text(family: int, raw: bytes) -> str:
     if family == socket.AF_INET:
-        return str(ipaddress.IPv4Address(raw[:4]))
-    return str(ipaddress.IPv6Address(raw))
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    return str(ipaddress.IPv6Address(raw))  # RFC 5952 text, as normalize_ip writes it
 
 
 def _swap_words(raw: bytes) -> bytes:

@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,7 +214,10 @@ class NetInfo:
         self._btime: float | None = None
         self._cgroups: sd.CgroupProcs | None = None
         self._lock = threading.Lock()
-        self._holders: dict[int, int] = {}  # socket inode -> a pid seen holding it
+        self._holders: dict[int, tuple[int, str]] = {}  # socket inode -> (pid, fd) seen holding it
+        self._local = threading.local()  # each thread's sock_diag socket
+        self._diags: list[sd.SockDiag] = []
+        weakref.finalize(self, _close_all, self._diags)  # closed with the object if not before
 
     def close(self) -> None:
         """Release the cgroup2 mount fd held for the cgroup fast path (reopened if used again)."""
@@ -221,6 +225,10 @@ class NetInfo:
             if self._cgroups is not None:
                 self._cgroups.close()
                 self._cgroups = None
+            for diag in self._diags:
+                diag.close()
+            self._diags.clear()
+        self._local = threading.local()
 
     # ------------------------------------------------------------------ processes
 
@@ -379,7 +387,7 @@ class NetInfo:
             return None
 
     def _scan(self, pid: int, target: str) -> bool:
-        """Like `_holds`, and remember every socket seen on the way (inode -> pid).
+        """Like `_holds`, and remember every socket seen on the way (inode -> pid, fd).
 
         When mpirun fans out to a thousand nodes, their queries ask for the sockets of
         processes in one job cgroup, one after another; a process read once answers the
@@ -387,15 +395,31 @@ class NetInfo:
         """
         found = False
         try:
-            for link in self._fd_links(pid):
+            dirfd = os.open(f"{self._rs}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            for name in os.listdir(dirfd):
+                try:
+                    link = os.readlink(name, dir_fd=dirfd)
+                except OSError:
+                    continue
                 if link.startswith("socket:["):
-                    self._holders[int(link[8:-1])] = pid
+                    self._holders[int(link[8:-1])] = (pid, name)
                     found = found or link == target
         except (OSError, ValueError):
             return False
+        finally:
+            os.close(dirfd)
         if len(self._holders) > _MAX_HOLDERS:
             self._holders.clear()  # a crude bound: the memo refills from the next scans
         return found
+
+    def _link(self, pid: int, fd: str) -> str | None:
+        try:
+            return os.readlink(f"{self._rs}/{pid}/fd/{fd}")
+        except OSError:
+            return None
 
     def _holds(self, pid: int, target: str) -> bool:
         """Whether ``pid`` has an fd linking to ``target``; False if it vanished."""
@@ -541,7 +565,8 @@ class NetInfo:
     def _netlink_socket(self, proto: Proto, src: Endpoint, dst: Endpoint) -> sd.DiagSocket | None:
         families = [socket.AF_INET6] if src.family == 6 else [socket.AF_INET, socket.AF_INET6]
         fallback = None
-        with sd.SockDiag(self._netlink_timeout) as diag:
+        diag = self._diag()
+        try:
             if proto not in self._handlers:
                 self._handlers[proto] = diag.handler_present(proto)
             if not self._handlers[proto]:
@@ -554,7 +579,28 @@ class NetInfo:
                     return got
                 if match == "unconnected" and fallback is None:
                     fallback = got
+        except BaseException:
+            self._drop_diag(diag)  # a timed-out socket may still get a late answer: a new one
+            raise
         return fallback
+
+    def _diag(self) -> sd.SockDiag:
+        """This thread's sock_diag socket, kept open (one socket per lookup cost 4 syscalls);
+        requests carry increasing sequence numbers and answers to others are skipped."""
+        diag: sd.SockDiag | None = getattr(self._local, "diag", None)
+        if diag is None:
+            diag = sd.SockDiag(self._netlink_timeout)
+            self._local.diag = diag
+            with self._lock:
+                self._diags.append(diag)
+        return diag
+
+    def _drop_diag(self, diag: sd.SockDiag) -> None:
+        self._local.diag = None
+        with self._lock:
+            if diag in self._diags:
+                self._diags.remove(diag)
+        diag.close()
 
     def _proc_socket(self, proto: Proto, src: Endpoint, dst: Endpoint) -> sd.DiagSocket | None:
         fallback = None
@@ -608,8 +654,8 @@ class NetInfo:
         """
         target = f"socket:[{sock.inode}]"
         known = self._holders.get(sock.inode)
-        if known is not None and self._holds(known, target):
-            return self._topmost(known, target)
+        if known is not None and self._link(*known) == target:
+            return self._topmost(known[0], target)
         scanned: set[int] = set()
         if self._use_cgroups and sock.cgroup_id is not None:
             for pid in sorted(self._cgroup_procs().pids(sock.cgroup_id) or (), reverse=True):
@@ -641,6 +687,12 @@ class NetInfo:
                 break
             pid = ppid
         return pid
+
+
+def _close_all(diags: list[sd.SockDiag]) -> None:
+    for diag in diags:
+        diag.close()
+    diags.clear()
 
 
 def _rows(tables: dict[str, str], inodes: frozenset[int]) -> list[Connection]:

@@ -20,6 +20,7 @@ can answer with an error reply. `LocalProtocolError` means we tried to build a b
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -101,6 +102,12 @@ def normalize_ip(text: str) -> str:
     if not isinstance(text, str) or not text or len(text) > 45 or "%" in text:
         msg = f"not an IP address literal: {text!r}"
         raise ValueError(msg)
+    return _canonical_ip(text)
+
+
+@functools.lru_cache(maxsize=8192)
+def _canonical_ip(text: str) -> str:
+    # every query names two addresses, from a node's few peers: remembered, not re-parsed
     addr = ipaddress.ip_address(text)
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return str(addr.ipv4_mapped)

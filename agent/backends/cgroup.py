@@ -548,11 +548,21 @@ def _boot_time(proc_root: Path) -> float:
 
 
 def _read_proc_cgroup(proc_root: Path, pid: int) -> str | None:
-    """The text of /proc/<pid>/cgroup, or None when the process is gone."""
+    """The text of /proc/<pid>/cgroup, or None when the process is gone (raw os calls: this
+    runs for every query a source answers)."""
     try:
-        return (proc_root / str(pid) / "cgroup").read_text()
+        fd = os.open(f"{proc_root}/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError):
         return None
+    try:
+        chunks = [os.read(fd, 8192)]
+        while chunks[-1]:
+            chunks.append(os.read(fd, 8192))
+    except ProcessLookupError:
+        return None
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", "replace")
 
 
 def _proc_start_ticks(proc_root: Path, pid: int) -> int | None:

@@ -215,6 +215,10 @@ class RecordingNetInfo(NetInfo):
         self.looked.append(pid)
         return super()._holds(pid, target)
 
+    def _link(self, pid: int, fd: str) -> str | None:
+        self.looked.append(pid)
+        return super()._link(pid, fd)
+
     def _scan(self, pid: int, target: str) -> bool:
         self.looked.append(pid)
         return super()._scan(pid, target)
@@ -387,7 +391,8 @@ def test_socket_owner_remembers_sockets_seen_while_searching(spawn: Any, cgroup2
     ni.looked.clear()
     second = ni.socket_owner("tcp", ep("127.0.0.3", ports[1]), ep("127.0.0.2", sport))
     assert second is not None and second.pid == clients[1].pid
-    assert ni.looked == [clients[1].pid, os.getpid()]  # checked from memory, not searched
+    # checked from memory (one readlink of the remembered fd), then its parent: not searched
+    assert ni.looked == [clients[1].pid, os.getpid()]
 
 
 def test_netlink_failure_falls_back_and_logs_once(
