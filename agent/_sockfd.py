@@ -10,6 +10,10 @@ otherwise touched.
 `socket_facts(pid, fds)` returns one `SockFacts` per inet TCP/UDP socket, or raises
 `Unsupported` (no pidfd_getfd here, or not permitted) so that the caller falls back to
 /proc/net; `ProcessLookupError` when the process is gone.
+
+`inet_fds(proc_dir, fds)` narrows the fds first, by the protocol name sockfs gives every
+socket as its ``system.sockprotoname`` attribute (read through the /proc/<pid>/fd link: one
+getxattr, no fd borrowed): an sshd monitor's unix sockets are skipped at that price.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import socket
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["SockFacts", "Unsupported", "socket_facts"]
+__all__ = ["SockFacts", "Unsupported", "inet_fds", "socket_facts"]
 
 _SYS_PIDFD_GETFD: Final = 438  # the same number on every architecture (asm-generic)
 _TCP_STATES: Final = {
@@ -29,6 +33,8 @@ _TCP_STATES: Final = {
     6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING",
 }  # fmt: skip
 _KINDS: Final = (socket.SOCK_STREAM, socket.SOCK_DGRAM)
+_INET_PROTOS: Final = frozenset({b"TCP", b"TCPv6", b"UDP", b"UDPv6"})
+_NO_XATTR_ERRNOS: Final = frozenset({errno.ENOTSUP, errno.ENODATA, errno.EPERM, errno.EACCES})
 _UNSUPPORTED_ERRNOS: Final = frozenset({errno.ENOSYS, errno.EPERM, errno.EACCES, errno.EINVAL})
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -91,6 +97,22 @@ def _peer(sock: socket.socket, unset: tuple[str, int]) -> tuple[str, int]:
         return sock.getpeername()[:2]  # type: ignore[no-any-return]
     except OSError:
         return unset
+
+
+def inet_fds(proc_dir: str, fds: list[int]) -> list[int]:
+    """Those of ``fds`` (socket fds of the process at ``proc_dir``) that are TCP or UDP
+    sockets; fds closed meanwhile are dropped, and kept all if the kernel cannot tell."""
+    out = []
+    for fd in fds:
+        try:
+            name = os.getxattr(f"{proc_dir}/fd/{fd}", "system.sockprotoname")
+        except OSError as exc:
+            if exc.errno in _NO_XATTR_ERRNOS:
+                out.append(fd)  # no answer: socket_facts looks at it itself
+            continue  # ENOENT: closed meanwhile
+        if name.rstrip(b"\0") in _INET_PROTOS:
+            out.append(fd)
+    return out
 
 
 def socket_facts(pid: int, fds: list[int]) -> list[SockFacts]:

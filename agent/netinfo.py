@@ -378,7 +378,8 @@ class NetInfo:
         if not self._use_pidfd or not fds:
             return None
         try:
-            return [_from_facts(f) for f in _sockfd.socket_facts(pid, sorted(fds))]
+            inet = _sockfd.inet_fds(f"{self._rs}/{pid}", sorted(fds))
+            return [_from_facts(f) for f in _sockfd.socket_facts(pid, inet)] if inet else []
         except ProcessLookupError as exc:
             raise ProcessGone(pid) from exc
         except _sockfd.Unsupported as exc:
