@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ _MAX_HOLDERS: Final = 1 << 16  # remembered socket holders (source side)
 _MAX_DEPTH: Final = 512  # bound on ancestor walks (a pid chain cannot really be this long)
 _UNSPECIFIED: Final = frozenset({"0.0.0.0", "::"})
 _READ_CHUNK: Final = 8192
+LISTENER_TTL_S: Final = 5.0  # how long a listening ancestor's sockets are remembered
+_MAX_LISTENERS: Final = 1024
 _CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 
 
@@ -156,7 +159,7 @@ class _Chain:
             if last.info.ppid <= 1 or len(self.members) >= _MAX_DEPTH:
                 return None
             try:
-                self.members.append(self.ni._member(last.info.ppid, self.tables))
+                self.members.append(self.ni._ancestor(last.info.ppid, self.tables))
             except ProcessGone:
                 return None  # a parent exiting mid-walk ends the chain
         return self.members[i]
@@ -217,6 +220,7 @@ class NetInfo:
         self._holders: dict[int, tuple[int, str]] = {}  # socket inode -> (pid, fd) seen holding it
         self._local = threading.local()  # each thread's sock_diag socket
         self._diags: list[sd.SockDiag] = []
+        self._listeners_seen: dict[tuple[int, float], tuple[float, _Member]] = {}
         weakref.finalize(self, _close_all, self._diags)  # closed with the object if not before
 
     def close(self) -> None:
@@ -451,9 +455,12 @@ class NetInfo:
 
     # ------------------------------------------------------------------ destination side
 
-    def _member(self, pid: int, tables: dict[str, dict[str, str]]) -> _Member:
+    def _member(
+        self, pid: int, tables: dict[str, dict[str, str]], info: Proc | None = None
+    ) -> _Member:
         """Read one process of the chain: facts, socket inodes, netns (and its tables, once)."""
-        info = self._brief(pid)
+        if info is None:
+            info = self._brief(pid)
         fds = self._socket_fds(pid)
         inodes = frozenset(fds.values())
         netns = self._netns(pid)
@@ -461,6 +468,24 @@ class NetInfo:
         if conns is None and inodes and netns not in tables:
             tables[netns] = self._tables(pid)
         return _Member(info, inodes, netns, conns)
+
+    def _ancestor(self, pid: int, tables: dict[str, dict[str, str]]) -> _Member:
+        """A caller's ancestor. One that listens (sshd's listener, pid 1) is remembered for
+        LISTENER_TTL_S by pid and start time: every login asks about the same listener, and
+        what it listens on does not change between logins (a login on a port it stopped
+        listening on a moment ago was still accepted by it)."""
+        info = self._brief(pid)
+        key = (pid, info.start_time)
+        now = time.monotonic()
+        hit = self._listeners_seen.get(key)
+        if hit is not None and now < hit[0]:
+            return hit[1]
+        member = self._member(pid, tables, info)
+        if member.conns is not None and any(_is_listener(c) for c in member.conns):
+            if len(self._listeners_seen) >= _MAX_LISTENERS:
+                self._listeners_seen.clear()
+            self._listeners_seen[key] = (now + LISTENER_TTL_S, member)
+        return member
 
     def _chain(self, pid: int) -> _Chain:
         """The caller (read at once: it may exit any moment), then ancestors as needed."""
@@ -505,7 +530,7 @@ class NetInfo:
 
     def _init_member(self, tables: dict[str, dict[str, str]]) -> list[_Member]:
         try:
-            return [self._member(1, tables)]
+            return [self._ancestor(1, tables)]
         except NetinfoError as exc:
             log.debug("pid 1 not readable for listeners: %s", exc)
             return []
