@@ -43,6 +43,8 @@ _SAFE: Final = frozenset(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:/@+,[]"
 )
 _KEY_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_PLAIN: Final = re.compile(r"[\x21-\x24\x26-\x7e]*")  # printable ASCII but '%'
+_PLAIN_SAFE: Final = re.compile(r"[A-Za-z0-9\-_.:/@+,\[\]]*")  # all of _SAFE
 _USER_RE: Final = re.compile(r"[^\s/:]{1,256}")
 
 
@@ -51,6 +53,8 @@ class PamProtocolError(ValueError):
 
 
 def pct_encode(value: str) -> str:
+    if _PLAIN_SAFE.fullmatch(value):
+        return value
     out = []
     for byte in value.encode("utf-8"):
         out.append(chr(byte) if byte in _SAFE else f"%{byte:02X}")
@@ -58,6 +62,8 @@ def pct_encode(value: str) -> str:
 
 
 def pct_decode(value: str) -> str:
+    if len(value) <= MAX_VALUE and _PLAIN.fullmatch(value):
+        return value  # nothing escaped (the usual case): as the slow path would return it
     raw = value.encode("ascii", errors="strict") if value.isascii() else b""
     if not value.isascii():
         msg = "non-ASCII byte in an encoded value"

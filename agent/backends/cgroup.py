@@ -32,6 +32,7 @@ import glob
 import logging
 import os
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,14 +351,14 @@ class CgroupBackend:
 
     def jobs_of(self, uid: int) -> list[Job]:
         """``uid``'s jobs, from the first hierarchy (in preference order) that has any."""
-        found: list[tuple[Path, str, int | None]] = []
+        found: list[_JobDir] = []
         for h in self.layout.hierarchies:
             found = self._job_dirs(h, uid=uid if self._pattern.has_uid else None)
             if found:
                 break
         jobs: dict[str, Job] = {}
-        for path, job_id, path_uid in found:
-            job = self._describe(path, job_id, path_uid)
+        for d in found:
+            job = self._describe(d)
             if job is not None and job.uid == uid:
                 jobs.setdefault(job.id, job)
         return sorted(jobs.values(), key=Job.sort_key)
@@ -374,7 +375,8 @@ class CgroupBackend:
             found = None if rel is None else self._pattern.match_within(rel)
             if found is not None:
                 job_dir, job_id, uid = found
-                return self._describe(h.base / job_dir, job_id, uid)
+                d = _stat_dir(f"{h.base}/{job_dir}", job_id, uid)
+                return None if d is None else self._describe(d)
         return None
 
     def adopt(self, pid: int, job: Job) -> None:
@@ -386,9 +388,9 @@ class CgroupBackend:
             msg = f"invalid pid {pid}"
             raise BackendError(msg)
         found = self._locate(job)
-        targets = [(h, d / self._extern) for h, d in found if (d / self._extern).is_dir()]
+        targets = [(h, e) for h, d in found if os.path.isdir(e := f"{d}/{self._extern}")]
         if not targets:
-            msg = f"job {job.id} has no extern step cgroup ({found[0][1] / self._extern})"
+            msg = f"job {job.id} has no extern step cgroup ({found[0][1]}/{self._extern})"
             raise BackendError(msg)
         for _h, extern in targets:
             _write_pid(extern, pid, job)
@@ -402,72 +404,70 @@ class CgroupBackend:
 
     def _job_dirs(
         self, h: Hierarchy, *, uid: int | None = None, job: str | None = None
-    ) -> list[tuple[Path, str, int | None]]:
+    ) -> list[_JobDir]:
         """Job directories in ``h`` (only ``uid``'s / job ``job``'s when given)."""
         out = []
-        for rel in sorted(self._pattern.find(str(h.base), uid=uid, job=job)):
+        base = str(h.base)
+        for rel in sorted(self._pattern.find(base, uid=uid, job=job)):
             found = self._pattern.match(rel)
             if found is None or (job is not None and found[0] != job):
                 continue
             if uid is not None and found[1] != uid:
                 continue
-            path = h.base / rel
-            if path.is_dir():
-                out.append((path, *found))
+            d = _stat_dir(f"{base}/{rel}", *found)
+            if d is not None:
+                out.append(d)
         return out
 
-    def _locate(self, job: Job) -> list[tuple[Hierarchy, Path]]:
+    def _locate(self, job: Job) -> list[tuple[Hierarchy, str]]:
         """``job``'s directory in every hierarchy that has it; JobVanished if none has."""
         uid = job.uid if self._pattern.has_uid else None
-        found: list[tuple[Hierarchy, Path]] = []
+        found: list[tuple[Hierarchy, str]] = []
         for h in self.layout.hierarchies:
             dirs = self._job_dirs(h, uid=uid, job=job.id)
             if len(dirs) > 1:
-                msg = f"job {job.id} is ambiguous: {', '.join(str(d[0]) for d in dirs)}"
+                msg = f"job {job.id} is ambiguous: {', '.join(d.path for d in dirs)}"
                 raise BackendError(msg)
-            found.extend((h, d[0]) for d in dirs)
+            found.extend((h, d.path) for d in dirs)
         if not found:
             where = self.layout.hierarchies[0].base / self._pattern.glob(uid=uid, job=job.id)
             msg = f"job {job.id} no longer exists ({where})"
             raise JobVanished(msg)
         return found
 
-    def _describe(self, path: Path, job_id: str, path_uid: int | None) -> Job | None:
-        """The Job at ``path``: owner from the path or the processes, start from the processes.
+    def _describe(self, d: _JobDir) -> Job | None:
+        """The Job in ``d``: owner from the path or the processes, start from the processes.
 
         A job's owner and start never change, so they are remembered per job directory (its
         path and inode: a new job of the same id is a new directory) and each job's processes
         are read once, not at every login (an MPI job may have thousands).
         """
-        try:
-            key = (str(path), path.stat().st_ino)
-        except FileNotFoundError:
-            return None  # the job ended while we looked
+        key = (d.path, d.inode)
         known = self._known.get(key)
         if known is not None:
-            return Job(job_id, known[0], known[1])
-        job, from_processes = self._read_job(path, job_id, path_uid)
+            return Job(d.job_id, known[0], known[1])
+        job, from_processes = self._read_job(d)
         if job is not None and from_processes:
             if len(self._known) >= _MAX_KNOWN:
                 self._known.pop(next(iter(self._known)))
             self._known[key] = (job.uid, job.start_time)
         return job
 
-    def _read_job(self, path: Path, job_id: str, path_uid: int | None) -> tuple[Job | None, bool]:
-        pids = _tree_pids(path)
-        uid = path_uid
+    def _read_job(self, d: _JobDir) -> tuple[Job | None, bool]:
+        pids = _tree_pids(d.path)
+        uid = d.uid
         if uid is None:
             uid = self._owner(pids)
             if uid is None:
-                log.debug("job %s (%s) has no user process: owner unknown, skipped", job_id, path)
+                log.debug(
+                    "job %s (%s) has no user process: owner unknown, skipped", d.job_id, d.path
+                )
                 return None, False
         starts = [t for p in pids if (t := self._start_time(p)) is not None]
         if starts:
-            return Job(job_id, uid, min(starts)), True
-        try:  # no process yet: the directory's time, not remembered (processes will come)
-            return Job(job_id, uid, path.stat().st_ctime), False
-        except FileNotFoundError:
-            return None, False  # the job ended while we looked
+            return Job(d.job_id, uid, min(starts)), True
+        # no process yet: the directory's creation time, not remembered (processes will come)
+        return Job(d.job_id, uid, d.ctime), False
 
     def _owner(self, pids: list[int]) -> int | None:
         counts = Counter(u for p in pids if (u := _proc_uid(self._proc, p)) not in (None, 0))
@@ -480,20 +480,47 @@ class CgroupBackend:
         ticks = _proc_start_ticks(self._proc, pid)
         return None if ticks is None else self._btime + ticks / self._hz
 
-    def _verify(self, pid: int, targets: list[tuple[Hierarchy, Path]]) -> None:
+    def _verify(self, pid: int, targets: list[tuple[Hierarchy, str]]) -> None:
         text = _read_proc_cgroup(self._proc, pid)
         if text is None:
             msg = f"process {pid} vanished"
             raise BackendError(msg)
-        entries = parse_proc_cgroup(text)
+        entries: list[tuple[str, frozenset[str], str]] | None = None
         for h, extern in targets:
-            want, got = h.cgroup_path(extern), h.path_of(entries)
+            want = h.cgroup_path(Path(extern))
+            if h.version == 2 and f"\n0::{want}\n" in f"\n{text}":
+                continue  # the usual case, found without parsing
+            if entries is None:
+                entries = parse_proc_cgroup(text)
+            got = h.path_of(entries)
             if got != want:
                 msg = f"process {pid} is in {h.label}:{got}, not in {want} after adoption"
                 raise BackendError(msg)
 
 
-def _tree_pids(path: Path) -> list[int]:
+@dataclass(frozen=True, slots=True)
+class _JobDir:
+    """A job directory found on disk: its path, the ids the pattern read from it, its stat."""
+
+    path: str
+    job_id: str
+    uid: int | None
+    inode: int
+    ctime: float
+
+
+def _stat_dir(path: str, job_id: str, uid: int | None) -> _JobDir | None:
+    """The job directory at ``path``, or None when it is not (or no longer) a directory."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    return _JobDir(path, job_id, uid, st.st_ino, st.st_ctime)
+
+
+def _tree_pids(path: str) -> list[int]:
     """The pids in the cgroup ``path`` and every cgroup below it."""
     pids: list[int] = []
     for dirpath, _dirs, _files in os.walk(path):
@@ -505,8 +532,8 @@ def _tree_pids(path: Path) -> list[int]:
     return pids
 
 
-def _write_pid(extern: Path, pid: int, job: Job) -> None:
-    procs = extern / "cgroup.procs"
+def _write_pid(extern: str, pid: int, job: Job) -> None:
+    procs = f"{extern}/cgroup.procs"
     try:
         fd = os.open(procs, os.O_WRONLY)
     except FileNotFoundError as exc:
