@@ -114,14 +114,18 @@ class Adopter:
             return await self._run(fn, *args)
         return fn(*args)
 
-    async def account(self, req: PamRequest, caller_pid: int) -> Outcome:
+    async def account(
+        self, req: PamRequest, caller_pid: int, received: float | None = None
+    ) -> Outcome:
         """Decide one login (PAM account phase) and carry the decision out.
 
         With a blocking backend the local work takes at most two worker-thread hops (facts,
         and the adoption when no peer is needed; the adoption after a peer query); with a
-        non-blocking one it all runs on the loop. The peer query runs on the loop.
+        non-blocking one it all runs on the loop. The peer query runs on the loop. The
+        record's latency counts from ``received`` (when the request arrived) if given.
         """
-        login = _Login(req, caller_pid, self.clock(), policy.Facts(user=req.user, uid=None))
+        started = self.clock() if received is None else received
+        login = _Login(req, caller_pid, started, policy.Facts(user=req.user, uid=None))
         login.facts = await self._user(req.user)
         self._mark(login, "user")
         step = await self._call(self._local_step, login)

@@ -20,6 +20,7 @@ ready by then (a hung backend), the reply is verdict=error reason=timeout.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -53,11 +54,17 @@ log = logging.getLogger(__name__)
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 DISCARD_MAX = 64 * 1024
 DISCARD_TIMEOUT_S = 0.05
+MAX_ACTIVE = 64  # decisions worked on at once; later requests wait their turn in order
+ACCEPT_BATCH = 64  # connections accepted per wake-up of the listening socket
+ACCEPT_RETRY_S = 0.1  # pause after accept() failed (out of fds or memory)
+RECV_SIZE = MAX_LINE + 1
 
 
-async def handle_account(adopter: Adopter, req: PamRequest, pid: int) -> Outcome:
+async def handle_account(
+    adopter: Adopter, req: PamRequest, pid: int, received: float | None = None
+) -> Outcome:
     """op=account -> the decision for this login (adopt | allow | deny)."""
-    return await adopter.account(req, pid)
+    return await adopter.account(req, pid, received)
 
 
 async def handle_open_session(adopter: Adopter, req: PamRequest, pid: int) -> PamReply:
@@ -102,10 +109,12 @@ def bind_unix(path: Path) -> socket.socket:
 
 
 class PamServer:
-    """The PAM socket: one `_PamConnection` per client, on the event loop.
+    """The PAM socket, served straight from the event loop's selector.
 
-    A plain asyncio Protocol rather than streams: a login storm is thousands of one-line
-    connections, and per connection this keeps one object, one timer and one task.
+    A login is one short connection carrying one line each way, so connections are accepted
+    in batches and read at once (the line is nearly always there already), without asyncio
+    transports: per connection this costs one object, one timer and one task, and a reader
+    only when the line is late. `_PamConnection` holds one client's state.
     """
 
     def __init__(
@@ -125,21 +134,28 @@ class PamServer:
         self.in_flight = 0
         self.refused = 0
         self.malformed = 0
+        self.accept_errors = 0
         self.status: Callable[[], dict[str, object]] | None = None  # set by the daemon
-        self._server: asyncio.Server | None = None
+        self.active = 0
+        self.queued: collections.deque[_PamConnection] = collections.deque()
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._idle = asyncio.Event()
         self._idle.set()
 
     async def start(self, path: Path) -> None:
-        sock = bind_unix(path)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: _PamConnection(self), sock=sock)
+        self._sock = bind_unix(path)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._sock.fileno(), self._accept)
         self.path = path
 
     async def stop(self) -> None:
         """Stop accepting; requests in flight go on (see `drain`)."""
-        if self._server is not None:
-            self._server.close()
+        if self._sock is not None:
+            assert self._loop is not None
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
 
@@ -149,6 +165,46 @@ class PamServer:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(deadline_s):
                     await self._idle.wait()
+
+    def _accept(self) -> None:
+        assert self._sock is not None and self._loop is not None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE, ENFILE, ENOMEM: wait a little, do not spin
+                self.accept_errors += 1
+                log.error("cannot accept PAM connections: %s; retrying in %d ms", exc, 100)
+                fd = self._sock.fileno()
+                self._loop.remove_reader(fd)
+                self._loop.call_later(ACCEPT_RETRY_S, self._resume_accept, fd)
+                return
+            _PamConnection(self, conn, self._loop).begin()
+
+    def _resume_accept(self, fd: int) -> None:
+        if self._sock is not None and self._sock.fileno() == fd and self._loop is not None:
+            self._loop.add_reader(fd, self._accept)
+
+    def _admit(self, conn: _PamConnection) -> None:
+        """Start deciding for ``conn`` now, or queue it behind the MAX_ACTIVE decisions in
+        progress. Under a login storm this keeps each decision short (its peer query is not
+        stuck behind a thousand others in this loop) and the rest wait at no cost; every
+        request stays bounded by its own deadline."""
+        if self.active < MAX_ACTIVE:
+            self.active += 1
+            conn.start()
+        else:
+            self.queued.append(conn)
+
+    def _release(self) -> None:
+        """A decision ended: start the next queued one still waiting."""
+        self.active -= 1
+        while self.queued and self.active < MAX_ACTIVE:
+            conn = self.queued.popleft()
+            if conn.state == "queued":
+                self.active += 1
+                conn.start()
 
     def _begin(self) -> None:
         self.in_flight += 1
@@ -161,15 +217,15 @@ class PamServer:
 
     async def _decide(self, req: PamRequest, pid: int, started: float) -> PamReply:
         try:
-            return await self._dispatch(req, pid)
+            return await self._dispatch(req, pid, started)
         except Exception:
             log.exception("internal error deciding for pid %d", pid)
             self._journal_error(req, pid, started, "agent_error", "internal error")
             return PamReply("error", "agent_error")
 
-    async def _dispatch(self, req: PamRequest, pid: int) -> PamReply:
+    async def _dispatch(self, req: PamRequest, pid: int, started: float) -> PamReply:
         if req.op == "account":
-            outcome = await handle_account(self.adopter, req, pid)
+            outcome = await handle_account(self.adopter, req, pid, started)
             self.journal.record(outcome.record)
             return outcome.reply
         if req.op == "open_session":
@@ -186,40 +242,59 @@ class PamServer:
         self.journal.record(self.adopter.error_record(req, pid, started, reason, text))
 
 
-class _PamConnection(asyncio.Protocol):
+class _PamConnection:
     """One client: read one bounded line, decide, write one line, close.
 
-    States: ``read`` (collecting the line), ``busy`` (deciding), ``discard`` (a refused or
-    malformed client: what it sends is read and dropped, bounded in size and time, before
-    the answer, because closing a unix socket with unread data resets it and the client
-    would lose the answer), ``done``. The deadline (``timeout_s`` from the accept) bounds all
-    of it: a line not complete by then gets no answer; a decision not ready gets
-    verdict=error reason=timeout (and is cancelled).
+    States: ``read`` (collecting the line), ``queued`` (waiting for a free decision slot,
+    see `PamServer._admit`), ``busy`` (deciding), ``discard`` (a refused or malformed client:
+    what it sends is read and dropped, bounded in size and time, before the answer, because
+    closing a unix socket with unread data resets it and the client would lose the answer),
+    ``done``. The deadline (``timeout_s`` from the accept) bounds all of it: a line not
+    complete by then gets no answer; a decision not ready gets verdict=error reason=timeout
+    (and is cancelled). A client that leaves while its decision runs does not stop it: the
+    login's record is still written.
     """
 
-    def __init__(self, server: PamServer) -> None:
+    __slots__ = (
+        "buf",
+        "left",
+        "loop",
+        "pending",
+        "pid",
+        "reading",
+        "req",
+        "server",
+        "sock",
+        "started",
+        "state",
+        "task",
+        "timer",
+    )
+
+    def __init__(
+        self, server: PamServer, sock: socket.socket, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self.server = server
+        self.sock = sock
+        self.loop = loop
         self.state = "read"
         self.buf = b""
         self.pid = 0
         self.req: PamRequest | None = None
         self.pending: PamReply | None = None  # the answer once discarding ends
         self.left = 0
+        self.reading = False
         self.task: asyncio.Task[PamReply] | None = None
-        self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.started = 0.0
+        self.started = server.clock()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def begin(self) -> None:
         srv = self.server
-        self.transport = transport
-        self.started = srv.clock()
         srv._begin()
-        loop = asyncio.get_running_loop()
-        self.timer = loop.call_later(srv.timeout_s, self._expired)
+        self.timer = self.loop.call_later(srv.timeout_s, self._expired)
         try:
-            self.pid, uid = peer_cred(transport.get_extra_info("socket"))
+            self.sock.setblocking(False)
+            self.pid, uid = peer_cred(self.sock)
         except OSError as exc:
             log.debug("pam connection without credentials: %s", exc)
             self._finish(None)
@@ -228,15 +303,39 @@ class _PamConnection(asyncio.Protocol):
             srv.refused += 1
             log.warning("refused a PAM socket client: pid %d uid %d is not root", self.pid, uid)
             self._discard(PamReply("error", "not_root"))
+        self._on_readable()
 
-    def data_received(self, data: bytes) -> None:
+    def _on_readable(self) -> None:
+        """Read what is there; wait for more (as a loop reader) only when it is needed."""
+        while self.state in ("read", "discard"):
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                if not self.reading:
+                    self.loop.add_reader(self.sock.fileno(), self._on_readable)
+                    self.reading = True
+                return
+            except OSError as exc:
+                log.debug("pam connection from pid %d ended early: %s", self.pid, exc)
+                self._finish(None)
+                return
+            if not data:
+                self._eof()
+                return
+            self._data(data)
+        self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        if self.reading:
+            self.loop.remove_reader(self.sock.fileno())
+            self.reading = False
+
+    def _data(self, data: bytes) -> None:
         if self.state == "discard":
             self.left -= len(data)
             if self.left <= 0 or data.endswith(b"\n"):
                 self._finish(self.pending)
             return
-        if self.state != "read":
-            return  # anything after the request line is ignored
         self.buf += data
         end = self.buf.find(b"\n")
         if end < 0 or end >= MAX_LINE:
@@ -248,14 +347,11 @@ class _PamConnection(asyncio.Protocol):
         except PamProtocolError as exc:
             self._malformed(str(exc), discard=False)
             return
-        self.state = "busy"
+        self.state = "queued"
         self.req = req
-        self.task = asyncio.get_running_loop().create_task(
-            self.server._decide(req, self.pid, self.started)
-        )
-        self.task.add_done_callback(self._decided)
+        self.server._admit(self)
 
-    def eof_received(self) -> bool:
+    def _eof(self) -> None:
         if self.state == "read":
             if self.buf:
                 self.server.malformed += 1
@@ -265,13 +361,12 @@ class _PamConnection(asyncio.Protocol):
                 self._finish(None)  # connected and closed without a word (a liveness probe)
         elif self.state == "discard":
             self._finish(self.pending)
-        return True  # half-closed: the answer can still be written
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        # a decision in progress goes on (the login's record is still written)
-        if self.state in ("read", "discard"):
-            self._finish(None)
-        self.transport = None
+    def start(self) -> None:
+        assert self.req is not None
+        self.state = "busy"
+        self.task = self.loop.create_task(self.server._decide(self.req, self.pid, self.started))
+        self.task.add_done_callback(self._decided)
 
     def _malformed(self, why: str, *, discard: bool = True) -> None:
         self.server.malformed += 1
@@ -289,18 +384,20 @@ class _PamConnection(asyncio.Protocol):
         self.buf = b""
         if self.timer is not None:  # the discarding is bounded by its own short time
             self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_later(DISCARD_TIMEOUT_S, self._expired)
+        self.timer = self.loop.call_later(DISCARD_TIMEOUT_S, self._expired)
 
     def _decided(self, task: asyncio.Task[PamReply]) -> None:
+        self.server._release()
         if self.state != "busy" or task.cancelled():
             return
         self._finish(task.result())
 
     def _expired(self) -> None:
         self.timer = None
-        if self.state == "busy":
-            assert self.req is not None and self.task is not None
-            self.task.cancel()
+        if self.state in ("busy", "queued"):
+            assert self.req is not None
+            if self.task is not None:
+                self.task.cancel()
             self.server._journal_error(
                 self.req, self.pid, self.started, "timeout", "no decision within the deadline"
             )
@@ -317,10 +414,11 @@ class _PamConnection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.transport is not None:
-            if reply is not None:
-                # one short line: the kernel takes it at once (a unix socket buffer holds far
-                # more), so no wait for the write or the close
-                self.transport.write(format_reply(reply))
-            self.transport.close()
+        self._stop_reading()
+        if reply is not None:
+            # one short line into an empty unix socket buffer: it never blocks; a client
+            # that has gone away (EPIPE) or reset the connection just misses its answer
+            with contextlib.suppress(OSError):
+                self.sock.send(format_reply(reply))
+        self.sock.close()
         self.server._end()

@@ -9,7 +9,9 @@ What runs (all real processes, real sockets):
 * on "a": `--clients` processes inside job 42 or 43 (alternately), each holding
   `--per-client` TCP connections from 127.0.0.2 to a stand-in sshd on "b";
 * on "b": the stand-in sshd's listener accepts every connection and forks one "monitor"
-  process per connection (as sshd does), which holds that one connection;
+  process per connection (as sshd does), which holds that one connection; the monitor is C
+  (bench/storm_monitor.c, built on the fly), as sshd is: a Python stand-in would spend more
+  CPU on its side of each request than the agent's own PAM path, on the same two cores;
 * at "go", every monitor keeps `--inflight` PAM requests open at once on b's agent socket
   (one unix connection each, the exact line pam_callerid.so sends) until it has sent
   `--requests`; so `connections x inflight` requests are in flight together (1,000 by default).
@@ -77,10 +79,11 @@ print(json.dumps([s.getsockname()[1] for s in keep]), flush=True)
 sys.stdin.read()
 """
 
-# The stand-in sshd of node "b": accept, fork a monitor per connection, run the storm.
+# The stand-in sshd of node "b": accept, fork a monitor per connection (which execs the C
+# monitor, bench/storm_monitor.c, holding that one connection), run the storm.
 SSHD = r"""
-import json, os, selectors, socket, sys, time
-host, agent_sock, out_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+import json, os, socket, sys
+host, agent_sock, out_dir, monitor_bin = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 lst = socket.socket()
 lst.bind((host, 0))
 lst.listen(4096)
@@ -89,47 +92,17 @@ spec = json.loads(sys.stdin.readline())
 go_r, go_w = os.pipe()
 ready_r, ready_w = os.pipe()
 line = ("CALLERID/1 op=account user=%s service=sshd rhost=%s tty=ssh\n"
-        % (spec["user"], spec["rhost"])).encode()
+        % (spec["user"], spec["rhost"]))
 
 def monitor(conn, job):
     os.close(go_w); os.close(ready_r); lst.close()
     os.write(ready_w, b"r"); os.close(ready_w)
-    os.read(go_r, 1)  # EOF when the listener closes go_w: everybody starts together
-    sel = selectors.DefaultSelector()
-    todo, lat, bad = spec["requests"], [], []
-    starts, buf = {}, {}
-    def start():
-        nonlocal todo
-        todo -= 1
-        s = socket.socket(socket.AF_UNIX)
-        t0 = time.perf_counter()
-        s.connect(agent_sock)
-        s.sendall(line)
-        s.setblocking(False)
-        starts[s], buf[s] = t0, b""
-        sel.register(s, selectors.EVENT_READ)
-    first = time.time()
-    for _ in range(min(spec["inflight"], todo)):
-        start()
-    while starts:
-        for key, _ in sel.select():
-            s = key.fileobj
-            chunk = s.recv(4096)
-            buf[s] += chunk
-            if chunk and not buf[s].endswith(b"\n"):
-                continue
-            lat.append((time.perf_counter() - starts.pop(s)) * 1000)
-            reply = dict(f.split("=", 1) for f in buf.pop(s).decode().split()[1:])
-            if (reply.get("verdict"), reply.get("reason"), reply.get("job")) != (
-                "adopt", "callerid", job):
-                bad.append(reply)
-            sel.unregister(s); s.close()
-            if todo > 0:
-                start()
-    out = {"lat": lat, "bad": bad[:5], "nbad": len(bad), "first": first, "last": time.time()}
-    with open(os.path.join(out_dir, "%d.json" % os.getpid()), "w") as f:
-        json.dump(out, f)
-    os._exit(0)
+    os.set_inheritable(go_r, True)
+    os.set_inheritable(conn.fileno(), True)  # the session connection, held across the exec
+    out = os.path.join(out_dir, "%d.json" % os.getpid())
+    argv = [monitor_bin, agent_sock, line, job, str(spec["requests"]), str(spec["inflight"]),
+            str(go_r), out]
+    os.execv(monitor_bin, argv)
 
 kids = []
 for _ in range(spec["connections"]):
@@ -154,6 +127,14 @@ for pid in kids:
 print(json.dumps({"done": len(kids)}), flush=True)
 sys.stdin.read()
 """
+
+
+def build_monitor(out_dir: Path) -> Path:
+    """Compile bench/storm_monitor.c into ``out_dir`` (gcc is there: the PAM module needs it)."""
+    src = Path(__file__).with_name("storm_monitor.c")
+    exe = out_dir / "storm-monitor"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(exe), str(src)], check=True)
+    return exe
 
 
 def start_clients(
@@ -184,7 +165,15 @@ def storm(
 ) -> dict[str, Any]:
     out_dir = Path(tempfile.mkdtemp(prefix="cidstorm-", dir="/tmp"))
     sshd = subprocess.Popen(
-        [sys.executable, "-c", SSHD, ADDRESSES["b"], str(agents.socket("b")), str(out_dir)],
+        [
+            sys.executable,
+            "-c",
+            SSHD,
+            ADDRESSES["b"],
+            str(agents.socket("b")),
+            str(out_dir),
+            str(build_monitor(out_dir)),
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
