@@ -161,7 +161,7 @@ class Adopter:
             except BackendError as exc:
                 log.error("listing the jobs of uid %d failed: %s", login.facts.uid, exc)
                 return self._error(login, "backend_error", f"cannot list jobs: {exc}")
-            login.facts = dataclasses.replace(login.facts, jobs=tuple(jobs))
+            login.facts = login.facts.with_jobs(tuple(jobs))
             self._mark(login, "jobs")
             step = policy.decide(login.facts, self.cfg.policy, self.node, self.rng)
         if step is policy.Need.CALLERID:
@@ -217,7 +217,7 @@ class Adopter:
     async def _ask_source(self, login: _Login) -> None:
         conn = login.conn
         if conn is None or login.facts.uid is None:
-            login.facts = dataclasses.replace(login.facts, callerid_asked=True)
+            login.facts = login.facts.with_callerid()
             return
         query = CallerIdQuery(  # id 0: the mesh client gives the real one (ask_peer)
             id=0, proto=conn.proto, src=conn.remote, dst=conn.local, uid=login.facts.uid
@@ -232,9 +232,7 @@ class Adopter:
                 status = reply.status  # found | not_found | error
         job = reply.job if reply is not None and reply.status == "found" else None
         login.peer_status = status
-        login.facts = dataclasses.replace(
-            login.facts, callerid_asked=True, callerid_job=job, callerid_status=status
-        )
+        login.facts = login.facts.with_callerid(job, status)
 
     def _carry_out(self, login: _Login, decision: policy.Decision) -> policy.Decision:
         """Adopt the session process into the decided job."""

@@ -169,7 +169,8 @@ def build(
 
     async def ask(host: str, query: CallerIdQuery) -> tuple[str, CallerIdReply | None]:
         """A destination's question to the source agent at ``host`` (the client's request id)."""
-        result = await client.query(host, dataclasses.replace(query, id=client.next_id()))
+        query = CallerIdQuery(client.next_id(), query.proto, query.src, query.dst, query.uid)
+        result = await client.query(host, query)
         reply = result.reply if isinstance(result.reply, CallerIdReply) else None
         return result.status, reply
 

@@ -568,13 +568,15 @@ class NetInfo:
                 "inode %d belongs to uid %d, not %d: not searched", found.inode, found.uid, uid
             )
             return None
-        pid = self._find_holder(found)
-        if pid is None:
+        holder = self._find_holder(found)
+        if holder is None:
             return None
-        try:
-            comm, _, _ = self._stat(pid)
-        except ProcessGone:
-            return None
+        pid, comm = holder
+        if comm is None:
+            try:
+                comm, _, _ = self._stat(pid)
+            except ProcessGone:
+                return None
         return Owner(pid=pid, uid=found.uid, inode=found.inode, comm=comm)
 
     def _find_socket(self, proto: Proto, src: Endpoint, dst: Endpoint) -> sd.DiagSocket | None:
@@ -672,7 +674,7 @@ class NetInfo:
                 self._cgroups = sd.CgroupProcs(self._cgroup2_mount())
             return self._cgroups
 
-    def _find_holder(self, sock: sd.DiagSocket) -> int | None:
+    def _find_holder(self, sock: sd.DiagSocket) -> tuple[int, str | None] | None:
         """Search only candidates for ``socket:[inode]``: the socket's cgroup, then its uid.
 
         A holder that changed uid after creating the socket is not found (by design: never
@@ -701,18 +703,19 @@ class NetInfo:
         log.debug("inode %d: no holder among uid %d processes", sock.inode, sock.uid)
         return None
 
-    def _topmost(self, pid: int, target: str) -> int:
-        """Climb from a holder while its parent (of the same uid) holds the same socket too."""
+    def _topmost(self, pid: int, target: str) -> tuple[int, str | None]:
+        """Climb from a holder while its parent (of the same uid) holds the same socket too;
+        the topmost holder and its comm (None if it could not be read)."""
         uid = self._owner_uid(pid)
         for _ in range(_MAX_DEPTH):
             try:
-                _, ppid, _ = self._stat(pid)
+                comm, ppid, _ = self._stat(pid)
             except NetinfoError:
-                break
+                return pid, None
             if ppid <= 1 or self._owner_uid(ppid) != uid or not self._holds(ppid, target):
-                break
+                return pid, comm
             pid = ppid
-        return pid
+        return pid, None
 
 
 def _close_all(diags: list[sd.SockDiag]) -> None:

@@ -55,6 +55,14 @@ class Facts:
     callerid_job: str | None = None  # the job id the source agent named, if any
     callerid_status: str = "skipped"  # found | not_found | unreachable | timeout | ...
 
+    def with_jobs(self, jobs: Sequence[Job]) -> Facts:
+        """These facts and the user's local jobs (a direct copy: dataclasses.replace is slow)."""
+        return Facts(self.user, self.uid, self.groups, jobs)
+
+    def with_callerid(self, job: str | None = None, status: str = "skipped") -> Facts:
+        """These facts and what the source agent said (``job`` if it named one)."""
+        return Facts(self.user, self.uid, self.groups, self.jobs, True, job, status)
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:

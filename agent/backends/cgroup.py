@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import stat
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ UID_RE = r"[0-9]+"
 _JOB_ID = re.compile(JOB_ID_RE)
 _PLACEHOLDERS = {"job": JOB_ID_RE, "uid": UID_RE}
 _MAX_KNOWN = 65536  # remembered job directories (owner and start never change)
+EXTERN_TTL_S = 10.0  # how long a job's extern step directories are remembered
 
 # v1 hierarchies in the order jobs are looked up in them (proctrack/cgroup uses freezer).
 V1_PREFERENCE = ("freezer", "pids", "memory", "cpuset", "cpu", "cpuacct", "blkio", "devices")
@@ -234,9 +236,16 @@ class Hierarchy:
             return None
         return cgroup_path[len(prefix) :].strip("/") or None
 
-    def cgroup_path(self, directory: Path) -> str:
+    def cgroup_path(self, directory: Path | str) -> str:
         """The /proc/<pid>/cgroup path of a directory below `base`."""
-        rel = directory.relative_to(self.base).as_posix()
+        if isinstance(directory, str):  # the hot path: plain string work, no pathlib
+            base = str(self.base).rstrip("/")
+            if not directory.startswith(base + "/"):
+                msg = f"{directory} is not below {base}"
+                raise ValueError(msg)
+            rel = directory[len(base) + 1 :].strip("/")
+        else:
+            rel = directory.relative_to(self.base).as_posix()
         return self.prefix.rstrip("/") + "/" + rel
 
 
@@ -341,6 +350,7 @@ class CgroupBackend:
         self.layout = detect_layout(os.path.realpath(cfg.root), mounts)
         self._btime = _boot_time(proc_root)
         self._known: dict[tuple[str, int], tuple[int, float]] = {}  # job dir -> (uid, start)
+        self._externs: dict[tuple[str, int], tuple[float, list[tuple[Hierarchy, str]]]] = {}
         self._hz = os.sysconf("SC_CLK_TCK")
         log.info(
             "cgroup backend: %s, hierarchies %s, jobs %s",
@@ -368,7 +378,8 @@ class CgroupBackend:
         text = _read_proc_cgroup(self._proc, pid)
         if text is None:
             return None
-        entries = parse_proc_cgroup(text)
+        # a v2 layout needs only the "0::<path>" line: found without a full parse
+        entries = _v2_entry(text) if self.layout.mode == "v2" else parse_proc_cgroup(text)
         for h in self.layout.hierarchies:
             path = h.path_of(entries)
             rel = None if path is None else h.relative(path)
@@ -387,13 +398,13 @@ class CgroupBackend:
         if pid <= 0:  # "0" written to cgroup.procs would move the agent itself
             msg = f"invalid pid {pid}"
             raise BackendError(msg)
-        found = self._locate(job)
-        targets = [(h, e) for h, d in found if os.path.isdir(e := f"{d}/{self._extern}")]
-        if not targets:
-            msg = f"job {job.id} has no extern step cgroup ({found[0][1]}/{self._extern})"
-            raise BackendError(msg)
-        for _h, extern in targets:
-            _write_pid(extern, pid, job)
+        targets = self._targets(job)
+        try:
+            for _h, extern in targets:
+                _write_pid(extern, pid, job)
+        except JobVanished:
+            self._externs.pop((job.id, job.uid), None)
+            raise
         self._verify(pid, targets)
         log.debug("adopted pid %d into job %s (%s)", pid, job.id, targets[0][1])
 
@@ -418,6 +429,27 @@ class CgroupBackend:
             if d is not None:
                 out.append(d)
         return out
+
+    def _targets(self, job: Job) -> list[tuple[Hierarchy, str]]:
+        """The extern step directories of ``job``, one per hierarchy that has one.
+
+        Remembered for EXTERN_TTL_S (a login storm adopts into the same few jobs again and
+        again); a job that has gone since shows at the write (JobVanished) and is forgotten.
+        """
+        key = (job.id, job.uid)
+        now = time.monotonic()
+        hit = self._externs.get(key)
+        if hit is not None and now < hit[0]:
+            return hit[1]
+        found = self._locate(job)
+        targets = [(h, e) for h, d in found if os.path.isdir(e := f"{d}/{self._extern}")]
+        if not targets:
+            msg = f"job {job.id} has no extern step cgroup ({found[0][1]}/{self._extern})"
+            raise BackendError(msg)
+        if len(self._externs) >= _MAX_KNOWN:
+            self._externs.clear()
+        self._externs[key] = (now + EXTERN_TTL_S, targets)
+        return targets
 
     def _locate(self, job: Job) -> list[tuple[Hierarchy, str]]:
         """``job``'s directory in every hierarchy that has it; JobVanished if none has."""
@@ -487,7 +519,7 @@ class CgroupBackend:
             raise BackendError(msg)
         entries: list[tuple[str, frozenset[str], str]] | None = None
         for h, extern in targets:
-            want = h.cgroup_path(Path(extern))
+            want = h.cgroup_path(extern)
             if h.version == 2 and f"\n0::{want}\n" in f"\n{text}":
                 continue  # the usual case, found without parsing
             if entries is None:
@@ -496,6 +528,19 @@ class CgroupBackend:
             if got != want:
                 msg = f"process {pid} is in {h.label}:{got}, not in {want} after adoption"
                 raise BackendError(msg)
+
+
+def _v2_entry(text: str) -> list[tuple[str, frozenset[str], str]]:
+    """The cgroup v2 entry of a /proc/<pid>/cgroup text, as `parse_proc_cgroup` gives it."""
+    if text.startswith("0::"):
+        start = 3
+    else:
+        at = text.find("\n0::")
+        if at < 0:
+            return []
+        start = at + 4
+    end = text.find("\n", start)
+    return [("0", frozenset(), text[start:] if end < 0 else text[start:end])]
 
 
 @dataclass(frozen=True, slots=True)

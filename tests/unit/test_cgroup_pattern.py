@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from callerid.agent.backends import cgroup
 from callerid.agent.backends.base import BackendError
 from callerid.agent.backends.cgroup import (
     CgroupBackend,
@@ -288,3 +289,20 @@ def test_a_job_without_processes_starts_at_its_directory_ctime(tmp_path: Path) -
     (found,) = backend.jobs_of(3001)
     assert (found.id, found.uid, found.start_time) == ("5", 3001, job.stat().st_ctime)
     assert backend.jobs_of(3002) == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "0::/slurm/uid_5/job_7/step_extern\n",
+        "13:freezer:/slurm/uid_5/job_7\n1:name=systemd:/x\n0::/slurm/uid_5/job_7/step_0\n",
+        "0::/\n",
+        "5:pids:/a\n",
+        "",
+        "0::/no/newline",
+        "10:memory:/0::/trap\n0::/real\n",
+    ],
+)
+def test_v2_entry_agrees_with_the_full_parse(text: str) -> None:
+    full = [e for e in cgroup.parse_proc_cgroup(text) if e[0] == "0" and not e[1]]
+    assert cgroup._v2_entry(text) == full
