@@ -113,8 +113,10 @@ class PamServer:
 
     A login is one short connection carrying one line each way, so connections are accepted
     in batches and read at once (the line is nearly always there already), without asyncio
-    transports: per connection this costs one object, one timer and one task, and a reader
-    only when the line is late. `_PamConnection` holds one client's state.
+    transports: per connection this costs one object and one task, and a reader only when the
+    line is late. Deadlines all have the same length, so they expire in arrival order: one
+    queue and one timer for all of them (`_sweep`), not a timer per connection.
+    `_PamConnection` holds one client's state.
     """
 
     def __init__(
@@ -138,6 +140,8 @@ class PamServer:
         self.status: Callable[[], dict[str, object]] | None = None  # set by the daemon
         self.active = 0
         self.queued: collections.deque[_PamConnection] = collections.deque()
+        self._deadlines: collections.deque[_PamConnection] = collections.deque()
+        self._sweeper: asyncio.TimerHandle | None = None
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle = asyncio.Event()
@@ -181,6 +185,26 @@ class PamServer:
                 self._loop.call_later(ACCEPT_RETRY_S, self._resume_accept, fd)
                 return
             _PamConnection(self, conn, self._loop).begin()
+
+    def _watch(self, conn: _PamConnection) -> None:
+        """Expire ``conn`` at its deadline (unless it is done by then)."""
+        self._deadlines.append(conn)
+        if self._sweeper is None:
+            assert self._loop is not None
+            self._sweeper = self._loop.call_at(conn.deadline, self._sweep)
+
+    def _sweep(self) -> None:
+        assert self._loop is not None
+        self._sweeper = None
+        now = self._loop.time()
+        while self._deadlines:
+            head = self._deadlines[0]
+            if head.state != "done" and head.deadline > now:
+                self._sweeper = self._loop.call_at(head.deadline, self._sweep)
+                return
+            self._deadlines.popleft()
+            if head.state != "done":
+                head._expired()
 
     def _resume_accept(self, fd: int) -> None:
         if self._sock is not None and self._sock.fileno() == fd and self._loop is not None:
@@ -257,6 +281,7 @@ class _PamConnection:
 
     __slots__ = (
         "buf",
+        "deadline",
         "left",
         "loop",
         "pending",
@@ -285,13 +310,14 @@ class _PamConnection:
         self.left = 0
         self.reading = False
         self.task: asyncio.Task[PamReply] | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None  # only while discarding
         self.started = server.clock()
+        self.deadline = loop.time() + server.timeout_s
 
     def begin(self) -> None:
         srv = self.server
         srv._begin()
-        self.timer = self.loop.call_later(srv.timeout_s, self._expired)
+        srv._watch(self)
         try:
             self.sock.setblocking(False)
             self.pid, uid = peer_cred(self.sock)
@@ -382,8 +408,7 @@ class _PamConnection:
         self.pending = reply
         self.left = DISCARD_MAX
         self.buf = b""
-        if self.timer is not None:  # the discarding is bounded by its own short time
-            self.timer.cancel()
+        # the discarding is bounded by its own short time (and still by the deadline)
         self.timer = self.loop.call_later(DISCARD_TIMEOUT_S, self._expired)
 
     def _decided(self, task: asyncio.Task[PamReply]) -> None:
@@ -393,7 +418,6 @@ class _PamConnection:
         self._finish(task.result())
 
     def _expired(self) -> None:
-        self.timer = None
         if self.state in ("busy", "queued"):
             assert self.req is not None
             if self.task is not None:

@@ -161,6 +161,32 @@ def test_adopt_into_a_removed_job_raises_job_vanished(scene: Scenario) -> None:
     )
 
 
+def test_extern_steps_are_remembered_and_a_vanished_job_is_forgotten(
+    scene: Scenario, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    located: list[str] = []
+    locate = scene.backend._locate
+    monkeypatch.setattr(scene.backend, "_locate", lambda job: located.append(job.id) or locate(job))
+    scene.tree.add_job("105", scene.alice.uid)
+    (job,) = [j for j in scene.backend.jobs_of(scene.alice.uid) if j.id == "105"]
+    first, second = (scene.tree.spawn(SLEEP, user=scene.alice) for _ in range(2))
+    scene.backend.adopt(first.pid, job)
+    scene.backend.adopt(second.pid, job)
+    assert located == ["105"]  # the second adoption went straight to the remembered step
+    extern = scene.tree.cgroup_path("105", "step_extern")
+    assert scene.tree.cgroup_of(first.pid) == scene.tree.cgroup_of(second.pid) == extern
+    for proc in (first, second):  # the job ends: its processes go, then its directories
+        proc.kill()
+        proc.wait()
+    scene.tree.remove_job("105")
+    third = scene.tree.spawn(SLEEP)
+    with pytest.raises(JobVanished, match="job 105 no longer exists"):
+        scene.backend.adopt(third.pid, job)
+    with pytest.raises(JobVanished, match="job 105 no longer exists"):
+        scene.backend.adopt(third.pid, job)  # forgotten: looked for again, and not found
+    assert located == ["105", "105"]
+
+
 def test_adopt_into_a_job_without_extern_step_fails_and_creates_nothing(scene: Scenario) -> None:
     job_dir = scene.tree.add_job("104", scene.alice.uid, extern=False)
     before = sorted(p.name for p in job_dir.iterdir() if p.is_dir())

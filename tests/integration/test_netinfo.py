@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from callerid.agent import _sockdiag as sd
+from callerid.agent import _sockfd, netinfo
 from callerid.agent.netinfo import NetInfo, NetinfoError, ProcessGone
 from callerid.bus.protocol import Endpoint
 from tests.support.poll import wait_for
@@ -580,3 +582,69 @@ def test_vanished_pid_is_process_gone() -> None:
         ni.cgroup_paths(proc.pid)
     with pytest.raises(ProcessGone):
         ni.ancestors(proc.pid)
+
+
+class CountingNetInfo(NetInfo):
+    """NetInfo that counts the full reads (fds and sockets) of each process."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.reads: list[int] = []
+
+    def _member(self, pid: int, tables: Any, info: Any = None) -> Any:
+        self.reads.append(pid)
+        return super()._member(pid, tables, info)
+
+
+def test_the_listener_is_remembered_by_pid_and_start_time(
+    spawn: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = spawn(TREE, {"bind": "127.0.0.2", "n": 1})
+    port = tree.expect("port")["port"]
+    client = _connect("127.0.0.3", ("127.0.0.2", port))
+    try:
+        seen = tree.expect("monitor", "helper")
+        ni = CountingNetInfo()
+        for _ in range(3):
+            assert ni.session_connection(seen["monitor"])[0].pid == seen["monitor"]
+        # the monitor is read at every login, its listening parent only once
+        assert ni.reads == [seen["monitor"], seen["listener"], seen["monitor"], seen["monitor"]]
+
+        brief = ni._brief  # another process under the same pid (a new start time): read anew
+        monkeypatch.setattr(
+            ni, "_brief", lambda pid: dataclasses.replace(brief(pid), start_time=1.0)
+        )
+        ni.reads.clear()
+        assert ni.session_connection(seen["monitor"])[0].pid == seen["monitor"]
+        assert ni.reads == [seen["monitor"], seen["listener"]]
+
+        monkeypatch.setattr(netinfo, "LISTENER_TTL_S", 0.0)  # remembered no time: read anew
+        fresh = CountingNetInfo()
+        for _ in range(2):
+            assert fresh.session_connection(seen["monitor"])[0].pid == seen["monitor"]
+        assert fresh.reads == [seen["monitor"], seen["listener"]] * 2
+    finally:
+        client.close()
+
+
+def test_inet_fds_keeps_only_tcp_and_udp_sockets() -> None:
+    with contextlib.ExitStack() as stack:
+        made = {
+            "tcp": socket.socket(socket.AF_INET, socket.SOCK_STREAM),
+            "tcp6": socket.socket(socket.AF_INET6, socket.SOCK_STREAM),
+            "udp": socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+            "unix": socket.socket(socket.AF_UNIX, socket.SOCK_STREAM),
+            "unix_dgram": socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM),
+            "netlink": socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 0),
+        }
+        for s in made.values():
+            stack.enter_context(s)
+        r, w = os.pipe()
+        stack.callback(os.close, r)
+        stack.callback(os.close, w)
+        closed = socket.socket()
+        gone = closed.fileno()
+        closed.close()
+        fds = [s.fileno() for s in made.values()] + [gone]
+        kept = _sockfd.inet_fds(f"/proc/{os.getpid()}", fds)
+        assert kept == [made[k].fileno() for k in ("tcp", "tcp6", "udp")]

@@ -1,0 +1,204 @@
+"""The PAM socket server on a real unix socket, with a stand-in adopter: deadlines, refusals,
+probes, malformed input and the bound on decisions worked on at once."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from callerid.agent import handlers
+from callerid.agent.adoption import Outcome
+from callerid.agent.handlers import PamServer
+from callerid.agent.journal import DecisionRecord, Journal
+from callerid.agent.pamproto import PamReply, PamRequest
+
+LINE = b"CALLERID/1 op=account user=alice service=sshd rhost=10.0.0.1 tty=ssh\n"
+
+
+def record(req: PamRequest, pid: int, decision: str, reason: str) -> DecisionRecord:
+    return DecisionRecord(decision, reason, req.user, None, pid, None, None, None, None, 0, reason)
+
+
+class Adopter:
+    """Decides by awaiting ``gate`` (set: answer at once); counts decisions running at once."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.running = 0
+        self.most = 0
+        self.order: list[int] = []
+        self.cancelled = 0
+
+    async def account(self, req: PamRequest, pid: int, received: float | None = None) -> Outcome:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.running -= 1
+        self.order.append(pid)
+        return Outcome(PamReply("allow", "root"), record(req, pid, "allow", "root"))
+
+    def error_record(
+        self, req: PamRequest, pid: int, started: float, reason: str, text: str
+    ) -> DecisionRecord:
+        return record(req, pid, "error", reason)
+
+
+async def serve(
+    tmp_path: Path, body: Callable[[PamServer, Adopter, str], Awaitable[Any]], **kw: Any
+) -> tuple[Any, PamServer, io.StringIO]:
+    adopter = Adopter()
+    out = io.StringIO()
+    journal = Journal(stream=out, socket_path=str(tmp_path / "no-journald"))
+    kw.setdefault("timeout_s", 0.5)
+    server = PamServer(adopter, journal, clock=time.monotonic, **kw)  # type: ignore[arg-type]
+    path = tmp_path / "agent.sock"
+    await server.start(path)
+    try:
+        return await body(server, adopter, str(path)), server, out
+    finally:
+        await server.stop()
+
+
+async def exchange(path: str, payload: bytes, *, close_write: bool = True) -> bytes:
+    reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(payload)
+    if close_write:
+        writer.write_eof()
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 20))  # type: ignore[arg-type]
+
+
+def test_a_decision_not_ready_by_the_deadline_is_an_error_and_is_journaled(
+    tmp_path: Path,
+) -> None:
+    async def body(server: PamServer, adopter: Adopter, path: str) -> tuple[bytes, float]:
+        adopter.gate.clear()  # the backend hangs
+        t0 = time.monotonic()
+        reply = await exchange(path, LINE)
+        return reply, time.monotonic() - t0
+
+    (reply, took), server, out = run(serve(tmp_path, body))
+    assert reply == b"CALLERID/1 verdict=error reason=timeout msg=\n"
+    assert 0.45 <= took < 2.0
+    assert "CALLERID_DECISION=error CALLERID_REASON=timeout" in out.getvalue()
+    assert server.in_flight == 0
+
+
+def test_a_line_not_complete_by_the_deadline_gets_no_answer(tmp_path: Path) -> None:
+    async def body(server: PamServer, adopter: Adopter, path: str) -> tuple[bytes, float]:
+        t0 = time.monotonic()
+        reply = await exchange(path, b"CALLERID/1 op=acc", close_write=False)
+        return reply, time.monotonic() - t0
+
+    (reply, took), server, out = run(serve(tmp_path, body))
+    assert reply == b""  # closed without a word
+    assert 0.45 <= took < 2.0
+    assert out.getvalue() == "" and server.in_flight == 0 and adopter_untouched(server)
+
+
+def adopter_untouched(server: PamServer) -> bool:
+    adopter: Adopter = server.adopter  # type: ignore[assignment]
+    return adopter.most == 0
+
+
+def test_a_liveness_probe_gets_no_answer_and_leaves_nothing(tmp_path: Path) -> None:
+    async def body(server: PamServer, adopter: Adopter, path: str) -> bytes:
+        return await exchange(path, b"")
+
+    reply, server, out = run(serve(tmp_path, body))
+    assert reply == b"" and server.in_flight == 0 and server.malformed == 0
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"garbage\n", b"bad_request"),
+        (b"CALLERID/1 op=account user=x" + b"x" * 9000 + b"\n", b"bad_request"),
+        (b"CALLERID/1 op=account user=x", b"bad_request"),  # EOF without a newline
+    ],
+)
+def test_malformed_input_gets_bad_request(tmp_path: Path, payload: bytes, reason: bytes) -> None:
+    async def body(server: PamServer, adopter: Adopter, path: str) -> bytes:
+        return await exchange(path, payload)
+
+    reply, server, _ = run(serve(tmp_path, body))
+    assert reply.startswith(b"CALLERID/1 verdict=error reason=" + reason)
+    assert server.malformed == 1 and server.in_flight == 0
+
+
+def test_a_client_of_another_uid_is_refused_after_its_input_is_read(tmp_path: Path) -> None:
+    async def body(server: PamServer, adopter: Adopter, path: str) -> bytes:
+        return await exchange(path, LINE, close_write=False)
+
+    reply, server, _ = run(serve(tmp_path, body, allowed_uid=os.getuid() + 4242))
+    assert reply.startswith(b"CALLERID/1 verdict=error reason=not_root")
+    assert server.refused == 1 and adopter_untouched(server)
+
+
+def test_at_most_max_active_decisions_run_at_once_and_the_rest_wait_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(handlers, "MAX_ACTIVE", 3)
+    n = 10
+
+    async def body(server: PamServer, adopter: Adopter, path: str) -> list[bytes]:
+        adopter.gate.clear()
+        socks = []
+        for _ in range(n):  # one at a time, so that they arrive in a known order
+            s = socket.socket(socket.AF_UNIX)
+            s.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(s, path)
+            s.sendall(LINE)
+            socks.append(s)
+            while server.in_flight < len(socks) or (server.active + len(server.queued)) < len(
+                socks
+            ):
+                await asyncio.sleep(0.001)
+        assert server.active == 3 and len(server.queued) == n - 3
+        adopter.gate.set()
+        replies = [await asyncio.get_running_loop().sock_recv(s, 4096) for s in socks]
+        for s in socks:
+            s.close()
+        return replies
+
+    replies, server, _ = run(serve(tmp_path, body, timeout_s=5.0))
+    adopter: Adopter = server.adopter  # type: ignore[assignment]
+    assert replies == [b"CALLERID/1 verdict=allow reason=root msg=\n"] * n
+    assert adopter.most == 3
+    assert len(adopter.order) == n and server.in_flight == 0 and server.active == 0
+
+
+def test_queued_requests_are_still_bounded_by_their_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(handlers, "MAX_ACTIVE", 1)
+
+    async def body(server: PamServer, adopter: Adopter, path: str) -> list[bytes]:
+        adopter.gate.clear()  # the one active decision hangs: the queued one must not wait
+        return list(await asyncio.gather(exchange(path, LINE), exchange(path, LINE)))
+
+    replies, server, out = run(serve(tmp_path, body))
+    assert replies == [b"CALLERID/1 verdict=error reason=timeout msg=\n"] * 2
+    assert out.getvalue().count("CALLERID_REASON=timeout") == 2
+    adopter: Adopter = server.adopter  # type: ignore[assignment]
+    assert adopter.cancelled == 1 and server.active == 0 and not server.queued
