@@ -126,6 +126,7 @@ def test_a_liveness_probe_gets_no_answer_and_leaves_nothing(tmp_path: Path) -> N
         return await exchange(path, b"")
 
     reply, server, out = run(serve(tmp_path, body))
+    assert out.getvalue() == ""  # nothing to journal
     assert reply == b"" and server.in_flight == 0 and server.malformed == 0
 
 
