@@ -61,7 +61,7 @@ def parts() -> list[Part]:
         ]
         out.append(Part(f"resolution-{sockets}", argv, 300, [*argv[:-1], "5"]))
     out += [
-        Part("storm", ["storm.py"], 300, ["storm.py", "--requests", "5"]),
+        Part("storm", ["storm.py"], 300, ["storm.py", "--requests", "2"]),
         Part(
             "scale",
             ["scale.py", "--agents", "200", "--agents", "1000"],

@@ -14,7 +14,10 @@ What runs (all real processes, real sockets):
   CPU on its side of each request than the agent's own PAM path, on the same two cores;
 * at "go", every monitor keeps `--inflight` PAM requests open at once on b's agent socket
   (one unix connection each, the exact line pam_callerid.so sends) until it has sent
-  `--requests`; so `connections x inflight` requests are in flight together (1,000 by default).
+  `--requests`; so `connections x inflight` requests are in flight together. The default is
+  what 1,000 logins at once are: 1,000 monitors with one request each in flight (6 rounds, so
+  that the rate is not only the first round's cold start). More than one in flight per monitor
+  also works, but gives each monitor unix sockets a real one does not hold.
 
 The agent resolves each request as it would a real login: SO_PEERCRED pid -> the monitor's TCP
 connection (its parent holds the listener) -> CallerIdQuery to "a" -> "a" finds the client
@@ -23,8 +26,8 @@ request counts as an error unless it is `verdict=adopt reason=callerid job=<the 
 
 Reported: decisions/s (all requests over the wall time from "go" to the last reply), the
 client-side round trip p50/p99, the agent's own CALLERID_LATENCY_US p50/p99, errors, and the
-peer status counts. Reproduce (root):  .venv/bin/python bench/storm.py [--connections 100]
-[--inflight 10] [--requests 20]
+peer status counts, and the CPU per decision of both agents and of the monitors. Reproduce
+(root):  .venv/bin/python bench/storm.py [--connections 1000] [--inflight 1] [--requests 6]
 """
 
 from __future__ import annotations
@@ -310,10 +313,10 @@ def mem_text(pid: int) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--connections", type=int, default=100, help="monitors on b (one conn each)")
+    ap.add_argument("--connections", type=int, default=1000, help="monitors on b (one conn each)")
     ap.add_argument("--per-client", type=int, default=10, help="connections per client on a")
-    ap.add_argument("--inflight", type=int, default=10, help="requests in flight per monitor")
-    ap.add_argument("--requests", type=int, default=20, help="requests per monitor")
+    ap.add_argument("--inflight", type=int, default=1, help="requests in flight per monitor")
+    ap.add_argument("--requests", type=int, default=6, help="requests per monitor")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--profile", type=Path, help="py-spy both agents; raw stacks into this dir")
     args = ap.parse_args()
