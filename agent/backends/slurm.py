@@ -7,6 +7,11 @@ What pam_slurm_adopt does, with our own bounds and checks (reference/slurm.md se
   connection per extern step, all at once), the start time is the socket's ctime (as 26.05
   does; ties go to the higher job id, `Job.sort_key`). A stale socket (no listener, or gone) is
   skipped; so is a stepd that does not answer in time (logged: it could not adopt anyway).
+  A step's owner never changes, so an answer is remembered for OWNER_TTL_S by the socket
+  file's identity (path, inode, ctime: a requeued job's new stepd makes a new file); the
+  listing itself is read at every call, so an ended step drops out at once. (A stepd that
+  died without removing its socket is still listed until the memory expires; adopting into
+  it fails, as it would have.)
 - The job of a pid: ``/proc/<pid>/cgroup`` when it shows ``.../job_<J>/step_...`` (Slurm's
   cgroup layouts, v1 and v2), confirmed and described by job J's stepd; otherwise every stepd
   of the node is asked PID_IN_CONTAINER and DAEMON_PID (as slurmd's own pid-to-job lookup does).
@@ -67,6 +72,14 @@ _SOCKET_NAME = re.compile(r"(?P<node>.+)_(?P<job>\d+)\.(?P<step>\d+)(?:\.(?P<het
 _STALE_ERRNOS = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR})
 _CLOSED_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET})
 _RECV_SIZE = 65536
+
+
+OWNER_TTL_S = 10.0  # how long a step's owner (STEP_UID) is remembered
+_MAX_OWNERS = 65536
+
+
+def _identity(sock: StepSocket) -> tuple[str, int, float]:
+    return (str(sock.path), sock.inode, sock.ctime)
 
 
 class StaleSocket(JobVanished):
@@ -237,6 +250,7 @@ class StepSocket:
     job: str
     step: int
     ctime: float
+    inode: int = 0
 
     @property
     def is_extern(self) -> bool:
@@ -264,7 +278,9 @@ def list_step_sockets(spool_dir: Path) -> list[StepSocket]:
             continue  # the step ended meanwhile
         if stat.S_ISSOCK(st.st_mode):
             found.append(
-                StepSocket(Path(entry.path), m["node"], m["job"], int(m["step"]), st.st_ctime)
+                StepSocket(
+                    Path(entry.path), m["node"], m["job"], int(m["step"]), st.st_ctime, st.st_ino
+                )
             )
     return sorted(found, key=lambda s: (not s.is_extern, int(s.job), s.step))
 
@@ -292,6 +308,7 @@ class SlurmBackend:
     def __init__(self, cfg: SlurmBackendConfig, *, proc_root: Path = Path("/proc")) -> None:
         self._proc = proc_root
         self._timeout = cfg.timeout_ms / 1000
+        self._uids: dict[tuple[str, int, float], tuple[float, int]] = {}  # socket -> owner
         self._version = cfg.protocol_version or stepd.DEFAULT_PROTOCOL_VERSION
         self._host = socket.gethostname().split(".")[0]
         self._node = cfg.node_name
@@ -350,7 +367,7 @@ class SlurmBackend:
                 raise
             msg = f"job {job.id} ended while adopting pid {pid}: {exc}"
             raise JobVanished(msg) from exc
-        log.info("adopted pid %d into job %s (%s)", pid, job.id, sock.path)
+        log.debug("adopted pid %d into job %s (%s)", pid, job.id, sock.path)
 
     def close(self) -> None:
         """Nothing to release: every connection is closed when its call ends."""
@@ -369,9 +386,25 @@ class SlurmBackend:
         return [s for s in found if s.node == node]
 
     def _owners(self, sockets: list[StepSocket], deadline: float) -> dict[Path, int]:
-        """STEP_UID of every socket that answers in time (the others are skipped)."""
-        asked = self._ask(sockets, lambda _s: [stepd.step_uid()], deadline)
-        return {s.path: values[0] for s, values in asked.items()}
+        """STEP_UID of every socket that answers in time (the others are skipped); answers
+        are remembered for OWNER_TTL_S by the socket file's identity."""
+        now = time.monotonic()
+        owners: dict[Path, int] = {}
+        unknown = []
+        for sock in sockets:
+            hit = self._uids.get(_identity(sock))
+            if hit is not None and now < hit[0]:
+                owners[sock.path] = hit[1]
+            else:
+                unknown.append(sock)
+        if unknown:
+            asked = self._ask(unknown, lambda _s: [stepd.step_uid()], deadline)
+            if len(self._uids) + len(asked) > _MAX_OWNERS:
+                self._uids.clear()
+            for sock, values in asked.items():
+                owners[sock.path] = values[0]
+                self._uids[_identity(sock)] = (now + OWNER_TTL_S, values[0])
+        return owners
 
     def _ask(
         self,

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from callerid.agent.backends import slurm as slurm_backend
 from callerid.agent.backends import stepd
 from callerid.agent.backends.base import Backend, BackendError, Job, JobVanished
 from callerid.agent.backends.slurm import (
@@ -408,6 +409,28 @@ def test_fake_stepd_adopt_and_list(spool: Path) -> None:
         assert [j.id for j in backend.jobs_of(UID)] == ["7"]
         backend.adopt(os.getpid(), backend.jobs_of(UID)[0])
         assert fake.adopted == [os.getpid()]
+
+
+def test_a_steps_owner_is_asked_once_and_a_new_stepd_is_asked_again(
+    spool: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = _fake_backend(spool)
+    with FakeStepd(_ext(spool, 7), uid=UID) as fake:
+        for _ in range(3):
+            assert [j.id for j in backend.jobs_of(UID)] == ["7"]
+        assert [r for r, _arg in fake.requests] == [stepd.Request.STEP_UID]
+    assert backend.jobs_of(UID) == []  # the step ended: its socket is gone, so is the job
+    with FakeStepd(_ext(spool, 7), uid=UID + 1) as again:  # requeued under another owner
+        assert backend.jobs_of(UID) == []
+        assert [j.uid for j in backend.jobs_of(UID + 1)] == [UID + 1]
+        assert [r for r, _arg in again.requests] == [stepd.Request.STEP_UID]
+        monkeypatch.setattr(
+            slurm_backend, "OWNER_TTL_S", 0.0
+        )  # remembered no time: asked every time
+        fresh = _fake_backend(spool)
+        fresh.jobs_of(UID + 1)
+        fresh.jobs_of(UID + 1)
+        assert [r for r, _arg in again.requests] == [stepd.Request.STEP_UID] * 3
 
 
 def test_fake_stepd_wrong_owner_never_sees_add_extern_pid(spool: Path) -> None:
