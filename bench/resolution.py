@@ -13,12 +13,14 @@ same language: parse /proc/net/tcp then tcp6 line by line for the 4-tuple's inod
 readdir(/proc) in order and stat() every /proc/<pid>/fd/* until one has that inode.
 
 Reproduce:  sudo .venv/bin/python bench/resolution.py [--sleepers 2000] [--sockets 10000]
-            [--scenarios default,uid,fallback,fresh,farm] [--json PATH]
+            [--scenarios default,uid,fallback,fresh,fresh-cold,farm] [--json PATH]
 
 `make bench` (bench/run.py) runs it at three node sizes: 1k sockets / 500 processes,
-10k / 2k and 50k / 10k, scenario "default" only, and puts the p50/p99 of both columns into
-its table (``--json``). The sleepers are started by one shell (one process group), so
-10k of them cost neither 10k pipes nor 10k Popen objects here.
+10k / 2k and 50k / 10k, scenarios "fresh-cold" (the table's row: a fresh process's socket,
+nothing remembered from earlier searches, as for a single login), "fresh-default" and
+"default" (repeated queries, partly answered from what earlier searches remembered), and puts
+the p50/p99 of both columns into its table (``--json``). The sleepers are started by one
+shell (one process group), so 10k of them cost neither 10k pipes nor 10k Popen objects here.
 """
 
 from __future__ import annotations
@@ -278,8 +280,13 @@ def timed(
     return p50, p99, wrong
 
 
-def ours(ni: NetInfo) -> Callable[[Endpoint, Endpoint], int | None]:
+def ours(ni: NetInfo, *, cold: bool = False) -> Callable[[Endpoint, Endpoint], int | None]:
+    """``cold``: every lookup as the first one for its socket (nothing remembered of earlier
+    searches), as for the one query of a single ssh login."""
+
     def run(src: Endpoint, dst: Endpoint) -> int | None:
+        if cold:
+            ni._holders.clear()  # the memo of sockets seen while searching
         owner = ni.socket_owner("tcp", src, dst)
         return None if owner is None else owner.pid
 
@@ -292,6 +299,7 @@ SCENARIOS = {
     "fallback": "job targets, /proc/net fallback + uid scan",
     "fresh": "fresh target process, uid scan",
     "fresh-default": "fresh target process, default",
+    "fresh-cold": "fresh target process, first query for its socket",
     "farm": "farm sockets (root, 2000 fds/holder)",
 }
 
@@ -377,6 +385,7 @@ def main() -> None:
             "fallback": (ours(no_nl), targets),
             "fresh": (ours(no_cg), fresh),
             "fresh-default": (ours(default), fresh),
+            "fresh-cold": (ours(default, cold=True), fresh),
             "farm": (ours(default), farm),
         }
         print(

@@ -55,7 +55,7 @@ def parts() -> list[Part]:
             "--sleepers",
             procs,
             "--scenarios",
-            "fresh-default,default",
+            "fresh-cold,fresh-default,default",
             "--slurm-lookups",
             slurm_n,
         ]

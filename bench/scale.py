@@ -486,11 +486,13 @@ def rows(results: list[dict[str, Any]]) -> list[Row]:
     for res in results:
         n, w, m, light = res["agents"], res["warm"], res["mem"], res["light"]["warm"]
         fit = "" if n == res["wanted"] else f" (only {n} of {res['wanted']} fit in memory)"
-        src_rss = max(res["source_mem"][0], res["source_mem_light"][0])
+        src_rss = res["source_mem"][0]  # with the N peer agents connected
+        both_rss = res["source_mem_light"][0]  # with N more client-only peers as well
         ours = (
             f"source answers {n} at once: p99 {light['p99']:.0f} ms; logins all done p99 "
             f"{w['p99']:.0f} ms, {w['callerid']}/{n} callerid; RSS/agent "
-            f"{m['rss_median']:.0f} MB (USS {m['uss_median']:.0f}), source {src_rss:.0f} MB"
+            f"{m['rss_median']:.0f} MB (USS {m['uss_median']:.0f}), source {src_rss:.0f} MB "
+            f"with {n} peers connected ({both_rss:.0f} MB with {2 * n})"
         )
         out.append(
             Row(
