@@ -187,6 +187,10 @@ class Adopter:
                 self._users.popitem(last=False)
         return facts
 
+    def forget_users(self) -> None:
+        """Drop the remembered users (SIGHUP: the policy's groups may have changed, or NSS)."""
+        self._users.clear()
+
     def _user_facts(self, user: str) -> policy.Facts:
         try:
             pw = pwd.getpwnam(user)

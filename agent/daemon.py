@@ -143,6 +143,7 @@ class Agent:
                     log.warning("reload: %s changed; it takes effect at the next restart", key)
             self.cfg = new
             self.adopter.cfg = new
+        self.adopter.forget_users()  # exempt_groups, or the users' groups, may have changed
         self.peers = PeerTable.load(self.cfg.keys.authorized)
         self.client.peers = self.peers
         self.mesh.reload_keys(self.peers)

@@ -69,3 +69,11 @@ def test_the_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     users(adopter, ["u1", "u2", "u3", "u4", "u1"])
     assert looked == ["u1", "u2", "u3", "u4", "u1"]  # u1 was the oldest: forgotten
     assert list(adopter._users) == ["u3", "u4", "u1"]
+
+
+def test_forget_users_makes_the_next_login_ask_again() -> None:
+    adopter, looked = make(Clock())
+    users(adopter, ["alice"])
+    adopter.forget_users()
+    users(adopter, ["alice"])
+    assert looked == ["alice", "alice"]
