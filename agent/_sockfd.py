@@ -63,22 +63,17 @@ def _getfd(pidfd: int, fd: int) -> int:
 
 
 def _facts(dup: int) -> SockFacts | None:
-    """Facts of the socket ``dup`` (closed here), None if it is not inet TCP/UDP.
-
-    A socket object given its family and type asks the kernel nothing when it is made, so a
-    unix socket (most of an sshd monitor's sockets) costs two getsockopt calls; an inet one
-    gets an object of its real family (Python sizes address buffers by it)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, dup)
+    """Facts of the socket ``dup`` (closed here), None if it is not inet TCP/UDP (`inet_fds`
+    has already skipped the unix sockets, so this is nearly always the connection itself)."""
     try:
-        family = probe.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
-        kind = probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-    finally:
-        probe.detach()
-    if family not in (socket.AF_INET, socket.AF_INET6) or kind not in _KINDS:
+        sock = socket.socket(fileno=dup)  # the kernel tells its family, type and protocol
+    except OSError:  # the fd number was reused for something else meanwhile (ENOTSOCK)
         os.close(dup)
         return None
-    sock = socket.socket(family, kind, 0, dup)
     with sock:
+        family, kind = sock.family, sock.type
+        if family not in (socket.AF_INET, socket.AF_INET6) or kind not in _KINDS:
+            return None
         st = os.fstat(dup)
         local = sock.getsockname()[:2]
         unset = ("::" if family == socket.AF_INET6 else "0.0.0.0", 0)

@@ -192,9 +192,6 @@ class NetInfo(SourceSide):
             os.close(dirfd)
         return out
 
-    def _socket_inodes(self, pid: int) -> frozenset[int]:
-        return frozenset(self._socket_fds(pid).values())
-
     def _fd_connections(self, pid: int, fds: dict[int, int]) -> list[Connection] | None:
         """The inet sockets of ``pid`` read through pidfd_getfd; None when unavailable."""
         if not self._use_pidfd or not fds:

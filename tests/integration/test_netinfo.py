@@ -648,3 +648,16 @@ def test_inet_fds_keeps_only_tcp_and_udp_sockets() -> None:
         fds = [s.fileno() for s in made.values()] + [gone]
         kept = _sockfd.inet_fds(f"/proc/{os.getpid()}", fds)
         assert kept == [made[k].fileno() for k in ("tcp", "tcp6", "udp")]
+
+
+def test_socket_facts_skips_an_fd_that_is_no_longer_a_socket() -> None:
+    r, w = os.pipe()  # an fd number the caller thought was a socket
+    with socket.socket() as tcp:
+        try:
+            before = len(os.listdir("/proc/self/fd"))
+            facts = _sockfd.socket_facts(os.getpid(), [r, tcp.fileno()])
+            assert [f.inode for f in facts] == [os.fstat(tcp.fileno()).st_ino]
+            assert len(os.listdir("/proc/self/fd")) == before  # no borrowed fd left open
+        finally:
+            os.close(r)
+            os.close(w)
