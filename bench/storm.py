@@ -300,6 +300,8 @@ def rows(args: argparse.Namespace, res: dict[str, Any]) -> list[Row]:
             notes=[
                 f"peer status {res['peer_status']}, reasons {res['reasons']}",
                 f"CPU ms per decision: {res['cpu_ms_per_request']}",
+                f"agent b's capacity: {1000 / max(1e-6, res['cpu_ms_per_request']['b']):.0f} "
+                "decisions/s per core of CPU",
                 f"agent RSS/PSS/USS after the storm: {res.get('rss', {})}",
             ],
         )
@@ -327,6 +329,8 @@ def main() -> int:
         for job in ("42", "43"):
             ta.add_job(job, user.uid)
             tb.add_job(job, user.uid)
+            # as on a Slurm node, where the extern step holds a sleeping slurmstepd child
+            tb.spawn_in(job, "step_extern", ["sleep", "infinity"], user=user)
         with LoopbackAgents({"a": ta, "b": tb}, extra={"pam_timeout_ms": 2000}) as agents:
             res = storm(agents, ta, user, args)
             res["rss"] = {n: mem_text(p.pid) for n, p in agents.procs.items()}
@@ -344,6 +348,11 @@ def main() -> int:
     print(f"  peer status: {res['peer_status']}  reasons: {res['reasons']}")
     cpu = ", ".join(f"{k} {v:.2f}" for k, v in res["cpu_ms_per_request"].items())
     print(f"  CPU ms per request: {cpu}")
+    per_core = 1000 / max(1e-6, res["cpu_ms_per_request"].get("b", 0.0))
+    print(
+        f"  agent b's own capacity: {per_core:.0f} decisions/s per core of CPU (its CPU per "
+        f"decision; here the source agent and the monitors share the same {os.cpu_count()} cores)"
+    )
     print(f"  agent RSS/PSS/USS after the storm: {res['rss']}")
     if res["bad_examples"]:
         print(f"  examples of errors: {res['bad_examples']}")
