@@ -110,8 +110,10 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     print(f"asked: {asked['sockets_opened']} connections opened, "
           f"{asked['negative_cache_hits']} skipped (no agent there)")  # fmt: skip
     journald = "on" if body["journald"] else "OFF"
-    print(f"PAM socket: {pam['in_flight']} in flight, {pam['refused']} refused, "
-          f"{pam['malformed']} malformed; journald {journald}")  # fmt: skip
+    print(f"PAM socket: {pam['in_flight']} in flight ({pam['waiting']} waiting their turn), "
+          f"{pam['refused']} refused, {pam['malformed']} malformed, {pam['abandoned']} given "
+          f"up by the client before their turn, {pam['accept_errors']} accept errors; "
+          f"journald {journald}")  # fmt: skip
     return 0
 
 

@@ -123,8 +123,11 @@ class Agent:
             "asked": dataclasses.asdict(self.client.stats),
             "pam": {
                 "in_flight": self.pam.in_flight,
+                "waiting": len(self.pam.queued),
                 "refused": self.pam.refused,
                 "malformed": self.pam.malformed,
+                "abandoned": self.pam.abandoned,
+                "accept_errors": self.pam.accept_errors,
             },
             "journald": self.journal.journald_running,
         }

@@ -137,6 +137,7 @@ class PamServer:
         self.refused = 0
         self.malformed = 0
         self.accept_errors = 0
+        self.abandoned = 0  # queued requests whose client left before their turn
         self.status: Callable[[], dict[str, object]] | None = None  # set by the daemon
         self.active = 0
         self.queued: collections.deque[_PamConnection] = collections.deque()
@@ -222,13 +223,21 @@ class PamServer:
             self.queued.append(conn)
 
     def _release(self) -> None:
-        """A decision ended: start the next queued one still waiting."""
+        """A decision ended: start the next queued one still waiting (one whose client has
+        gone meanwhile, having given up on its own deadline, is dropped undecided: under
+        overload, work nobody waits for would only make the queue longer)."""
         self.active -= 1
         while self.queued and self.active < MAX_ACTIVE:
             conn = self.queued.popleft()
-            if conn.state == "queued":
-                self.active += 1
-                conn.start()
+            if conn.state != "queued":
+                continue
+            if conn.client_gone():
+                self.abandoned += 1
+                log.debug("pid %d gave up before its turn; not decided", conn.pid)
+                conn._finish(None)
+                continue
+            self.active += 1
+            conn.start()
 
     def _begin(self) -> None:
         self.in_flight += 1
@@ -387,6 +396,15 @@ class _PamConnection:
                 self._finish(None)  # connected and closed without a word (a liveness probe)
         elif self.state == "discard":
             self._finish(self.pending)
+
+    def client_gone(self) -> bool:
+        """Whether the client closed its end (peeked at, nothing consumed)."""
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False  # still there, waiting for its answer
+        except OSError:
+            return True  # reset
 
     def start(self) -> None:
         assert self.req is not None

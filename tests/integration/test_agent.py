@@ -416,8 +416,10 @@ def test_calleridctl_status(agents: LoopbackAgents) -> None:
     assert body["node"] == "b" and body["backend"] == "cgroup" and body["peers"] == 2
     assert body["pid"] == agents.procs["b"].pid
     assert body["served"]["answered"] >= 0 and "in_flight" in body["pam"]
+    assert {"waiting", "abandoned", "accept_errors"} <= body["pam"].keys()
     r = ctl(agents, "b", "status")
     assert r.returncode == 0 and r.stdout.startswith("callerid-agent ")
+    assert "waiting their turn" in r.stdout and "given up by the client" in r.stdout
     assert "on b, pid" in r.stdout and "2 authorized peers" in r.stdout
     cfg = agents.config("b")
     cfg.write_text(cfg.read_text().replace(str(agents.socket("b")), "/nonexistent/agent.sock"))

@@ -203,3 +203,31 @@ def test_queued_requests_are_still_bounded_by_their_deadline(
     assert out.getvalue().count("CALLERID_REASON=timeout") == 2
     adopter: Adopter = server.adopter  # type: ignore[assignment]
     assert adopter.cancelled == 1 and server.active == 0 and not server.queued
+
+
+def test_a_queued_request_whose_client_left_is_not_decided(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(handlers, "MAX_ACTIVE", 1)
+
+    async def body(server: PamServer, adopter: Adopter, path: str) -> bytes:
+        adopter.gate.clear()
+        first = asyncio.ensure_future(exchange(path, LINE, close_write=False))
+        while server.active < 1:
+            await asyncio.sleep(0.001)
+        _reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(LINE)
+        await writer.drain()
+        while len(server.queued) < 1:
+            await asyncio.sleep(0.001)
+        writer.close()  # gives up before its turn
+        await writer.wait_closed()
+        adopter.gate.set()
+        return await first
+
+    reply, server, out = run(serve(tmp_path, body, timeout_s=5.0))
+    adopter: Adopter = server.adopter  # type: ignore[assignment]
+    assert reply == b"CALLERID/1 verdict=allow reason=root msg=\n"
+    assert len(adopter.order) == 1 and server.abandoned == 1
+    assert server.in_flight == 0 and server.active == 0 and not server.queued
+    assert out.getvalue().count("CALLERID_DECISION=") == 1  # only the decided one
