@@ -215,7 +215,7 @@ class SourceSide(ProcReader):
         try:
             pids = sorted(self._pids(procfd), reverse=True)  # newest first: ssh just started
             for pid in pids:
-                if pid not in scanned and self._owner_uid(pid, procfd) == sock.uid:
+                if pid not in scanned and self.owner_uid(pid, procfd) == sock.uid:
                     scanned.add(pid)
                     if self._scan(pid, target):
                         return self._topmost(pid, target)
@@ -227,13 +227,13 @@ class SourceSide(ProcReader):
     def _topmost(self, pid: int, target: str) -> tuple[int, str | None]:
         """Climb from a holder while its parent (of the same uid) holds the same socket too;
         the topmost holder and its comm (None if it could not be read)."""
-        uid = self._owner_uid(pid)
+        uid = self.owner_uid(pid)
         for _ in range(MAX_DEPTH):
             try:
                 comm, ppid, _ = self._stat(pid)
             except NetinfoError:
                 return pid, None
-            if ppid <= 1 or self._owner_uid(ppid) != uid or not self._holds(ppid, target):
+            if ppid <= 1 or self.owner_uid(ppid) != uid or not self._holds(ppid, target):
                 return pid, comm
             pid = ppid
         return pid, None
@@ -247,8 +247,8 @@ class SourceSide(ProcReader):
         """
         found = False
         try:
-            dirfd = os.open(f"{self._rs}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
+            dirfd = self._fd_dir(pid)
+        except NetinfoError:  # ProcessGone included
             return False
         try:
             for name in os.listdir(dirfd):
@@ -277,7 +277,7 @@ class SourceSide(ProcReader):
         """Whether ``pid`` has an fd linking to ``target``; False if it vanished."""
         try:
             return any(link == target for link in self._fd_links(pid))
-        except OSError:
+        except (OSError, NetinfoError):
             return False
 
 

@@ -1,7 +1,9 @@
 """Process facts read from /proc: the base of `NetInfo` (see netinfo.py).
 
 `ProcReader` reads one process's stat/status/cgroup files with raw os calls, lists pids and
-fd links; `ProcessGone` and `NetinfoError` are the errors of all of netinfo.
+fd links; `ProcessGone` and `NetinfoError` are the errors of all of netinfo. The backends use
+it too (`read_proc`, `ProcReader.start_time`, `.owner_uid`, `.cgroup_text`): one reader of
+/proc for the whole agent.
 """
 
 from __future__ import annotations
@@ -15,11 +17,31 @@ from typing import Final
 
 from callerid.agent import _sockdiag as sd
 
-__all__ = ["NetinfoError", "Proc", "ProcInfo", "ProcReader", "ProcessGone"]
+__all__ = ["NetinfoError", "Proc", "ProcInfo", "ProcReader", "ProcessGone", "read_proc"]
 
 MAX_DEPTH: Final = 512  # bound on ancestor walks (a pid chain cannot really be this long)
 _READ_CHUNK: Final = 8192
 _CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
+
+
+def read_proc(path: str) -> str | None:
+    """The text of a /proc file, or None when its process is gone; other OSErrors raise.
+
+    Raw os calls, no buffered file object: a login reads several of these, and open() would
+    add an fstat, an ioctl and an lseek to each."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    try:
+        chunks = [os.read(fd, _READ_CHUNK)]
+        while chunks[-1]:
+            chunks.append(os.read(fd, _READ_CHUNK))
+    except ProcessLookupError:
+        return None
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", "replace")
 
 
 class NetinfoError(Exception):
@@ -65,29 +87,18 @@ class ProcReader:
         self._lock = threading.Lock()
 
     def _read(self, pid: int, name: str) -> str:
-        """A /proc/<pid> file's text: raw os calls, no buffered file object (a login reads
-        several of these; open() would add an fstat, an ioctl and an lseek to each)."""
+        """/proc/<pid>/<name>; ProcessGone if the process is gone."""
         try:
-            fd = os.open(f"{self._rs}/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, ProcessLookupError) as exc:
-            raise ProcessGone(pid) from exc
+            text = read_proc(f"{self._rs}/{pid}/{name}")
         except OSError as exc:
             msg = f"cannot read /proc/{pid}/{name}: {exc.strerror}"
             raise NetinfoError(msg) from exc
-        try:
-            chunks = [os.read(fd, _READ_CHUNK)]
-            while len(chunks[-1]) == _READ_CHUNK:
-                chunks.append(os.read(fd, _READ_CHUNK))
-        except ProcessLookupError as exc:
-            raise ProcessGone(pid) from exc
-        except OSError as exc:
-            msg = f"cannot read /proc/{pid}/{name}: {exc.strerror}"
-            raise NetinfoError(msg) from exc
-        finally:
-            os.close(fd)
-        return b"".join(chunks).decode("utf-8", "replace")
+        if text is None:
+            raise ProcessGone(pid)
+        return text
 
-    def _boot_time(self) -> float:
+    def boot_time(self) -> float:
+        """Boot time, epoch seconds (/proc/stat's btime, read once: it would drift)."""
         if self._btime is None:
             for line in (self._root / "stat").read_text().splitlines():
                 if line.startswith("btime "):
@@ -119,7 +130,7 @@ class ProcReader:
         return ProcInfo(pid=pid, ppid=ppid, uid=uid, comm=comm, start_time=self._start(ticks))
 
     def _start(self, ticks: int) -> float:
-        return self._boot_time() + ticks / _CLK_TCK
+        return self.boot_time() + ticks / _CLK_TCK
 
     def _brief(self, pid: int) -> Proc:
         """`process` without the uid (one file read instead of two): a chain member's facts."""
@@ -150,7 +161,7 @@ class ProcReader:
     def _pids(self, dirfd: int | None = None) -> list[int]:
         return [int(n) for n in os.listdir(self._rs if dirfd is None else dirfd) if n.isdigit()]
 
-    def _owner_uid(self, pid: int, dirfd: int | None = None) -> int | None:
+    def owner_uid(self, pid: int, dirfd: int | None = None) -> int | None:
         """Owner of /proc/<pid>: the effective uid; ``dirfd`` (open /proc) saves a path walk."""
         try:
             if dirfd is None:
@@ -159,16 +170,35 @@ class ProcReader:
         except OSError:
             return None
 
+    def start_time(self, pid: int) -> float | None:
+        """Start of ``pid`` (epoch seconds), or None when it is gone or unreadable."""
+        try:
+            return self._start(self._stat(pid)[2])
+        except NetinfoError:
+            return None
+
+    def cgroup_text(self, pid: int) -> str | None:
+        """/proc/<pid>/cgroup as it is, or None when the process is gone."""
+        return read_proc(f"{self._rs}/{pid}/cgroup")
+
     def pids_of_uid(self, uid: int) -> list[int]:
         """Pids whose /proc/<pid> is owned by ``uid`` (its effective uid, if dumpable)."""
-        return sorted(p for p in self._pids() if self._owner_uid(p) == uid)
+        return sorted(p for p in self._pids() if self.owner_uid(p) == uid)
+
+    def _fd_dir(self, pid: int) -> int:
+        """An open /proc/<pid>/fd (readlink relative to it is ~30% faster); the caller closes
+        it. ProcessGone if the process is gone, NetinfoError if it cannot be opened."""
+        try:
+            return os.open(f"{self._rs}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError) as exc:
+            raise ProcessGone(pid) from exc
+        except OSError as exc:
+            msg = f"cannot list /proc/{pid}/fd: {exc.strerror}"
+            raise NetinfoError(msg) from exc
 
     def _fd_links(self, pid: int) -> Iterator[str]:
-        """Targets of /proc/<pid>/fd/* (readlink relative to the open directory: ~30% faster).
-
-        Raises OSError if the fd directory cannot be opened; fds closed meanwhile are skipped.
-        """
-        dirfd = os.open(f"{self._rs}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        """Targets of /proc/<pid>/fd/*; fds closed meanwhile are skipped. Raises as `_fd_dir`."""
+        dirfd = self._fd_dir(pid)
         try:
             for name in os.listdir(dirfd):
                 try:

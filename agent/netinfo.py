@@ -173,13 +173,7 @@ class NetInfo(SourceSide):
     def _socket_fds(self, pid: int) -> dict[int, int]:
         """fd number -> socket inode, for every socket fd of ``pid``."""
         out: dict[int, int] = {}
-        try:
-            dirfd = os.open(f"{self._rs}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except (FileNotFoundError, ProcessLookupError) as exc:
-            raise ProcessGone(pid) from exc
-        except OSError as exc:
-            msg = f"cannot list /proc/{pid}/fd: {exc.strerror}"
-            raise NetinfoError(msg) from exc
+        dirfd = self._fd_dir(pid)
         try:
             for name in os.listdir(dirfd):
                 try:

@@ -37,6 +37,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from callerid.agent._procfs import NetinfoError, ProcReader
 from callerid.agent.backends._cglayout import (
     JOB_ID_RE,
     Hierarchy,
@@ -87,13 +88,16 @@ class CgroupBackend:
             msg = f"backend.cgroup.extern: {cfg.extern!r} is not a directory name"
             raise BackendError(msg)
         self._extern = cfg.extern
-        self._proc = proc_root
+        self._procs = ProcReader(proc_root)
         mounts = parse_mountinfo(_read_text(proc_root / "self" / "mountinfo"))
         self.layout = detect_layout(os.path.realpath(cfg.root), mounts)
-        self._btime = _boot_time(proc_root)
+        try:
+            self._procs.boot_time()  # read once, now: a /proc without it is a set-up error
+        except (OSError, NetinfoError) as exc:
+            msg = f"cannot read the boot time from {proc_root}/stat: {exc}"
+            raise BackendError(msg) from exc
         self._known: dict[tuple[str, int], tuple[int, float]] = {}  # job dir -> (uid, start)
         self._externs: dict[tuple[str, int], tuple[float, list[tuple[Hierarchy, str]]]] = {}
-        self._hz = os.sysconf("SC_CLK_TCK")
         log.info(
             "cgroup backend: %s, hierarchies %s, jobs %s",
             self.layout.mode,
@@ -117,7 +121,7 @@ class CgroupBackend:
 
     def job_of_pid(self, pid: int) -> Job | None:
         """The job whose cgroup tree holds ``pid`` (first matching hierarchy), or None."""
-        text = _read_proc_cgroup(self._proc, pid)
+        text = self._procs.cgroup_text(pid)
         if text is None:
             return None
         # a v2 layout needs only the "0::<path>" line: found without a full parse
@@ -237,25 +241,21 @@ class CgroupBackend:
                     "job %s (%s) has no user process: owner unknown, skipped", d.job_id, d.path
                 )
                 return None, False
-        starts = [t for p in pids if (t := self._start_time(p)) is not None]
+        starts = [t for p in pids if (t := self._procs.start_time(p)) is not None]
         if starts:
             return Job(d.job_id, uid, min(starts)), True
         # no process yet: the directory's creation time, not remembered (processes will come)
         return Job(d.job_id, uid, d.ctime), False
 
     def _owner(self, pids: list[int]) -> int | None:
-        counts = Counter(u for p in pids if (u := _proc_uid(self._proc, p)) not in (None, 0))
+        counts = Counter(u for p in pids if (u := self._procs.owner_uid(p)) not in (None, 0))
         if not counts:
             return None
         # the most common non-root uid; a tie goes to the lower uid
         return max(counts.items(), key=lambda kv: (kv[1], -kv[0]))[0]
 
-    def _start_time(self, pid: int) -> float | None:
-        ticks = _proc_start_ticks(self._proc, pid)
-        return None if ticks is None else self._btime + ticks / self._hz
-
     def _verify(self, pid: int, targets: list[tuple[Hierarchy, str]]) -> None:
-        text = _read_proc_cgroup(self._proc, pid)
+        text = self._procs.cgroup_text(pid)
         if text is None:
             msg = f"process {pid} vanished"
             raise BackendError(msg)
@@ -341,57 +341,9 @@ def _write_pid(extern: str, pid: int, job: Job) -> None:
         os.close(fd)
 
 
-# /proc readers (to move into netinfo)
-
-
 def _read_text(path: Path) -> str:
     try:
         return path.read_text()
     except OSError as exc:
         msg = f"cannot read {path}: {exc.strerror}"
         raise BackendError(msg) from exc
-
-
-def _boot_time(proc_root: Path) -> float:
-    """Boot time (epoch seconds) from /proc/stat's btime line (read once: it may drift)."""
-    btime = re.search(r"^btime (\d+)$", _read_text(proc_root / "stat"), re.MULTILINE)
-    if btime is None:
-        msg = f"no btime line in {proc_root / 'stat'}"
-        raise BackendError(msg)
-    return float(btime.group(1))
-
-
-def _read_proc_cgroup(proc_root: Path, pid: int) -> str | None:
-    """The text of /proc/<pid>/cgroup, or None when the process is gone (raw os calls: this
-    runs for every query a source answers)."""
-    try:
-        fd = os.open(f"{proc_root}/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    try:
-        chunks = [os.read(fd, 8192)]
-        while chunks[-1]:
-            chunks.append(os.read(fd, 8192))
-    except ProcessLookupError:
-        return None
-    finally:
-        os.close(fd)
-    return b"".join(chunks).decode("utf-8", "replace")
-
-
-def _proc_start_ticks(proc_root: Path, pid: int) -> int | None:
-    """Field 22 (starttime, clock ticks after boot) of /proc/<pid>/stat, or None."""
-    try:
-        text = (proc_root / str(pid) / "stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = text.rpartition(")")[2].split()  # fields from 3 (state) on; comm may hold ")"
-    return int(fields[19]) if len(fields) > 19 else None
-
-
-def _proc_uid(proc_root: Path, pid: int) -> int | None:
-    """The uid owning /proc/<pid> (the process's effective uid), or None when it is gone."""
-    try:
-        return (proc_root / str(pid)).stat().st_uid
-    except (FileNotFoundError, ProcessLookupError):
-        return None

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from callerid.agent._procfs import read_proc
 from callerid.agent.backends import stepd
 from callerid.agent.backends.base import BackendError, Job, JobVanished
 from callerid.agent.config import SlurmBackendConfig
@@ -338,7 +339,7 @@ class SlurmBackend:
     def job_of_pid(self, pid: int) -> Job | None:
         """The job ``pid`` runs in (any step), or None."""
         deadline = time.monotonic() + self._timeout
-        text = _read_proc_cgroup(self._proc, pid)
+        text = read_proc(f"{self._proc}/{pid}/cgroup")
         if text is None:
             return None  # the process is gone
         sockets = self._sockets()
@@ -517,14 +518,3 @@ def job_from_cgroup(text: str) -> str | None:
     """
     found = {m.group(1) for line in text.splitlines() if (m := _CGROUP_JOB.search(line))}
     return found.pop() if len(found) == 1 else None
-
-
-# /proc readers (to move into netinfo)
-
-
-def _read_proc_cgroup(proc_root: Path, pid: int) -> str | None:
-    """The text of /proc/<pid>/cgroup, or None when the process is gone."""
-    try:
-        return (proc_root / str(pid) / "cgroup").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
