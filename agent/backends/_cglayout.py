@@ -206,16 +206,13 @@ class Hierarchy:
             return None
         return cgroup_path[len(prefix) :].strip("/") or None
 
-    def cgroup_path(self, directory: Path | str) -> str:
+    def cgroup_path(self, directory: str) -> str:
         """The /proc/<pid>/cgroup path of a directory below `base`."""
-        if isinstance(directory, str):  # the hot path: plain string work, no pathlib
-            base = str(self.base).rstrip("/")
-            if not directory.startswith(base + "/"):
-                msg = f"{directory} is not below {base}"
-                raise ValueError(msg)
-            rel = directory[len(base) + 1 :].strip("/")
-        else:
-            rel = directory.relative_to(self.base).as_posix()
+        base = str(self.base).rstrip("/")
+        if not directory.startswith(base + "/"):
+            msg = f"{directory} is not below {base}"
+            raise ValueError(msg)
+        rel = directory[len(base) + 1 :].strip("/")
         return self.prefix.rstrip("/") + "/" + rel
 
 

@@ -224,7 +224,7 @@ def test_proc_cgroup_paths_per_hierarchy() -> None:
     assert inner.relative("/slurm/uid_5/job_9") == "uid_5/job_9"
     assert inner.relative("/slurmx/uid_5") is None
     assert inner.relative("/slurm") is None
-    assert inner.cgroup_path(Path("/sys/fs/cgroup/freezer/slurm/uid_5")) == "/slurm/uid_5"
+    assert inner.cgroup_path("/sys/fs/cgroup/freezer/slurm/uid_5") == "/slurm/uid_5"
 
 
 # --------------------------------------------------------------------------- a fake tree
