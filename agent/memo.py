@@ -1,0 +1,80 @@
+"""`Memo`: the one bounded memory with an expiry that every cache of the agent uses.
+
+A value is kept for ``ttl_s`` seconds from when it was put (``None``: until it is evicted),
+by the injected ``clock``; beyond ``max_entries`` the least recently used entry goes first.
+Each user of a memo says, where it makes one, why a remembered fact stays true that long.
+Safe to use from several threads (the source side may run in worker threads).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
+from typing import Generic, TypeVar
+
+__all__ = ["Memo"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class Memo(Generic[K, V]):
+    """A bounded key -> value memory with a time to live; see the module docstring."""
+
+    __slots__ = ("_clock", "_entries", "_lock", "max_entries", "ttl_s")
+
+    def __init__(
+        self, *, max_entries: int, ttl_s: float | None, clock: Callable[[], float]
+    ) -> None:
+        if max_entries < 1:
+            msg = f"max_entries must be at least 1, not {max_entries}"
+            raise ValueError(msg)
+        if ttl_s is not None and not ttl_s >= 0:
+            msg = f"ttl_s must be a number >= 0 or None, not {ttl_s}"
+            raise ValueError(msg)
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        """The value remembered for ``key``, or None (never put, expired or evicted)."""
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is None:
+                return None
+            if hit[0] <= self._clock():
+                del self._entries[key]
+                return None
+            self._entries.move_to_end(key)
+            return hit[1]
+
+    def put(self, key: K, value: V) -> None:
+        """Remember ``value`` for ``key`` from now on (for ``ttl_s``)."""
+        expires = math.inf if self.ttl_s is None else self._clock() + self.ttl_s
+        with self._lock:
+            self._entries[key] = (expires, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def pop(self, key: K) -> V | None:
+        """Forget ``key``; the value it had (even if expired), or None."""
+        with self._lock:
+            hit = self._entries.pop(key, None)
+        return None if hit is None else hit[1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[K]:
+        """The keys, least recently used first (expired ones included until looked at)."""
+        with self._lock:
+            return iter(list(self._entries))

@@ -1,0 +1,47 @@
+"""The one memo type: expiry by the injected clock, LRU bound, forgetting."""
+
+from __future__ import annotations
+
+import pytest
+
+from callerid.agent.memo import Memo
+from tests.fakes import FakeClock
+
+
+def test_a_value_lives_for_its_ttl() -> None:
+    clock = FakeClock()
+    memo: Memo[str, int] = Memo(max_entries=4, ttl_s=5.0, clock=clock)
+    memo.put("a", 1)
+    clock.advance(4.9)
+    assert memo.get("a") == 1
+    clock.advance(0.1)
+    assert memo.get("a") is None
+    assert len(memo) == 0
+
+
+def test_without_ttl_only_the_bound_forgets() -> None:
+    clock = FakeClock()
+    memo: Memo[int, str] = Memo(max_entries=3, ttl_s=None, clock=clock)
+    for k in (1, 2, 3):
+        memo.put(k, str(k))
+    clock.advance(1e9)
+    assert memo.get(1) == "1"  # used: now the most recent
+    memo.put(4, "4")
+    assert list(memo) == [3, 1, 4]  # 2 was the least recently used
+    assert memo.get(2) is None
+
+
+def test_pop_and_clear() -> None:
+    memo: Memo[str, int] = Memo(max_entries=2, ttl_s=1.0, clock=FakeClock())
+    memo.put("a", 1)
+    memo.put("b", 2)
+    assert memo.pop("a") == 1
+    assert memo.pop("a") is None
+    memo.clear()
+    assert memo.get("b") is None
+
+
+@pytest.mark.parametrize(("max_entries", "ttl_s"), [(0, 1.0), (1, -1.0), (1, float("nan"))])
+def test_bad_bounds_are_refused(max_entries: int, ttl_s: float) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        Memo(max_entries=max_entries, ttl_s=ttl_s, clock=FakeClock())
