@@ -56,7 +56,7 @@ demo: deps pam
 	$(PY) scripts/demo.py
 
 bench: deps pam
-	$(PY) bench/run.py
+	$(PY) -m bench.run
 
 $(PKG_APT_STAMP):
 	scripts/apt-install.sh $(PKG_APT_PACKAGES)

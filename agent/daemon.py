@@ -1,8 +1,9 @@
 """The imperative shell: composition root, event loop, signals, sd_notify.
 
 `build()` is the one place where the pieces are made and wired together (config -> netinfo,
-backend, journal, mesh server and client, adopter, PAM server); tests call it with their own
-``proc_root``, ``clock`` and config. `run()` owns the event loop: every task lives in one
+backend, journal, mesh server and client, the source side, the login flow, the PAM server);
+tests call it with their own ``proc_root``, ``clock`` and config; in the agent only
+`__main__` imports this module. `run()` owns the event loop: every task lives in one
 TaskGroup; SIGHUP and SIGTERM become commands on a queue, handled on the loop thread.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import logging
 import os
 import signal
@@ -23,21 +23,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
 from callerid.agent import __version__
 from callerid.agent import config as config_mod
-from callerid.agent.adoption import Adopter
+from callerid.agent.ask import LocalAddresses, SourceAsker, mesh_asker
+from callerid.agent.backends import make_backend
 from callerid.agent.backends.base import Backend
 from callerid.agent.config import Config, ConfigError
-from callerid.agent.handlers import PamServer
 from callerid.agent.journal import Journal
-from callerid.agent.netinfo import NetInfo
-from callerid.bus.peers import PeerTable
+from callerid.agent.login import LoginFlow
+from callerid.agent.netinfo import ProcReader, SessionFinder, SocketOwners
+from callerid.agent.pamserver import PamServer
+from callerid.agent.source import SourceAnswer
+from callerid.agent.users import Users
+from callerid.bus.peers import PeerTable, local_node_name
 from callerid.bus.protocol import CallerIdQuery, CallerIdReply
 from callerid.bus.transport import KeyPair, MeshClient, MeshServer, PeerIdentity, load_keypair
 
-__all__ = ["Agent", "build", "make_backend", "node_name", "run"]
+__all__ = ["Agent", "build", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -45,60 +47,19 @@ WORKER_THREADS = 8
 SHUTDOWN_STEP_S = 3.0
 
 
-def node_name(cfg: Config) -> str:
-    return cfg.node_name or socket.gethostname().split(".")[0]
-
-
-def make_backend(cfg: Config, proc_root: Path) -> Backend:
-    if cfg.backend.type == "cgroup":
-        from callerid.agent.backends.cgroup import CgroupBackend
-
-        return CgroupBackend(cfg.backend.cgroup, proc_root=proc_root)
-    from callerid.agent.backends.slurm import SlurmBackend  # type: ignore[import-not-found,unused-ignore]
-
-    backend: Backend = SlurmBackend(cfg.backend.slurm, proc_root=proc_root)
-    return backend
-
-
-class LocalAddresses:
-    """Is an IP one of this node's own addresses (so a source there is answered locally)?
-
-    With specific listen addresses, those are this node's; with a wildcard, any address of an
-    interface in this network namespace (refreshed lazily) and loopback are.
-    """
-
-    def __init__(self, listen: list[str], clock: Callable[[], float], ttl_s: float = 10.0) -> None:
-        self.wildcard = any(ipaddress.ip_address(a).is_unspecified for a in listen)
-        self.listen = frozenset(str(ipaddress.ip_address(a)) for a in listen)
-        self.clock = clock
-        self.ttl_s = ttl_s
-        self._addrs: frozenset[str] = frozenset()
-        self._at = -ttl_s
-
-    def __call__(self, ip: str) -> bool:
-        if not self.wildcard:
-            return ip in self.listen
-        if ipaddress.ip_address(ip).is_loopback:
-            return True
-        if self.clock() - self._at > self.ttl_s:
-            self._addrs = frozenset(
-                a.address.split("%")[0]
-                for addrs in psutil.net_if_addrs().values()
-                for a in addrs
-                if a.family in (socket.AF_INET, socket.AF_INET6)
-            )
-            self._at = self.clock()
-        return ip in self._addrs
-
-
 @dataclass
 class Agent:
+    """The running agent's pieces, as `build` wired them, and what SIGHUP and status need."""
+
     cfg: Config
     cfg_path: Path | None
     node: str
     journal: Journal
     backend: Backend
-    adopter: Adopter
+    users: Users
+    flow: LoginFlow
+    sessions: SessionFinder
+    owners: SocketOwners
     pam: PamServer
     mesh: MeshServer
     client: MeshClient
@@ -145,14 +106,22 @@ class Agent:
                 if getattr(new, key) != getattr(self.cfg, key):
                     log.warning("reload: %s changed; it takes effect at the next restart", key)
             self.cfg = new
-            self.adopter.cfg = new
-        self.adopter.forget_users()  # exempt_groups, or the users' groups, may have changed
+            self.flow.cfg = new.policy
+        # exempt_groups, or the users' groups, may have changed: forget the remembered users
+        self.users.reconfigure(self.cfg.policy)
         self.peers = PeerTable.load(self.cfg.keys.authorized)
         self.client.peers = self.peers
         self.mesh.reload_keys(self.peers)
         self.journal.event(
             "reloaded", f"configuration and {len(self.peers)} peer keys reloaded", node=self.node
         )
+
+    def close(self) -> None:
+        """Release what the pieces hold (after the servers have stopped)."""
+        self.backend.close()
+        self.sessions.close()
+        self.owners.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def build(
@@ -163,42 +132,43 @@ def build(
     proc_root: Path = Path("/proc"),
 ) -> Agent:
     """The composition root: make every piece once and wire them together."""
-    node = node_name(cfg)
+    node = local_node_name(cfg.node_name)
     keypair: KeyPair = load_keypair(cfg.keys.dir, node)
     peers = PeerTable.load(cfg.keys.authorized)
     journal = Journal(cfg.journal)
     executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="callerid-io")
-    backend = make_backend(cfg, proc_root)
+    backend = make_backend(cfg.backend, proc_root=proc_root, clock=clock)
     client = MeshClient(keypair, peers, cfg.peer, port=cfg.port, clock=clock)
-
-    async def ask(host: str, query: CallerIdQuery) -> tuple[str, CallerIdReply | None]:
-        """A destination's question to the source agent at ``host`` (the client's request id)."""
-        query = CallerIdQuery(client.next_id(), query.proto, query.src, query.dst, query.uid)
-        result = await client.query(host, query)
-        reply = result.reply if isinstance(result.reply, CallerIdReply) else None
-        return result.status, reply
-
-    adopter = Adopter(
-        cfg,
+    procs = ProcReader(proc_root)
+    owners = SocketOwners(procs)
+    source = SourceAnswer(node=node, owners=owners, backend=backend, executor=executor, clock=clock)
+    users = Users(cfg.policy, executor=executor, clock=clock)
+    sessions = SessionFinder(procs, clock=clock)
+    ask_source = SourceAsker(
+        ask_peer=mesh_asker(client), is_local=LocalAddresses(cfg.listen, clock), local=source
+    )
+    flow = LoginFlow(
+        cfg.policy,
         node=node,
-        netinfo=NetInfo(proc_root),
+        users=users,
+        sessions=sessions,
         backend=backend,
-        ask_peer=ask,
-        is_local=LocalAddresses(cfg.listen, clock),
+        ask_source=ask_source,
         executor=executor,
         clock=clock,
     )
 
     async def on_query(query: CallerIdQuery, peer: PeerIdentity) -> CallerIdReply:
-        return await adopter.answer(query, peer.node or peer.public_key[:8])
+        return await source.answer(query, peer.node or peer.public_key[:8])
 
     mesh = MeshServer(
         keypair, on_query, peers=peers, addresses=cfg.listen, port=cfg.port, node=node
     )
-    pam = PamServer(adopter, journal, timeout_s=cfg.pam_timeout_ms / 1000, clock=clock)
+    pam = PamServer(flow, journal, timeout_s=cfg.pam_timeout_ms / 1000, clock=clock)
     agent = Agent(
-        cfg, cfg_path, node, journal, backend, adopter, pam, mesh, client, peers, executor, clock
-    )
+        cfg, cfg_path, node, journal, backend, users, flow, sessions, owners, pam, mesh,
+        client, peers, executor, clock,
+    )  # fmt: skip
     agent.started = clock()
     pam.status = agent.status
     return agent
@@ -260,9 +230,7 @@ async def serve(agent: Agent) -> None:
             await _bounded(agent.mesh.close(), "closing the mesh server")
     finally:
         await _bounded(agent.client.close(), "closing the mesh client")
-        agent.backend.close()
-        agent.adopter.netinfo.close()
-        agent.executor.shutdown(wait=False, cancel_futures=True)
+        agent.close()
 
 
 async def _bounded(step: Awaitable[None], what: str) -> None:

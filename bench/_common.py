@@ -17,6 +17,7 @@ import os
 import resource
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,9 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-TOP = Path(__file__).resolve().parent.parent
-if str(TOP) not in sys.path:
-    sys.path.insert(0, str(TOP))
+TOP = Path(__file__).resolve().parent.parent  # the repo top: the cwd of `python -m bench.*`
 
 SLURM_LOCK = Path("/run/callerid-test-slurm.lock")
 PY = ".venv/bin/python"  # how the reproduce commands name the interpreter (from the repo top)
@@ -96,9 +95,14 @@ def met(ok: bool | None) -> str:
     return "-" if ok is None else ("yes" if ok else "NO")
 
 
-def reproduce(script: str, args: Sequence[str] = ()) -> str:
-    """The command (run from the repo top, as root) that reproduces a row."""
-    return " ".join([PY, f"bench/{script}", *map(shlex.quote, args)])
+def reproduce(bench: str, args: Sequence[str] = ()) -> str:
+    """The command (run from the repo top, as root) that reproduces a row of ``bench``."""
+    return " ".join([PY, "-m", f"bench.{bench}", *map(shlex.quote, args)])
+
+
+def bench_argv(module: str, *args: str, python: str = sys.executable) -> list[str]:
+    """argv running ``bench.<module>`` with ``python``: start it with ``cwd=TOP``."""
+    return [python, "-m", f"bench.{module}", *args]
 
 
 def write_rows(path: Path | None, rows: Sequence[Row], details: dict[str, Any]) -> None:
@@ -223,8 +227,26 @@ def hosts_prefix(path: Path, names: dict[str, str]) -> list[str]:
     lines += [f"{ip}\t{name}" for name, ip in names.items()]
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o644)
-    mount = f'mount --bind {shlex.quote(str(path))} /etc/hosts && exec "$@"'
+    return bind_prefix(path, Path("/etc/hosts"))
+
+
+def bind_prefix(path: Path, over: Path) -> list[str]:
+    """argv prefix running a command in a private mount namespace where ``path`` is
+    bind-mounted over ``over`` (the host's ``over`` is not touched)."""
+    mount = f'mount --bind {shlex.quote(str(path))} {shlex.quote(str(over))} && exec "$@"'
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "sh"]
+
+
+def unix_up(path: Path) -> bool:
+    """Whether something accepts connections on the unix stream socket ``path``."""
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def rss_mb(pid: int) -> tuple[float, float, float]:
@@ -260,3 +282,17 @@ def kill_wait(procs: Sequence[subprocess.Popen[Any]], timeout: float = 10.0) -> 
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(10)
+
+
+def end_procs(procs: Sequence[subprocess.Popen[Any]], *, group: bool = False) -> None:
+    """`kill_wait` these processes (with ``group``: SIGKILL their process groups first, for
+    the children they forked); close our ends of their pipes."""
+    for p in procs:
+        if group and p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+    kill_wait(procs)
+    for p in procs:
+        for f in (p.stdin, p.stdout):
+            if f is not None:
+                f.close()

@@ -29,7 +29,7 @@ MODULE_ROWS = (
 
 
 def report_rows(rounds: int, stalled: int, st: dict[str, Any]) -> list[Row]:
-    cmd = reproduce("login.py", ["--rounds", str(rounds), "--stalled", str(stalled)])
+    cmd = reproduce("login", ["--rounds", str(rounds), "--stalled", str(stalled)])
     rows = login_rows(st, cmd) + module_rows(st, cmd)
     if "stalled" in st:
         rows.append(stalled_row(st, cmd))

@@ -1,10 +1,11 @@
 """The pieces of the ssh login benchmark (bench/login.py): syslog sink, sshd instances, agents.
 
 * `SyslogSink`: pam_slurm_adopt logs only through syslog(3), and this machine runs no syslog
-  daemon; a small listener on /dev/log (created here and removed again, only if there was none)
-  timestamps every datagram (epoch seconds, microseconds) into a file. When /dev/log already
-  exists (someone else's), the sshd instances instead run in a private mount namespace where
-  our socket is bind-mounted over /dev/log; the host's /dev/log is never touched then.
+  daemon; a small listener (bench/_syslog_sink.py) on /dev/log (created here and removed
+  again, only if there was none) timestamps every datagram (epoch seconds, microseconds) into
+  a file. When /dev/log already exists (someone else's), the sshd instances instead run in a
+  private mount namespace where our socket is bind-mounted over /dev/log; the host's /dev/log
+  is never touched then.
 * `SshdFarm`: one OpenSSH sshd per target on 127.0.0.3, each under its own PAM service (the
   basename of sshd's argv[0], a symlink to /usr/sbin/sshd). The stacks are Debian's sshd stack
   with common-session inlined (no pam_systemd, no motd/mail) and differ in one account line only.
@@ -30,26 +31,13 @@ from typing import Any
 
 import yaml
 
-from bench._common import hosts_prefix, kill_wait, poll
+from bench._common import TOP, bench_argv, bind_prefix, hosts_prefix, kill_wait, poll, unix_up
 from callerid.bus.transport import generate_keypair
 
 DEV_LOG = Path("/dev/log")
 PAM_DIR = Path("/etc/pam.d")
 PRIVSEP = Path("/run/sshd")
 SSHD_HOST = "127.0.0.3"
-
-SINK = r"""
-import os, socket, sys, time
-path, out = sys.argv[1], sys.argv[2]
-s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-s.bind(path)
-os.chmod(path, 0o666)
-print("ready", flush=True)
-with open(out, "a", buffering=1) as f:
-    while True:
-        data = s.recv(65536)
-        f.write("%.6f %s\n" % (time.time(), data.decode("utf-8", "replace").rstrip("\n")))
-"""
 
 STACK = """\
 # callerid benchmark ({title}): Debian's sshd stack, common-session inlined without
@@ -100,7 +88,8 @@ class SyslogSink:
         self.own_dev_log = not DEV_LOG.exists() and not DEV_LOG.is_symlink()
         self.path = DEV_LOG if self.own_dev_log else work / "log.sock"
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", SINK, str(self.path), str(self.log)],
+            bench_argv("_syslog_sink", str(self.path), str(self.log)),
+            cwd=TOP,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             text=True,
@@ -114,10 +103,7 @@ class SyslogSink:
 
     def prefix(self) -> list[str]:
         """argv prefix for processes whose syslog(3) must reach us (empty: /dev/log is ours)."""
-        if self.own_dev_log:
-            return []
-        mount = f'mount --bind {self.path} /dev/log && exec "$@"'
-        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "sh"]
+        return [] if self.own_dev_log else bind_prefix(self.path, DEV_LOG)
 
     def lines(self) -> list[str]:
         return self.log.read_text(errors="replace").splitlines()
@@ -165,7 +151,7 @@ class SshdFarm:
         link.symlink_to("/usr/sbin/sshd")
         for _ in range(20):
             port = 20000 + secrets.randbelow(40000)
-            if not _port_free(port):
+            if not _port_free_at(SSHD_HOST, port):
                 continue
             conf = self.work / f"{svc}.conf"
             pid = self.work / f"{svc}.pid"
@@ -208,16 +194,7 @@ def _up_or_dead(proc: subprocess.Popen[bytes], port: int) -> bool:
 
 
 def _agent_up_or_dead(proc: subprocess.Popen[bytes], path: Path) -> bool:
-    return proc.poll() is not None or _unix_up(path)
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((SSHD_HOST, port))
-        except OSError:
-            return False
-    return True
+    return proc.poll() is not None or unix_up(path)
 
 
 def _listening(port: int) -> bool:
@@ -296,17 +273,6 @@ def _port_free_at(ip: str, port: int) -> bool:
     with socket.socket() as s:
         try:
             s.bind((ip, port))
-        except OSError:
-            return False
-    return True
-
-
-def _unix_up(path: Path) -> bool:
-    if not path.exists():
-        return False
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(str(path))
         except OSError:
             return False
     return True

@@ -7,7 +7,10 @@ stand-in sshd on "b" whose monitor asks b's agent (exactly the PAM socket exchan
 agent's CALLERID_LATENCY_US (from its decision record) and the round trip seen by the monitor
 are collected.
 
-Reproduce (root):  .venv/bin/python bench/decision.py [--rounds 300] [--json PATH]
+Reproduce (root, from the repo top):
+    .venv/bin/python -m bench.decision [--rounds 300] [--json PATH]
+
+
 Targets: decision p50 <= 2 ms, p99 <= 10 ms. ``--json`` writes the summary row for bench/run.py.
 """
 
@@ -20,9 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench._common import Row, met, need_root, write_rows
+from bench._common import Row, met, need_root, reproduce, write_rows
 from tests.support.agents import ADDRESSES, LoopbackAgents, client_argv
 from tests.support.cgroups import JobTree
 from tests.support.users import throwaway_user
@@ -95,7 +96,8 @@ def main() -> int:
         f"  p99 {pct(wall, 99):.2f} ms"
     )
     print(f"  wrong or non-callerid decisions: {wrong}")
-    print("reproduce: .venv/bin/python bench/decision.py --rounds", args.rounds)
+    cmd = reproduce("decision", ["--rounds", str(args.rounds)])
+    print(f"reproduce: {cmd}")
     d50, d99 = statistics.median(decided), pct(decided, 99)
     step = {k: round(statistics.median(v), 2) for k, v in steps.items()}
     row = Row(
@@ -108,7 +110,7 @@ def main() -> int:
         ratio="-",
         target="p50 <= 2 ms, p99 <= 10 ms",
         met=f"p50 {met(d50 <= 2)}, p99 {met(d99 <= 10 and wrong == 0)}",
-        reproduce=f".venv/bin/python bench/decision.py --rounds {args.rounds}",
+        reproduce=cmd,
         notes=[f"median per step (ms since request): {step}", f"wrong decisions {wrong}"],
     )
     write_rows(args.json, [row], {"decided": decided, "adopt": adopt, "latency": lat})

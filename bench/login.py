@@ -27,7 +27,11 @@ module's own first-to-last syslog line (`debug`). Stalled source (row 5): the jo
 be stalled; slurmd and the source agent are SIGSTOPped, and psa-rpc / cid-slurm-rpc logins
 are timed (pam_slurm_adopt waits MessageTimeout, callerid peer.timeout_ms), then SIGCONT.
 
-Reproduce (root):  .venv/bin/python bench/login.py [--rounds 30] [--stalled 3]
+The timing loop that runs inside the job is bench/_login_job.py; the syslog sink, sshd
+instances and agents are bench/_sshbench.py; bench/_login_logs.py reads the logs and
+bench/_login_report.py prints the report and the rows.
+
+Reproduce (root, from the repo top):  .venv/bin/python -m bench.login [--rounds 30] [--stalled 3]
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -46,9 +51,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench._common import TOP, apt_install, need_root, poll, write_rows
+from bench._common import TOP, apt_install, bench_argv, need_root, poll, write_rows
 from bench._login_logs import (
     bootstrap_ci,
     cid_split,
@@ -84,42 +87,7 @@ TARGETS = {  # target -> (agent serving it or None, pam_slurm_adopt options or N
     "cid-cgroup-rpc": ("dcgrpc", None),
 }
 STALLED = ("psa-rpc", "cid-slurm-rpc")
-
-# The timing loop, run inside the batch job as the user (system python3: the user cannot
-# read the venv). Phase 1: warm-up + interleaved rounds; phase 2: stalled-source logins.
-JOB = r"""
-import json, os, subprocess, sys, time
-spec = json.load(open(sys.argv[1]))
-
-def one(name):
-    argv = ["ssh", *spec["ssh_opts"], "-p", str(spec["ports"][name]), spec["host"], "true"]
-    t0, w0 = time.perf_counter(), time.time()
-    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True)
-    ms = (time.perf_counter() - t0) * 1000
-    if r.returncode != 0:
-        raise SystemExit("ssh to %s failed (%d): %s" % (name, r.returncode, r.stderr.decode()))
-    return {"target": name, "ms": ms, "start": w0, "end": time.time()}
-
-names = spec["order"]
-out = {"warmup": [], "rounds": [], "stalled": []}
-for _ in range(spec["warmup"]):
-    out["warmup"] += [one(n) for n in names]
-for i in range(spec["rounds"]):
-    out["rounds"] += [one(n) for n in (names if i % 2 == 0 else names[::-1])]
-json.dump(out, open(spec["out"] + ".tmp", "w"))
-os.rename(spec["out"] + ".tmp", spec["out"])
-if spec["stalled"]:
-    open(spec["ready"], "w").close()
-    deadline = time.monotonic() + 120
-    while not os.path.exists(spec["go"]):
-        if time.monotonic() > deadline:
-            raise SystemExit("no go for the stalled phase")
-        time.sleep(0.05)
-    for _ in range(spec["stalled"]):
-        out["stalled"] += [one(n) for n in spec["stalled_targets"]]
-    json.dump(out, open(spec["out"] + ".tmp", "w"))
-    os.rename(spec["out"] + ".tmp", spec["stalled_out"])
-"""
+JOB_PYTHON = "/usr/bin/python3"  # the timing job's (the user cannot read the venv)
 
 
 def account_line(name: str, farm: SshdFarm, agents: AgentSet) -> str | None:
@@ -196,13 +164,12 @@ def run_job(
     stall_pids: list[int],
 ) -> dict[str, Any]:
     """Submit the timing job; stall the source for its second phase; return its samples."""
-    script = work / "job.py"
-    script.write_text(JOB)
     (work / "spec.json").write_text(json.dumps(spec))
-    for p in (script, work / "spec.json"):
-        p.chmod(0o644)
+    (work / "spec.json").chmod(0o644)
     args = [f"--output={work}/job.out", f"--error={work}/job.out", "--job-name=cidbench"]
-    job = slurm.submit(user.name, wrap=f"/usr/bin/python3 {script} {work}/spec.json", args=args)
+    args.append(f"--chdir={TOP}")  # the user runs bench/_login_job.py from the repo top
+    job_argv = bench_argv("_login_job", f"{work}/spec.json", python=JOB_PYTHON)
+    job = slurm.submit(user.name, wrap=shlex.join(job_argv), args=args)
     minutes = 10
     got = poll(
         lambda: Path(spec["out"]).exists() or job_failed(slurm, job, work),

@@ -1,8 +1,8 @@
 """Benchmark of the mesh transport (CURVE on loopback): round-trip latency and throughput.
 
-Not a test: prints numbers next to their targets. Reproduce with
+Not a test: prints numbers next to their targets. Reproduce (from the repo top) with
 
-    .venv/bin/python bench/mesh.py [--round-trips 2000] [--clients 4] [--inflight 64] [--seconds 5]
+    .venv/bin/python -m bench.mesh [--round-trips 2000] [--clients 4] [--inflight 64] [--seconds 5]
 
 The server runs in its own process (`--serve`); latency is measured by one client doing
 sequential queries after a warm-up, throughput by several client processes (`--load`) each
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -23,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench._common import TOP, bench_argv
 from callerid.bus.peers import PeerTable
 from callerid.bus.protocol import CallerIdQuery, CallerIdReply, Endpoint
 from callerid.bus.transport import (
@@ -124,11 +124,15 @@ def percentile(samples: list[float], pct: float) -> float:
 
 def run_bench(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="callerid-bench-", dir="/tmp"))
-    me = [sys.executable, os.path.abspath(__file__)]
+    me = bench_argv("mesh")
     try:
         make_keys(root)
         server = subprocess.Popen(
-            [*me, "--serve", str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [*me, "--serve", str(root)],
+            cwd=TOP,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert server.stdout is not None and server.stdin is not None
         port = json.loads(server.stdout.readline())["port"]
@@ -139,7 +143,7 @@ def run_bench(args: argparse.Namespace) -> int:
                          str(start_at), "--inflight", str(args.inflight), "--seconds",
                          str(args.seconds)]  # fmt: skip
             loaders = [
-                subprocess.Popen(load_argv, stdout=subprocess.PIPE, text=True)
+                subprocess.Popen(load_argv, cwd=TOP, stdout=subprocess.PIPE, text=True)
                 for _ in range(args.clients)
             ]
             totals = [json.loads(p.communicate(timeout=args.seconds + 60)[0]) for p in loaders]
@@ -160,7 +164,7 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"mesh throughput: {args.clients} client processes x {args.inflight} in flight")
     print(f"  {qps:,.0f} queries/s over {args.seconds:g} s  (target >= {TARGET_QPS:,})  "
           f"{verdict[qps >= TARGET_QPS]}  failed: {failed}")  # fmt: skip
-    print(f"reproduce: .venv/bin/python bench/mesh.py --round-trips {args.round_trips} "
+    print(f"reproduce: .venv/bin/python -m bench.mesh --round-trips {args.round_trips} "
           f"--clients {args.clients} --inflight {args.inflight} "
           f"--seconds {args.seconds:g}")  # fmt: skip
     return 0 if p50 <= TARGET_P50_MS and qps >= TARGET_QPS and not failed else 1

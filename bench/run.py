@@ -6,7 +6,7 @@ as build/bench/results.md) has one row per figure: what was measured, N, calleri
 the reference's (Slurm 22.05 pam_slurm_adopt / slurmd, run here the same way), the ratio, the
 target and whether it was met, and the number of the command that reproduces the row.
 
-    sudo .venv/bin/python bench/run.py [--only login,storm] [--quick]
+    sudo .venv/bin/python -m bench.run [--only login,storm] [--quick]   (from the repo top)
 
 Needs root: it creates throwaway users, cgroups, sshd instances with their own PAM services,
 a private Slurm (tests/support/slurm.py, which waits for the machine-wide Slurm lock) and
@@ -23,9 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench._common import TOP, Row, need_root, read_rows
+from bench._common import TOP, Row, bench_argv, need_root, read_rows, reproduce
 
 OUT = TOP / "build" / "bench"
 CLEANUP_S = 180  # a part stopped for overrunning gets this long to clean up
@@ -35,7 +33,7 @@ ORDER = ["1a", "1b", "1c", "1d", "2a", "2b", "2c", "2d", "3", "4", "5", "6"]
 @dataclass(frozen=True)
 class Part:
     name: str
-    argv: list[str]
+    argv: list[str]  # the bench module (bench.<argv[0]>) and its options
     timeout_s: float
     quick: list[str]  # the argv with --quick (smaller N), for a smoke run
 
@@ -43,13 +41,11 @@ class Part:
 def parts() -> list[Part]:
     sizes = [("1000", "500", "50"), ("10000", "2000", "30"), ("50000", "10000", "20")]
     out = [
-        Part(
-            "decision", ["decision.py", "--rounds", "300"], 300, ["decision.py", "--rounds", "50"]
-        ),
+        Part("decision", ["decision", "--rounds", "300"], 300, ["decision", "--rounds", "50"]),
     ]
     for sockets, procs, slurm_n in sizes:
         argv = [
-            "resolution.py",
+            "resolution",
             "--sockets",
             sockets,
             "--sleepers",
@@ -61,18 +57,18 @@ def parts() -> list[Part]:
         ]
         out.append(Part(f"resolution-{sockets}", argv, 300, [*argv[:-1], "5"]))
     out += [
-        Part("storm", ["storm.py"], 300, ["storm.py", "--requests", "2"]),
+        Part("storm", ["storm"], 300, ["storm", "--requests", "2"]),
         Part(
             "scale",
-            ["scale.py", "--agents", "200", "--agents", "1000"],
+            ["scale", "--agents", "200", "--agents", "1000"],
             900,
-            ["scale.py", "--agents", "50"],
+            ["scale", "--agents", "50"],
         ),
         Part(
             "login",
-            ["login.py", "--rounds", "30", "--stalled", "3"],
+            ["login", "--rounds", "30", "--stalled", "3"],
             1500,
-            ["login.py", "--rounds", "5", "--stalled", "1"],
+            ["login", "--rounds", "5", "--stalled", "1"],
         ),
     ]
     return out
@@ -83,7 +79,7 @@ def run_part(part: Part, quick: bool) -> tuple[list[Row], str]:
     argv = part.quick if quick else part.argv
     js, log = OUT / f"{part.name}.json", OUT / f"{part.name}.log"
     js.unlink(missing_ok=True)
-    cmd = [sys.executable, str(TOP / "bench" / argv[0]), *argv[1:], "--json", str(js)]
+    cmd = bench_argv(argv[0], *argv[1:], "--json", str(js))
     t0 = time.monotonic()
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=TOP)
@@ -108,7 +104,7 @@ def run_part(part: Part, quick: bool) -> tuple[list[Row], str]:
         ratio="-",
         target="-",
         met="NO",
-        reproduce=".venv/bin/python bench/" + " ".join(argv),
+        reproduce=reproduce(argv[0], argv[1:]),
     )
     return [failed], f"{part.name}: FAILED after {took:.0f} s (exit {rc}), log {log}"
 

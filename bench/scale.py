@@ -13,18 +13,22 @@ and every agent asks the one source node. Here, on one machine:
   monitor asks the agent of the address the connection came in on, as pam_callerid.so would.
 
 The destination agents are the real agent (`callerid.agent.daemon.run`, unchanged), started by
-fork from one "zygote" process that imported the code once (as a pre-forking server would)
-instead of by 1,000 interpreter starts: the start-up takes seconds instead of minutes, and the
-agents share the interpreter's and the modules' memory pages. Per-agent memory is reported as
-RSS (shared pages counted in full, what `ps` shows), PSS and USS (pages only this agent has:
-what each additional agent costs). One agent started the usual way is measured too.
+fork from one "zygote" process (bench/_zygote.py) that imported the code once (as a
+pre-forking server would) instead of by 1,000 interpreter starts: the start-up takes seconds
+instead of minutes, and the agents share the interpreter's and the modules' memory pages.
+Per-agent memory is reported as RSS (shared pages counted in full, what `ps` shows), PSS and
+USS (pages only this agent has: what each additional agent costs). One agent started the usual
+way is measured too.
 
 Everything shares 2 cores here, where a real cluster gives each destination its own machine:
 the source agent runs with SCHED_RR (`chrt -r 10`) so that the 2N destination processes do
 not starve it, as they would not on a real cluster. Two waves: "cold" (each agent's first
 query: TCP connect and CURVE handshake to the source) and "warm" (pooled connection).
 
-Reproduce (root):  .venv/bin/python bench/scale.py --agents 200 [--agents 1000]
+Parts: bench/_scale_fleet.py (the agents), bench/_standin_sshd.py (the sshd), bench/_conns.py
+(the user's clients), bench/_meshclients.py (client-only peers), bench/_scale_report.py.
+
+Reproduce (root, from the repo top):  .venv/bin/python -m bench.scale --agents 200 [--agents 1000]
 """
 
 from __future__ import annotations
@@ -33,10 +37,8 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -45,195 +47,25 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench._common import (
-    Row,
+    TOP,
+    bench_argv,
     cpu_s,
-    hosts_prefix,
-    kill_wait,
+    end_procs,
     median,
-    met,
     need_root,
     pct,
-    poll,
     raise_nofile,
-    reproduce,
     rss_mb,
     write_rows,
 )
-from bench._scale_scripts import CLIENT, LISTENER, MESHCLIENTS, ZYGOTE
-from callerid.bus.transport import generate_keypair
+from bench._scale_fleet import Fleet, Net, start_fleet
+from bench._scale_report import report, rows, summarize
 from tests.support.agents import USER_PYTHON
 from tests.support.cgroups import JobTree
 from tests.support.users import ThrowawayUser, throwaway_user
 
-TARGET_RSS_MB = 60.0
-MEM_RESERVE_MB = 4096  # never start agents that would leave less than this available
 LIGHT_PROCS = 10  # processes sharing the client-only MeshClients
-
-
-class Net:
-    """The addresses: 127.S.255.254 for the source, 127.S.x.y for destination i."""
-
-    def __init__(self) -> None:
-        self.s = 100 + secrets.randbelow(100)
-        self.source = f"127.{self.s}.255.254"
-
-    def dest(self, i: int) -> str:
-        return f"127.{self.s}.{i // 250}.{i % 250 + 1}"
-
-
-class Fleet:
-    """Keys, configs and processes of the source and the destination agents."""
-
-    def __init__(self, top: Path, n: int, net: Net, port: int) -> None:
-        self.top, self.n, self.net, self.port = top, n, net, port
-        self.src_auth = top / "auth-src"
-        self.dst_auth = top / "auth-dst"
-        self.source: subprocess.Popen[bytes] | None = None
-        self.zygote: subprocess.Popen[str] | None = None
-        self.pids: list[int] = []
-        self.prefix: list[str] = []
-
-    def names(self) -> list[str]:
-        return [f"d{i:04d}" for i in range(self.n)]
-
-    def make_keys(self) -> None:
-        for d in (self.src_auth, self.dst_auth):
-            d.mkdir()
-        pub, _ = generate_keypair(self.top / "keys" / "src", "src", addresses=[self.net.source])
-        shutil.copy(pub, self.src_auth)
-        shutil.copy(pub, self.dst_auth)
-        for i, name in enumerate(self.names()):
-            pub, _ = generate_keypair(self.top / "keys" / name, name, addresses=[self.net.dest(i)])
-            shutil.copy(pub, self.src_auth)
-        hosts = {"src": self.net.source} | {n: self.net.dest(i) for i, n in enumerate(self.names())}
-        self.prefix = hosts_prefix(self.top / "hosts", hosts)
-
-    def config(self, name: str, ip: str, auth: Path, tree: JobTree) -> Path:
-        cg = tree.backend_config()
-        cfg = {
-            "node_name": name,
-            "listen": [ip],
-            "port": self.port,
-            "keys": {"dir": str(self.top / "keys" / name), "authorized": str(auth)},
-            "pam_socket": str(self.top / "sock" / f"{name}.sock"),
-            "policy": {"single_job_shortcut": True},
-            "backend": {"cgroup": {"root": str(cg.root), "jobs": cg.jobs, "extern": cg.extern}},
-        }
-        path = self.top / "cfg" / f"{name}.yaml"
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(yaml.safe_dump(cfg))
-        return path
-
-    def pam_socket(self, name: str) -> Path:
-        return self.top / "sock" / f"{name}.sock"
-
-    def start_source(self, tree: JobTree) -> None:
-        cfg = self.config("src", self.net.source, self.src_auth, tree)
-        with (self.top / "src.log").open("ab") as out:
-            argv = [sys.executable, "-m", "callerid.agent", "--config", str(cfg)]
-            self.source = subprocess.Popen(
-                [*self.prefix, "chrt", "-r", "10", *argv],
-                stdout=out,
-                stderr=out,
-                stdin=subprocess.DEVNULL,
-            )
-        wait_listening([self.pam_socket("src")], 30)
-
-    def start_destinations(self, tree: JobTree, count: int) -> None:
-        """Fork ``count`` more destination agents (from the zygote), wait until they listen."""
-        if self.zygote is None:
-            self.zygote = subprocess.Popen(
-                [*self.prefix, sys.executable, "-c", ZYGOTE],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            assert self.zygote.stdout is not None
-            assert self.zygote.stdout.readline().strip() == "ready"
-        assert self.zygote.stdin is not None and self.zygote.stdout is not None
-        first = len(self.pids)
-        names = self.names()[first : first + count]
-        for i, name in enumerate(names, start=first):
-            cfg = self.config(name, self.net.dest(i), self.dst_auth, tree)
-            self.zygote.stdin.write(f"{cfg} {self.top / 'log' / name}.log\n")
-            self.zygote.stdin.flush()
-            self.pids.append(int(self.zygote.stdout.readline()))
-        wait_listening([self.pam_socket(n) for n in names], 60 + count / 10)
-
-    def stop(self) -> None:
-        """SIGTERM every agent we started (by pid, forked ones only while their parent is
-        our zygote), wait until they are gone, then stop the zygote."""
-        zpid = self.zygote.pid if self.zygote is not None else -1
-        ours = [p for p in self.pids if _ppid(p) == zpid]
-        for pid in ours:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        with contextlib.suppress(RuntimeError):
-            poll(lambda: not any(_ppid(p) == zpid for p in ours), 60, "agents to exit", 0.1)
-        for pid in ours:
-            if _ppid(pid) == zpid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        procs: list[subprocess.Popen[Any]] = [self.source] if self.source else []
-        if self.zygote is not None:
-            procs.append(self.zygote)
-        kill_wait(procs)
-        if self.zygote is not None:
-            for f in (self.zygote.stdin, self.zygote.stdout):
-                if f is not None:
-                    f.close()
-
-
-def _ppid(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
-
-
-def wait_listening(paths: list[Path], timeout: float) -> None:
-    import socket
-
-    def all_up() -> bool:
-        while paths:
-            if not paths[-1].exists():
-                return False
-            with socket.socket(socket.AF_UNIX) as s:
-                try:
-                    s.connect(str(paths[-1]))
-                except OSError:
-                    return False
-            paths.pop()
-        return True
-
-    poll(all_up, timeout, f"{len(paths)} agent PAM sockets", 0.05)
-
-
-def mem_available_mb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def start_fleet(fleet: Fleet, tree: JobTree, wanted: int) -> int:
-    """Start up to ``wanted`` destination agents in batches while memory allows; how many."""
-    batch = 50
-    per_agent = 0.0
-    while len(fleet.pids) < wanted:
-        count = min(batch, wanted - len(fleet.pids))
-        if mem_available_mb() - count * max(per_agent * 2, 20.0) < MEM_RESERVE_MB:
-            print(f"# memory: stopping at {len(fleet.pids)} agents", flush=True)
-            break
-        before = mem_available_mb()
-        fleet.start_destinations(tree, count)
-        per_agent = max(per_agent, (before - mem_available_mb()) / count)
-    return len(fleet.pids)
 
 
 def start_clients(
@@ -242,27 +74,21 @@ def start_clients(
     """The user's processes in the source's job 42: destination address -> client port."""
     procs, ports = [], {}
     for first in range(0, n, per_client):
-        dsts = ",".join(net.dest(i) for i in range(first, min(n, first + per_client)))
-        argv = [USER_PYTHON, "-c", CLIENT, net.source, str(port), dsts]
+        dsts = [net.dest(i) for i in range(first, min(n, first + per_client))]
+        opts = ["--bind", net.source, str(port), *dsts]
         proc = ts.spawn_in(
-            "42", "step_batch", argv, user=user, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            "42",
+            "step_batch",
+            bench_argv("_conns", "connect", *opts, python=USER_PYTHON),
+            user=user,
+            cwd=str(TOP),  # spawn_in passes its options as JSON
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
         )
         procs.append(proc)
         assert proc.stdout is not None
-        ports.update({ip: cport for cport, ip in json.loads(proc.stdout.readline())})
+        ports.update({ip: cport for _, cport, ip, _ in json.loads(proc.stdout.readline())})
     return procs, ports
-
-
-def _end(procs: list[subprocess.Popen[Any]], group: bool = False) -> None:
-    for p in procs:
-        if group and p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-    kill_wait(procs)
-    for p in procs:
-        for f in (p.stdin, p.stdout):
-            if f is not None:
-                f.close()
 
 
 def logins(
@@ -273,13 +99,14 @@ def logins(
     out = fleet.top / "out"
     out.mkdir()
     listener = subprocess.Popen(
-        [sys.executable, "-c", LISTENER],
+        bench_argv("_standin_sshd", "waves"),
+        cwd=TOP,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
-    stack.callback(_end, [listener], group=True)
+    stack.callback(end_procs, [listener], group=True)
     assert listener.stdin is not None and listener.stdout is not None
     lport = json.loads(listener.stdout.readline())["port"]
     names = fleet.names()
@@ -295,7 +122,7 @@ def logins(
     listener.stdin.write(json.dumps(spec) + "\n")
     listener.stdin.flush()
     clients, ports = start_clients(ts, user, fleet.net, lport, n=n, per_client=per_client)
-    stack.callback(_end, clients)
+    stack.callback(end_procs, clients)
     assert json.loads(listener.stdout.readline())["ready"] == n
     gos = []
     for _ in range(2):
@@ -340,7 +167,8 @@ def light_clients(fleet: Fleet, user: ThrowawayUser, got: dict[str, Any]) -> dic
             }
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-c", MESHCLIENTS, json.dumps(spec)],
+                    bench_argv("_meshclients", json.dumps(spec)),
+                    cwd=TOP,
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     text=True,
@@ -372,51 +200,7 @@ def light_clients(fleet: Fleet, user: ThrowawayUser, got: dict[str, Any]) -> dic
             }
         return out
     finally:
-        _end(procs)
-
-
-def summarize(fleet: Fleet, got: dict[str, Any]) -> dict[str, Any]:
-    res: dict[str, Any] = {"agents": len(fleet.pids)}
-    for w, label in enumerate(("cold", "warm")):
-        go = got["gos"][w]["go"]
-        done = [(r[w]["at"] - go) * 1000 for r in got["results"]]
-        replies = [r[w]["reply"] for r in got["results"]]
-        good = sum(
-            1
-            for x in replies
-            if (x.get("verdict"), x.get("reason"), x.get("job")) == ("adopt", "callerid", "42")
-        )
-        res[label] = {
-            "answered": len(done),
-            "callerid": good,
-            "p50": median(done),
-            "p99": pct(done, 99),
-            "max": max(done, default=float("nan")),
-            "reasons": dict(Counter(x.get("reason", "?") for x in replies)),
-        }
-    lat: list[list[float]] = [[], []]
-    status: list[Counter[str]] = [Counter(), Counter()]
-    for name in fleet.names()[: len(fleet.pids)]:
-        text = (fleet.top / "log" / f"{name}.log").read_text()
-        for w, m in enumerate(re.findall(r"CALLERID_LATENCY_US=(\d+)", text)[:2]):
-            lat[w].append(int(m) / 1000)
-        for w, m in enumerate(re.findall(r"CALLERID_PEER_STATUS=(\w+)", text)[:2]):
-            status[w][m] += 1
-    for w, label in enumerate(("cold", "warm")):
-        res[label].update(
-            agent_p50=median(lat[w]), agent_p99=pct(lat[w], 99), peer_status=dict(status[w])
-        )
-    mem = [rss_mb(p) for p in fleet.pids if _ppid(p) == (fleet.zygote.pid if fleet.zygote else 0)]
-    res["mem"] = {
-        "rss_median": median([m[0] for m in mem]),
-        "rss_max": max((m[0] for m in mem), default=0.0),
-        "pss_median": median([m[1] for m in mem]),
-        "uss_median": median([m[2] for m in mem]),
-        "pss_total_mb": sum(m[1] for m in mem),
-    }
-    assert fleet.source is not None
-    res["source_mem"] = rss_mb(fleet.source.pid)
-    return res
+        end_procs(procs)
 
 
 def run(args: argparse.Namespace, wanted: int) -> dict[str, Any]:
@@ -446,75 +230,6 @@ def run(args: argparse.Namespace, wanted: int) -> dict[str, Any]:
         res["source_mem_light"] = rss_mb(fleet.source.pid) if fleet.source else (0, 0, 0)
         res.update(wanted=wanted, startup_s=startup)
         return res
-
-
-def report(res: dict[str, Any]) -> None:
-    n, m, sm, lm = res["agents"], res["mem"], res["source_mem"], res["source_mem_light"]
-    print(
-        f"scale: {n} destination agents (of {res['wanted']} wanted) query one source at once"
-        f" (started in {res['startup_s']:.0f} s)"
-    )
-    for label in ("cold", "warm"):
-        w = res[label]
-        print(
-            f"  {label} logins: {w['callerid']}/{w['answered']} callerid; answered after p50 "
-            f"{w['p50']:.0f} / p99 {w['p99']:.0f} / max {w['max']:.0f} ms from the start; "
-            f"in agent p50 {w['agent_p50']:.1f} / p99 {w['agent_p99']:.1f} ms; peer status "
-            f"{w['peer_status']}; replies {w['reasons']}"
-        )
-    for label in ("cold", "warm"):
-        w = res["light"][label]
-        print(
-            f"  {label} queries from {n} client-only MeshClients: round trip p50 {w['p50']:.1f}"
-            f" / p99 {w['p99']:.1f} / max {w['max']:.1f} ms; found {w['found']}; {w['status']}; "
-            f"SYNs dropped by full accept queues meanwhile: {w['listen_drops']}; source CPU "
-            f"{w['source_cpu_ms']:.2f} ms per query"
-        )
-    print(
-        f"  memory per destination agent: RSS {m['rss_median']:.1f} MB (max {m['rss_max']:.1f}),"
-        f" PSS {m['pss_median']:.1f}, USS {m['uss_median']:.1f}; all agents' PSS "
-        f"{m['pss_total_mb'] / 1024:.2f} GB"
-    )
-    print(
-        f"  source agent RSS/PSS/USS: {sm[0]:.1f}/{sm[1]:.1f}/{sm[2]:.1f} MB with {n} peer "
-        f"agents; {lm[0]:.1f}/{lm[1]:.1f}/{lm[2]:.1f} MB with {n} more client-only peers"
-    )
-
-
-def rows(results: list[dict[str, Any]]) -> list[Row]:
-    out = []
-    for res in results:
-        n, w, m, light = res["agents"], res["warm"], res["mem"], res["light"]["warm"]
-        fit = "" if n == res["wanted"] else f" (only {n} of {res['wanted']} fit in memory)"
-        src_rss = res["source_mem"][0]  # with the N peer agents connected
-        both_rss = res["source_mem_light"][0]  # with N more client-only peers as well
-        ours = (
-            f"source answers {n} at once: p99 {light['p99']:.0f} ms; logins all done p99 "
-            f"{w['p99']:.0f} ms, {w['callerid']}/{n} callerid; RSS/agent "
-            f"{m['rss_median']:.0f} MB (USS {m['uss_median']:.0f}), source {src_rss:.0f} MB "
-            f"with {n} peers connected ({both_rss:.0f} MB with {2 * n})"
-        )
-        out.append(
-            Row(
-                row="6",
-                what=f"scale: {n} agents query one source at once{fit}",
-                n=f"{n} x 2 waves",
-                ours=ours,
-                reference="-",
-                ratio="-",
-                target=f"RSS <= {TARGET_RSS_MB:.0f} MB",
-                met=f"agents {met(m['rss_max'] <= TARGET_RSS_MB)}, "
-                f"source {met(src_rss <= TARGET_RSS_MB)}",
-                reproduce=reproduce("scale.py", ["--agents", str(res["wanted"])]),
-                notes=[
-                    f"cold logins p99 {res['cold']['p99']:.0f} ms, "
-                    f"peer {res['cold']['peer_status']}",
-                    f"warm logins peer {w['peer_status']}, in-agent p99 {w['agent_p99']:.0f} ms",
-                    f"client-only cold p99 {res['light']['cold']['p99']:.0f} ms",
-                ],
-            )
-        )
-    return out
 
 
 def main() -> int:

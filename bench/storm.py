@@ -26,8 +26,9 @@ request counts as an error unless it is `verdict=adopt reason=callerid job=<the 
 
 Reported: decisions/s (all requests over the wall time from "go" to the last reply), the
 client-side round trip p50/p99, the agent's own CALLERID_LATENCY_US p50/p99, errors, and the
-peer status counts, and the CPU per decision of both agents and of the monitors. Reproduce
-(root):  .venv/bin/python bench/storm.py [--connections 1000] [--inflight 1] [--requests 6]
+peer status counts, and the CPU per decision of both agents and of the monitors. The client
+processes are bench/_conns.py, the stand-in sshd bench/_standin_sshd.py. Reproduce (root, from
+the repo top):  .venv/bin/python -m bench.storm [--connections 1000] [--inflight 1] [--requests 6]
 """
 
 from __future__ import annotations
@@ -46,12 +47,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench._common import (
+    TOP,
     Row,
+    bench_argv,
     cpu_s,
-    kill_wait,
+    end_procs,
     median,
     met,
     need_root,
@@ -67,69 +68,6 @@ from tests.support.users import throwaway_user
 
 TARGET_RATE = 2000  # decisions/s per agent
 TARGET_P99_MS = 10.0
-
-# Client on the source node: n connections from `src` to host:port; prints its local ports.
-CLIENT = r"""
-import json, socket, sys
-src, host, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-keep = []
-for _ in range(n):
-    s = socket.socket()
-    s.bind((src, 0))
-    s.connect((host, port))
-    keep.append(s)
-print(json.dumps([s.getsockname()[1] for s in keep]), flush=True)
-sys.stdin.read()
-"""
-
-# The stand-in sshd of node "b": accept, fork a monitor per connection (which execs the C
-# monitor, bench/storm_monitor.c, holding that one connection), run the storm.
-SSHD = r"""
-import json, os, socket, sys
-host, agent_sock, out_dir, monitor_bin = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-lst = socket.socket()
-lst.bind((host, 0))
-lst.listen(4096)
-print(json.dumps({"port": lst.getsockname()[1]}), flush=True)
-spec = json.loads(sys.stdin.readline())
-go_r, go_w = os.pipe()
-ready_r, ready_w = os.pipe()
-line = ("CALLERID/1 op=account user=%s service=sshd rhost=%s tty=ssh\n"
-        % (spec["user"], spec["rhost"]))
-
-def monitor(conn, job):
-    os.close(go_w); os.close(ready_r); lst.close()
-    os.write(ready_w, b"r"); os.close(ready_w)
-    os.set_inheritable(go_r, True)
-    os.set_inheritable(conn.fileno(), True)  # the session connection, held across the exec
-    out = os.path.join(out_dir, "%d.json" % os.getpid())
-    argv = [monitor_bin, agent_sock, line, job, str(spec["requests"]), str(spec["inflight"]),
-            str(go_r), out]
-    os.execv(monitor_bin, argv)
-
-kids = []
-for _ in range(spec["connections"]):
-    conn, peer = lst.accept()
-    pid = os.fork()
-    if pid == 0:
-        monitor(conn, spec["jobs"][str(peer[1])])
-    conn.close()  # as sshd's listener does: only the monitor holds the connection
-    kids.append(pid)
-os.close(ready_w)
-got = 0
-while got < len(kids):
-    chunk = os.read(ready_r, 4096)
-    if not chunk:
-        break
-    got += len(chunk)
-print(json.dumps({"ready": got}), flush=True)
-sys.stdin.readline()  # "go"
-os.close(go_w)
-for pid in kids:
-    os.waitpid(pid, 0)
-print(json.dumps({"done": len(kids)}), flush=True)
-sys.stdin.read()
-"""
 
 
 def build_monitor(out_dir: Path) -> Path:
@@ -147,18 +85,19 @@ def start_clients(
     procs, jobs = [], {}
     for i in range(args.clients):
         job = ("42", "43")[i % 2]
-        argv = [USER_PYTHON, "-c", CLIENT, ADDRESSES["a"], ADDRESSES["b"], str(port)]
+        opts = ["--bind", ADDRESSES["a"], "--count", str(args.per_client), str(port)]
         proc = ta.spawn_in(
             job,
             "step_batch",
-            [*argv, str(args.per_client)],
+            bench_argv("_conns", "connect", *opts, ADDRESSES["b"], python=USER_PYTHON),
             user=user,
+            cwd=str(TOP),  # spawn_in passes its options as JSON
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
         assert proc.stdout is not None
-        for p in json.loads(proc.stdout.readline()):
-            jobs[str(p)] = job
+        for _, lport, _, _ in json.loads(proc.stdout.readline()):
+            jobs[str(lport)] = job
         procs.append(proc)
     return procs, jobs
 
@@ -167,16 +106,17 @@ def storm(
     agents: LoopbackAgents, ta: JobTree, user: Any, args: argparse.Namespace
 ) -> dict[str, Any]:
     out_dir = Path(tempfile.mkdtemp(prefix="cidstorm-", dir="/tmp"))
+    monitor = build_monitor(out_dir)
     sshd = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            SSHD,
+        bench_argv(
+            "_standin_sshd",
+            "storm",
             ADDRESSES["b"],
             str(agents.socket("b")),
             str(out_dir),
-            str(build_monitor(out_dir)),
-        ],
+            str(monitor),
+        ),
+        cwd=TOP,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -223,16 +163,8 @@ def storm(
         results = [json.loads(p.read_text()) for p in out_dir.glob("*.json")]
         log = agents.log("b")[log_at:]
     finally:
-        os.killpg(sshd.pid, signal.SIGKILL)
-        sshd.wait()
-        for pipe in (sshd.stdin, sshd.stdout):
-            if pipe is not None:
-                pipe.close()
-        kill_wait(clients)
-        for client in clients:
-            for raw in (client.stdin, client.stdout):
-                if raw is not None:
-                    raw.close()
+        end_procs([sshd], group=True)
+        end_procs(clients)
         shutil.rmtree(out_dir, ignore_errors=True)
     res = summarize(results, log, len(jobs) * args.requests)
     res["cpu_ms_per_request"] = {k: v * 1000 / max(1, res["requests"]) for k, v in cpu.items()}
@@ -279,7 +211,7 @@ def summarize(results: list[dict[str, Any]], log: str, expected: int) -> dict[st
 def rows(args: argparse.Namespace, res: dict[str, Any]) -> list[Row]:
     conns = str(args.clients * args.per_client)
     argv = ["--connections", conns, "--inflight", str(args.inflight)]
-    cmd = reproduce("storm.py", [*argv, "--requests", str(args.requests)])
+    cmd = reproduce("storm", [*argv, "--requests", str(args.requests)])
     concurrent = args.clients * args.per_client * args.inflight
     ok = res["rate"] >= TARGET_RATE and res["errors"] == 0
     return [

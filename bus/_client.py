@@ -19,11 +19,19 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final, Literal, Protocol
+from typing import Final
 
 import zmq
 import zmq.asyncio
 
+from callerid.bus._client_types import (
+    ClientSettings,
+    ClientStats,
+    PeerSettings,
+    QueryResult,
+    QueryStatus,
+)
+from callerid.bus._deadhosts import DeadHosts
 from callerid.bus._sockets import (
     DEFAULT_PORT,
     MONITOR_EVENTS,
@@ -51,60 +59,14 @@ from callerid.bus.protocol import (
 
 log = logging.getLogger("callerid.bus.transport")
 
-QueryStatus = Literal["ok", "unreachable", "auth_failed", "timeout", "unknown_peer", "error"]
-MAX_DEAD_HOSTS: Final = 4096  # bound of the negative cache
 IDLE_CLOSE_S: Final = 300.0  # a pooled peer connection unused this long is closed
+_DEFAULT_SETTINGS: Final = ClientSettings()
 _STATUS_OF: Final[dict[str, QueryStatus]] = {
     "unreachable": "unreachable",
     "stalled": "timeout",
     "auth_failed": "auth_failed",
     "lost": "unreachable",
 }
-
-
-class PeerSettings(Protocol):
-    """What the client needs of `callerid.agent.config.PeerConfig` (matches it)."""
-
-    @property
-    def timeout_ms(self) -> int: ...
-    @property
-    def connect_timeout_ms(self) -> int: ...
-    @property
-    def unreachable_ttl_s(self) -> float: ...
-    @property
-    def pool_size(self) -> int: ...
-
-
-@dataclass(frozen=True, slots=True)
-class ClientSettings:
-    """Defaults equal to the config defaults (peer.*)."""
-
-    timeout_ms: int = 500
-    connect_timeout_ms: int = 300
-    unreachable_ttl_s: float = 30.0
-    pool_size: int = 256
-
-
-@dataclass(frozen=True, slots=True)
-class QueryResult:
-    """Outcome of one query or ping; ``reply`` is set only when status is "ok"."""
-
-    status: QueryStatus
-    reply: CallerIdReply | Pong | None
-    elapsed_s: float
-    detail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-
-@dataclass(slots=True)
-class ClientStats:
-    sockets_opened: int = 0
-    sockets_closed: int = 0
-    negative_cache_hits: int = 0
-    malformed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +105,7 @@ class MeshClient:
         self,
         keypair: KeyPair,
         peers: PeerTable,
-        cfg: PeerSettings = ClientSettings(),
+        cfg: PeerSettings = _DEFAULT_SETTINGS,
         *,
         port: int = DEFAULT_PORT,
         ctx: zmq.asyncio.Context | None = None,
@@ -161,7 +123,7 @@ class MeshClient:
         self._source = normalize_ip(source_address) if source_address else None
         self._ids = itertools.count(1)
         self._pool: OrderedDict[tuple[str, int], _PeerConn] = OrderedDict()
-        self._dead: dict[tuple[str, int], float] = {}
+        self._dead = DeadHosts(cfg.unreachable_ttl_s, clock)
         self._closed = False
 
     # ------------------------------------------------------------------ public API
@@ -250,7 +212,7 @@ class MeshClient:
         except ValueError:
             return done("error", f"not an IP address: {host!r}")
         key = (ip, self._port if port is None else port)
-        if self._is_dead(key):
+        if key in self._dead:
             self.stats.negative_cache_hits += 1
             return done("unreachable", "no agent there (cached)")
         peer = self._peers.by_address(ip)
@@ -291,25 +253,6 @@ class MeshClient:
         return await fut
 
     # ------------------------------------------------------------------ pool
-
-    def _is_dead(self, key: tuple[str, int]) -> bool:
-        until = self._dead.get(key)
-        if until is None:
-            return False
-        if self._clock() < until:
-            return True
-        del self._dead[key]
-        return False
-
-    def _mark_dead(self, key: tuple[str, int]) -> None:
-        if self._cfg.unreachable_ttl_s <= 0:
-            return
-        now = self._clock()
-        if len(self._dead) >= MAX_DEAD_HOSTS:
-            self._dead = {k: t for k, t in self._dead.items() if t > now}
-            while len(self._dead) >= MAX_DEAD_HOSTS:
-                del self._dead[next(iter(self._dead))]
-        self._dead[key] = now + self._cfg.unreachable_ttl_s
 
     def _connection(self, key: tuple[str, int], server_key: str) -> _PeerConn:
         now = self._clock()
@@ -405,7 +348,7 @@ class MeshClient:
                 continue
             log.debug("peer %s:%d: %s (%s)", *conn.key, verdict.state, verdict.detail)
             if verdict.state == "unreachable":  # nothing listens: skip the host for a while
-                self._mark_dead(conn.key)
+                self._dead.add(conn.key)
             self._drop(conn, _Failure(_STATUS_OF[verdict.state], verdict.detail))
             return
 

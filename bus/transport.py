@@ -15,7 +15,9 @@ which halves the per-message overhead of zmq.asyncio futures (bench/mesh.py). Al
 runs on the one event loop: no threads of our own.
 
 Private helpers of this module that also import zmq: `bus/_client.py` (the client and its
-pool) and `bus/_sockets.py` (socket options, `LoopSocket`, monitor events, keys).
+pool) and `bus/_sockets.py` (socket options, `LoopSocket`, monitor events, keys). Two pure
+ones do not: `bus/_client_types.py` (the client's settings, results and counters) and
+`bus/_deadhosts.py` (its negative cache).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
-from callerid.bus._client import ClientSettings, ClientStats, MeshClient, QueryResult, QueryStatus
+from callerid.bus._client import MeshClient
+from callerid.bus._client_types import ClientSettings, ClientStats, QueryResult, QueryStatus
 from callerid.bus._sockets import (
     DEFAULT_PORT,
     KeyPair,

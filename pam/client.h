@@ -76,7 +76,7 @@ int cid_encode_request(const struct cid_request *req, char *buf, size_t cap, siz
 /* Parse one reply line of `len` bytes (the final '\n' included). Strict: a missing or unknown
  * verdict, a bad percent escape, a raw byte outside 0x21..0x7e in a field, a malformed or
  * duplicated known key or an invalid job id is CID_E_GARBAGE. Values are not checked for
- * UTF-8 (the caller cleans msg before showing it).
+ * UTF-8 (the caller cleans msg with cid_sanitize before showing it).
  * Unknown keys are ignored. */
 int cid_parse_reply(const char *line, size_t len, struct cid_reply *out);
 
@@ -84,6 +84,12 @@ int cid_parse_reply(const char *line, size_t len, struct cid_reply *out);
  * raises SIGPIPE, never changes signal dispositions, never forks. Returns res->status. */
 int cid_exchange(const char *path, int timeout_ms, const struct cid_request *req,
                  struct cid_reply *reply, struct cid_result *res);
+
+/* Copy `msg` for a terminal: C0 controls (but '\n' and '\t'), DEL, C1 controls and bytes that
+ * are not valid UTF-8 each become '?'. The output is NUL-terminated and fits in out[cap]: a
+ * character that would not fit ends the copy (never cut mid-character). cap == 0 writes
+ * nothing. */
+void cid_sanitize(const char *msg, char *out, size_t cap);
 
 /* A job id the module may put into the environment: [A-Za-z0-9_.-]{1,CID_JOB_MAX}. */
 int cid_valid_job(const char *job);

@@ -1,5 +1,6 @@
 /*
- * codec.c - the PAM socket line format, no I/O: encode a request, parse a reply strictly.
+ * codec.c - the PAM socket line format, no I/O: encode a request, parse a reply strictly, and
+ * clean a reply's message for a terminal.
  *
  * Values are percent-encoded: alnum and "-_.:/@+,[]" are sent raw, every other byte as %XX
  * (the same safe set as agent/pamproto.py). Decoding is strict: anything the contract does not
@@ -8,6 +9,7 @@
 #define _GNU_SOURCE
 #include "client.h"
 
+#include <stdint.h>
 #include <string.h>
 
 #define KEY_MAX    32           /* reply keys: [a-z][a-z0-9_]{0,31} */
@@ -89,7 +91,7 @@ static int hex_value(char c)
 
 /* Decode a percent-encoded value into dst[cap] (NUL-terminated). -1 on a bad escape, an
  * encoded NUL, a raw byte outside 0x21..0x7e or a raw '=', or overflow. The bytes are not
- * required to be UTF-8 here: only msg is ever shown, and pam_callerid.c cleans it for display,
+ * required to be UTF-8 here: only msg is ever shown, and cid_sanitize cleans it for display,
  * so a mis-cut multi-byte character cannot turn an agent's deny into an on_error outcome. */
 static int decode_value(const char *raw, size_t n, char *dst, size_t cap, size_t *dlen)
 {
@@ -245,6 +247,71 @@ int cid_parse_reply(const char *line, size_t len, struct cid_reply *out)
     if ((seen & SEEN_VERDICT) == 0)
         return CID_E_GARBAGE;
     return CID_OK;
+}
+
+/* ---- display ------------------------------------------------------------------------- */
+
+/* Length of the valid UTF-8 sequence at s[0..n) (no overlong forms, surrogates or code
+ * points above U+10FFFF), or 0 when s does not start one. */
+static size_t utf8_len(const unsigned char *s, size_t n)
+{
+    size_t extra;
+    size_t k;
+    uint32_t cp;
+
+    if (s[0] < 0x80)
+        return 1;
+    if (s[0] >= 0xc2 && s[0] <= 0xdf) {
+        extra = 1;
+        cp = s[0] & 0x1f;
+    } else if (s[0] >= 0xe0 && s[0] <= 0xef) {
+        extra = 2;
+        cp = s[0] & 0x0f;
+    } else if (s[0] >= 0xf0 && s[0] <= 0xf4) {
+        extra = 3;
+        cp = s[0] & 0x07;
+    } else {
+        return 0;
+    }
+    if (extra >= n)
+        return 0;
+    for (k = 1; k <= extra; k++) {
+        if ((s[k] & 0xc0) != 0x80)
+            return 0;
+        cp = (cp << 6) | (s[k] & 0x3f);
+    }
+    if ((extra == 2 && cp < 0x800) || (extra == 3 && cp < 0x10000) || cp > 0x10ffff ||
+        (cp >= 0xd800 && cp <= 0xdfff) || (cp >= 0x80 && cp <= 0x9f))
+        return 0; /* the last test rejects C1 controls (U+0080..U+009F) */
+    return extra + 1;
+}
+
+void cid_sanitize(const char *msg, char *out, size_t cap)
+{
+    const unsigned char *p = (const unsigned char *)msg;
+    size_t left = strlen(msg);
+    size_t o = 0;
+    size_t n;
+
+    if (cap == 0)
+        return;
+    while (left > 0) {
+        n = utf8_len(p, left);
+        if (n == 1 && ((*p < 0x20 && *p != '\n' && *p != '\t') || *p == 0x7f))
+            n = 0;
+        if ((n == 0 ? 1 : n) >= cap - o)
+            break;
+        if (n == 0) {
+            out[o++] = '?';
+            n = 1;
+        } else {
+            memcpy(out + o, p, n);
+            o += n;
+        }
+        p += n;
+        left -= n;
+    }
+    out[o] = '\0';
 }
 
 const char *cid_verdict_str(enum cid_verdict verdict)

@@ -13,7 +13,6 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pwd.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -200,71 +199,6 @@ static const char *get_item_str(pam_handle_t *pamh, int item)
     return v;
 }
 
-/* Length of the valid UTF-8 sequence at s[0..n) (no overlong forms, surrogates or code
- * points above U+10FFFF), or 0 when s does not start one. */
-static size_t utf8_len(const unsigned char *s, size_t n)
-{
-    size_t extra;
-    size_t k;
-    uint32_t cp;
-
-    if (s[0] < 0x80)
-        return 1;
-    if (s[0] >= 0xc2 && s[0] <= 0xdf) {
-        extra = 1;
-        cp = s[0] & 0x1f;
-    } else if (s[0] >= 0xe0 && s[0] <= 0xef) {
-        extra = 2;
-        cp = s[0] & 0x0f;
-    } else if (s[0] >= 0xf0 && s[0] <= 0xf4) {
-        extra = 3;
-        cp = s[0] & 0x07;
-    } else {
-        return 0;
-    }
-    if (extra >= n)
-        return 0;
-    for (k = 1; k <= extra; k++) {
-        if ((s[k] & 0xc0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (s[k] & 0x3f);
-    }
-    if ((extra == 2 && cp < 0x800) || (extra == 3 && cp < 0x10000) || cp > 0x10ffff ||
-        (cp >= 0xd800 && cp <= 0xdfff) || (cp >= 0x80 && cp <= 0x9f))
-        return 0; /* the last test rejects C1 controls (U+0080..U+009F) */
-    return extra + 1;
-}
-
-/* Copy `msg` for a terminal: C0 controls (but '\n' and '\t'), DEL, C1 controls and bytes that
- * are not valid UTF-8 each become '?'. The output is NUL-terminated and fits in out[cap]. */
-static void sanitize(const char *msg, char *out, size_t cap)
-{
-    const unsigned char *p = (const unsigned char *)msg;
-    size_t left = strlen(msg);
-    size_t o = 0;
-    size_t n;
-
-    if (cap == 0)
-        return;
-    while (left > 0) {
-        n = utf8_len(p, left);
-        if (n == 1 && ((*p < 0x20 && *p != '\n' && *p != '\t') || *p == 0x7f))
-            n = 0;
-        if ((n == 0 ? 1 : n) >= cap - o)
-            break;
-        if (n == 0) {
-            out[o++] = '?';
-            n = 1;
-        } else {
-            memcpy(out + o, p, n);
-            o += n;
-        }
-        p += n;
-        left -= n;
-    }
-    out[o] = '\0';
-}
-
 /* Show `msg` as PAM_ERROR_MSG through the application's conversation, if there is one. */
 static void tell_user(pam_handle_t *pamh, int flags, const struct options *o, const char *msg)
 {
@@ -279,7 +213,7 @@ static void tell_user(pam_handle_t *pamh, int flags, const struct options *o, co
     conv = item;
     if (conv->conv == NULL)
         return;
-    sanitize(msg, text, sizeof(text));
+    cid_sanitize(msg, text, sizeof(text));
     if (pam_error(pamh, "%s", text) != PAM_SUCCESS && o->debug)
         pam_syslog(pamh, LOG_DEBUG, "the conversation did not show the message");
 }

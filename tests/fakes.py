@@ -1,11 +1,21 @@
 """Fakes for the centre of the agent: real classes that record their calls (no mock.patch).
 
-`FakeClock` (a monotonic clock the test moves), `FakeBackend` (jobs and adoptions in memory),
-`FakeSessions` (the session connection of a pid), `FakePeers` (the source agents' answers),
-`FakeUsers` (NSS). Each stands where the daemon's composition root puts the real one.
+`FakeClock` (a monotonic clock the test moves), `FakeUsers` (NSS), `FakeBackend` (jobs and
+adoptions in memory), `FakeSessions` (the session connection of a pid), `FakePeers` (the
+source agents' answers over the mesh), `FakeOwners` (this node's sockets, for the source
+side), `FakeJournal` (the records). Each stands where the composition root puts the real one.
 """
 
 from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+from callerid.agent import policy
+from callerid.agent.backends.base import Job
+from callerid.agent.journal import DecisionRecord
+from callerid.agent.netinfo import Connection, NetinfoError, Owner, Proc
+from callerid.bus.protocol import CallerIdQuery, CallerIdReply, Endpoint
 
 
 class FakeClock:
@@ -19,3 +29,121 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+class FakeUsers:
+    """NSS: ``known`` maps a user name to (uid, group names); anyone else does not exist."""
+
+    def __init__(self, known: dict[str, tuple[int, frozenset[str]]]) -> None:
+        self.known = known
+        self.asked: list[str] = []
+
+    async def facts(self, user: str) -> policy.Facts:
+        self.asked.append(user)
+        if user not in self.known:
+            return policy.Facts(user=user, uid=None)
+        uid, groups = self.known[user]
+        return policy.Facts(user=user, uid=uid, groups=groups)
+
+
+class FakeBackend:
+    """Jobs in memory; records every call. ``fail`` makes one method raise an exception
+    (`BackendError` for the expected failures, anything else for an agent bug)."""
+
+    name = "fake"
+
+    def __init__(
+        self,
+        jobs: list[Job] | None = None,
+        *,
+        pid_jobs: dict[int, Job] | None = None,
+        fail: dict[str, Exception] | None = None,
+        blocking: bool = False,
+    ) -> None:
+        self.jobs = jobs or []
+        self.pid_jobs = pid_jobs or {}
+        self.fail = fail or {}
+        self.blocking = blocking
+        self.calls: list[tuple[str, object]] = []
+        self.adopted: list[tuple[int, str]] = []
+
+    def _call(self, name: str, arg: object) -> None:
+        self.calls.append((name, arg))
+        if name in self.fail:
+            raise self.fail[name]
+
+    def jobs_of(self, uid: int) -> list[Job]:
+        self._call("jobs_of", uid)
+        return [j for j in self.jobs if j.uid == uid]
+
+    def job_of_pid(self, pid: int) -> Job | None:
+        self._call("job_of_pid", pid)
+        return self.pid_jobs.get(pid)
+
+    def adopt(self, pid: int, job: Job) -> None:
+        self._call("adopt", (pid, job.id))
+        self.adopted.append((pid, job.id))
+        self.pid_jobs[pid] = job
+
+    def close(self) -> None:
+        self.calls.append(("close", None))
+
+
+class FakeSessions:
+    """The session connection of every caller: ``conn`` held by ``holder`` (None: there is
+    none, as for a caller without an inet connection)."""
+
+    def __init__(self, conn: Connection | None, holder: int = 4242) -> None:
+        self.conn = conn
+        self.holder = holder
+        self.asked: list[tuple[int, str | None]] = []
+
+    def session_connection(self, pid: int, rhost: str | None = None) -> tuple[Proc, Connection]:
+        self.asked.append((pid, rhost))
+        if self.conn is None:
+            msg = f"no connection served by an ancestor's listener for pid {pid}"
+            raise NetinfoError(msg)
+        return Proc(pid=self.holder, ppid=1, comm="sshd", start_time=0.0), self.conn
+
+
+class FakePeers:
+    """The mesh: the source agent at each host answers as ``answers`` says, (mesh status,
+    reply); a host not listed never answers (the query waits until it is cancelled)."""
+
+    def __init__(self, answers: dict[str, tuple[str, CallerIdReply | None]]) -> None:
+        self.answers = answers
+        self.asked: list[tuple[str, CallerIdQuery]] = []
+
+    async def __call__(self, host: str, query: CallerIdQuery) -> tuple[str, CallerIdReply | None]:
+        self.asked.append((host, query))
+        if host not in self.answers:
+            await asyncio.Event().wait()
+        return self.answers[host]
+
+
+class FakeOwners:
+    """This node's sockets for the source side: ``owner`` holds every asked connection (None:
+    no socket matches); ``fail`` makes the look-up raise."""
+
+    def __init__(self, owner: Owner | None, fail: Exception | None = None) -> None:
+        self.owner = owner
+        self.fail = fail
+        self.asked: list[tuple[str, Endpoint, Endpoint, int | None]] = []
+
+    def socket_owner(
+        self, proto: Literal["tcp", "udp"], src: Endpoint, dst: Endpoint, *, uid: int | None = None
+    ) -> Owner | None:
+        self.asked.append((proto, src, dst, uid))
+        if self.fail is not None:
+            raise self.fail
+        return self.owner
+
+
+class FakeJournal:
+    """Keeps the decision records the PAM server hands it."""
+
+    def __init__(self) -> None:
+        self.records: list[DecisionRecord] = []
+
+    def record(self, rec: DecisionRecord) -> None:
+        self.records.append(rec)

@@ -34,10 +34,10 @@ import re
 import stat
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from callerid.agent._procfs import NetinfoError, ProcReader
 from callerid.agent.backends._cglayout import (
     JOB_ID_RE,
     Hierarchy,
@@ -50,6 +50,8 @@ from callerid.agent.backends._cglayout import (
 )
 from callerid.agent.backends.base import BackendError, Job, JobVanished
 from callerid.agent.config import CgroupBackendConfig
+from callerid.agent.memo import Memo
+from callerid.agent.netinfo import NetinfoError, ProcReader
 
 __all__ = [
     "CgroupBackend",
@@ -65,20 +67,30 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _JOB_ID = re.compile(JOB_ID_RE)
-_MAX_KNOWN = 65536  # remembered job directories (owner and start never change)
-EXTERN_TTL_S = 10.0  # how long a job's extern step directories are remembered
 
 
 # --------------------------------------------------------------------------- the backend
 
 
 class CgroupBackend:
-    """Jobs from cgroup directories; adoption by writing the extern step's cgroup.procs."""
+    """Jobs from cgroup directories; adoption by writing the extern step's cgroup.procs.
+
+    ``clock`` (seconds) ages the extern step memory (``extern_ttl_s``); ``max_jobs`` bounds
+    how many jobs each memory holds.
+    """
 
     name = "cgroup"
     blocking = False  # listing and look-ups only read cgroupfs and /proc
 
-    def __init__(self, cfg: CgroupBackendConfig, *, proc_root: Path = Path("/proc")) -> None:
+    def __init__(
+        self,
+        cfg: CgroupBackendConfig,
+        *,
+        proc_root: Path = Path("/proc"),
+        clock: Callable[[], float] = time.monotonic,
+        extern_ttl_s: float = 10.0,
+        max_jobs: int = 65536,
+    ) -> None:
         try:
             self._pattern = JobPattern.compile(cfg.jobs)
         except ValueError as exc:
@@ -96,8 +108,16 @@ class CgroupBackend:
         except (OSError, NetinfoError) as exc:
             msg = f"cannot read the boot time from {proc_root}/stat: {exc}"
             raise BackendError(msg) from exc
-        self._known: dict[tuple[str, int], tuple[int, float]] = {}  # job dir -> (uid, start)
-        self._externs: dict[tuple[str, int], tuple[float, list[tuple[Hierarchy, str]]]] = {}
+        # job dir (path, inode) -> (uid, start): a job's owner and start never change, and a
+        # new job of the same id is a new directory (a new inode)
+        self._known: Memo[tuple[str, int], tuple[int, float]] = Memo(
+            max_entries=max_jobs, ttl_s=None, clock=clock
+        )
+        # (job id, uid) -> its extern step dirs: they live as long as the job; one that has
+        # gone shows at the write (JobVanished) and is forgotten then, the TTL bounds the rest
+        self._externs: Memo[tuple[str, int], list[tuple[Hierarchy, str]]] = Memo(
+            max_entries=max_jobs, ttl_s=extern_ttl_s, clock=clock
+        )
         log.info(
             "cgroup backend: %s, hierarchies %s, jobs %s",
             self.layout.mode,
@@ -149,7 +169,7 @@ class CgroupBackend:
             for _h, extern in targets:
                 _write_pid(extern, pid, job)
         except JobVanished:
-            self._externs.pop((job.id, job.uid), None)
+            self._externs.pop((job.id, job.uid))
             raise
         self._verify(pid, targets)
         log.debug("adopted pid %d into job %s (%s)", pid, job.id, targets[0][1])
@@ -179,22 +199,19 @@ class CgroupBackend:
     def _targets(self, job: Job) -> list[tuple[Hierarchy, str]]:
         """The extern step directories of ``job``, one per hierarchy that has one.
 
-        Remembered for EXTERN_TTL_S (a login storm adopts into the same few jobs again and
-        again); a job that has gone since shows at the write (JobVanished) and is forgotten.
+        Remembered (a login storm adopts into the same few jobs again and again); a job that
+        has gone since shows at the write (JobVanished) and is forgotten.
         """
         key = (job.id, job.uid)
-        now = time.monotonic()
         hit = self._externs.get(key)
-        if hit is not None and now < hit[0]:
-            return hit[1]
+        if hit is not None:
+            return hit
         found = self._locate(job)
         targets = [(h, e) for h, d in found if os.path.isdir(e := f"{d}/{self._extern}")]
         if not targets:
             msg = f"job {job.id} has no extern step cgroup ({found[0][1]}/{self._extern})"
             raise BackendError(msg)
-        if len(self._externs) >= _MAX_KNOWN:
-            self._externs.clear()
-        self._externs[key] = (now + EXTERN_TTL_S, targets)
+        self._externs.put(key, targets)
         return targets
 
     def _locate(self, job: Job) -> list[tuple[Hierarchy, str]]:
@@ -226,9 +243,7 @@ class CgroupBackend:
             return Job(d.job_id, known[0], known[1])
         job, from_processes = self._read_job(d)
         if job is not None and from_processes:
-            if len(self._known) >= _MAX_KNOWN:
-                self._known.pop(next(iter(self._known)))
-            self._known[key] = (job.uid, job.start_time)
+            self._known.put(key, (job.uid, job.start_time))
         return job
 
     def _read_job(self, d: _JobDir) -> tuple[Job | None, bool]:

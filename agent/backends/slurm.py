@@ -7,7 +7,7 @@ What pam_slurm_adopt does, with our own bounds and checks (reference/slurm.md se
   connection per extern step, all at once), the start time is the socket's ctime (as 26.05
   does; ties go to the higher job id, `Job.sort_key`). A stale socket (no listener, or gone) is
   skipped; so is a stepd that does not answer in time (logged: it could not adopt anyway).
-  A step's owner never changes, so an answer is remembered for OWNER_TTL_S by the socket
+  A step's owner never changes, so an answer is remembered for ``owner_ttl_s`` by the socket
   file's identity (path, inode, ctime: a requeued job's new stepd makes a new file); the
   listing itself is read at every call, so an ended step drops out at once. (A stepd that
   died without removing its socket is still listed until the memory expires; adopting into
@@ -28,38 +28,43 @@ by the node name (configured, else the short hostname) and the short hostname, a
 
 Every public call is bounded by ``timeout_ms`` in total (connect, send and every reply; Slurm
 sets no timeout on these sockets), however many stepds it talks to: connections are
-non-blocking and driven together by one selector with one deadline (`drive`). The backend
-keeps no connection between calls and may be called from several threads at once.
+non-blocking and driven together by one selector with one deadline (`_stepd_io.drive`). The
+backend keeps no connection between calls and may be called from several threads at once.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
-import selectors
 import socket
 import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from callerid.agent._procfs import read_proc
 from callerid.agent.backends import stepd
+from callerid.agent.backends._stepd_io import (
+    StaleSocket,
+    StepdClosed,
+    StepdConnection,
+    StepdTimeout,
+    drive,
+    outcome,
+)
 from callerid.agent.backends.base import BackendError, Job, JobVanished
 from callerid.agent.config import SlurmBackendConfig
+from callerid.agent.memo import Memo
+from callerid.agent.netinfo import read_proc
 
 __all__ = [
     "SlurmBackend",
     "StaleSocket",
     "StepSocket",
     "StepdClosed",
-    "StepdConnection",
     "StepdTimeout",
-    "drive",
     "guess_node_name",
     "job_from_cgroup",
     "list_step_sockets",
@@ -67,177 +72,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 _SOCKET_NAME = re.compile(r"(?P<node>.+)_(?P<job>\d+)\.(?P<step>\d+)(?:\.(?P<het>\d+))?")
-_STALE_ERRNOS = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR})
-_CLOSED_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET})
-_RECV_SIZE = 65536
-
-
-OWNER_TTL_S = 10.0  # how long a step's owner (STEP_UID) is remembered
-_MAX_OWNERS = 65536
-
-
-def _identity(sock: StepSocket) -> tuple[str, int, float]:
-    return (str(sock.path), sock.inode, sock.ctime)
-
-
-class StaleSocket(JobVanished):
-    """The stepd socket file is gone, or nothing listens on it any more (the step ended)."""
-
-
-class StepdClosed(BackendError):
-    """The stepd closed the connection before answering (a 26.05 refusal, or it is exiting)."""
-
-    def __init__(self, message: str, waiting_for: str) -> None:
-        super().__init__(message)
-        self.waiting_for = waiting_for
-
-
-class StepdTimeout(BackendError):
-    """The stepd did not answer before the deadline."""
-
-
-# --------------------------------------------------------------------------- the socket adapter
-
-
-class StepdConnection:
-    """A non-blocking connection to one slurmstepd: queued requests, replies decoded in order.
-
-    `queue()` adds a request and returns its reply `Reader`; `drive()` does the I/O. Failures
-    are kept in `error` (the connection is then settled). `transcript` records every chunk sent
-    and received, as ``("send" | "recv", bytes)``.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.error: BackendError | None = None
-        self.transcript: list[tuple[str, bytes]] = []
-        self._out = bytearray()
-        self._readers: list[tuple[str, stepd.Reader[Any]]] = []
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.setblocking(False)
-        try:
-            self.sock.connect(str(path))
-        except OSError as exc:
-            self.sock.close()
-            if exc.errno in _STALE_ERRNOS:
-                msg = f"stale slurmstepd socket {path}: {exc.strerror}"
-                raise StaleSocket(msg) from exc
-            if exc.errno == errno.EAGAIN:
-                msg = f"slurmstepd {path} is busy (its listen queue is full)"
-                raise BackendError(msg) from exc
-            msg = f"cannot connect to slurmstepd {path}: {exc.strerror or exc}"
-            raise BackendError(msg) from exc
-
-    def queue(self, exchange: stepd.Exchange[T]) -> stepd.Reader[T]:
-        """Send ``exchange`` after what is queued already; its reply comes in that order."""
-        reader = exchange.reader()
-        self._out += exchange.data
-        self._readers.append((exchange.name, reader))
-        return reader
-
-    @property
-    def waiting_for(self) -> str | None:
-        """The name of the first request still without a complete reply."""
-        return next((name for name, r in self._readers if not r.done), None)
-
-    @property
-    def settled(self) -> bool:
-        return self.error is not None or (not self._out and self.waiting_for is None)
-
-    @property
-    def events(self) -> int:
-        ev = selectors.EVENT_WRITE if self._out else 0
-        return ev | (selectors.EVENT_READ if self.waiting_for is not None else 0)
-
-    def fail(self, error: BackendError) -> None:
-        if self.error is None:
-            self.error = error
-
-    def on_ready(self, mask: int) -> None:
-        """Do the I/O the selector reported ready; failures go to `error`."""
-        try:
-            if mask & selectors.EVENT_WRITE and self._out:
-                sent = self.sock.send(self._out)
-                self.transcript.append(("send", bytes(self._out[:sent])))
-                del self._out[:sent]
-            if mask & selectors.EVENT_READ and self.waiting_for is not None:
-                self._receive()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            if exc.errno in _CLOSED_ERRNOS:
-                self._closed()
-            else:
-                self.fail(BackendError(f"slurmstepd {self.path}: {exc.strerror}"))
-        except stepd.StepdProtocolError as exc:
-            self.fail(BackendError(f"slurmstepd {self.path} sent garbage: {exc}"))
-
-    def _receive(self) -> None:
-        data = self.sock.recv(_RECV_SIZE)
-        if not data:
-            self._closed()
-            return
-        self.transcript.append(("recv", data))
-        for _name, reader in self._readers:
-            if data and not reader.done:
-                data = data[reader.feed(data) :]
-        if data:
-            msg = f"slurmstepd {self.path} sent {len(data)} bytes nobody asked for"
-            raise stepd.StepdProtocolError(msg)
-
-    def _closed(self) -> None:
-        waiting = self.waiting_for or "a reply"
-        msg = f"slurmstepd {self.path} closed the connection instead of answering {waiting}"
-        self.fail(StepdClosed(msg, waiting))
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def drive(conns: Iterable[StepdConnection], deadline: float) -> None:
-    """Exchange bytes on every connection until each is settled or ``deadline`` passes.
-
-    ``deadline`` is a `time.monotonic()` value. A connection still waiting then fails with
-    `StepdTimeout`; the others are unaffected.
-    """
-    pending = [c for c in conns if not c.settled]
-    with selectors.DefaultSelector() as sel:
-        for conn in pending:
-            sel.register(conn.sock, conn.events, conn)
-        while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                for conn in pending:
-                    what = conn.waiting_for or "the connection"
-                    conn.fail(StepdTimeout(f"slurmstepd {conn.path}: no answer to {what} in time"))
-                return
-            for key, mask in sel.select(remaining):
-                conn = key.data
-                conn.on_ready(mask)
-                if conn.settled:
-                    sel.unregister(conn.sock)
-                elif conn.events != key.events:
-                    sel.modify(conn.sock, conn.events, conn)
-            pending = [c for c in pending if not c.settled]
-
-
-def _outcome(
-    conn: StepdConnection, greeting: stepd.Reader[int], reader: stepd.Reader[T], version: int
-) -> T:
-    """The value of ``reader``, or the most telling error (a refused handshake first)."""
-    if greeting.done and greeting.value < 0:
-        msg = (
-            f"slurmstepd {conn.path} refused our protocol version {version} "
-            f"({stepd.version_name(version)}); set backend.slurm.protocol_version"
-        )
-        raise BackendError(msg)
-    if conn.error is not None:
-        raise conn.error
-    return reader.value
-
+_CGROUP_JOB = re.compile(r"/job_(\d+)/step_[^/]+(?:/|$)")
 
 # --------------------------------------------------------------------------- socket listing
 
@@ -251,11 +87,16 @@ class StepSocket:
     job: str
     step: int
     ctime: float
-    inode: int = 0
+    inode: int
 
     @property
     def is_extern(self) -> bool:
         return self.step == stepd.EXTERN_STEP
+
+    @property
+    def identity(self) -> tuple[str, int, float]:
+        """The socket file's identity: a new stepd of the same step makes a new file."""
+        return (str(self.path), self.inode, self.ctime)
 
 
 def list_step_sockets(spool_dir: Path) -> list[StepSocket]:
@@ -297,19 +138,45 @@ def guess_node_name(nodes: Iterable[str], hostname: str) -> str:
     return names.pop()
 
 
+def job_from_cgroup(text: str) -> str | None:
+    """The Slurm job id a /proc/<pid>/cgroup text shows (``.../job_<J>/step_...``), or None.
+
+    None too when lines disagree (then the stepds are asked instead).
+    """
+    found = {m.group(1) for line in text.splitlines() if (m := _CGROUP_JOB.search(line))}
+    return found.pop() if len(found) == 1 else None
+
+
 # --------------------------------------------------------------------------- the backend
 
 
 class SlurmBackend:
-    """Jobs from slurmstepd extern steps; adoption with ADD_EXTERN_PID."""
+    """Jobs from slurmstepd extern steps; adoption with ADD_EXTERN_PID.
+
+    ``clock`` (seconds, as `time.monotonic`) bounds every call and ages the owner memory;
+    ``owner_ttl_s`` and ``max_owners`` bound that memory.
+    """
 
     name = "slurm"
     blocking = True  # every call is an RPC to a slurmstepd
 
-    def __init__(self, cfg: SlurmBackendConfig, *, proc_root: Path = Path("/proc")) -> None:
+    def __init__(
+        self,
+        cfg: SlurmBackendConfig,
+        *,
+        proc_root: Path = Path("/proc"),
+        clock: Callable[[], float] = time.monotonic,
+        owner_ttl_s: float = 10.0,
+        max_owners: int = 65536,
+    ) -> None:
         self._proc = proc_root
+        self._clock = clock
         self._timeout = cfg.timeout_ms / 1000
-        self._uids: dict[tuple[str, int, float], tuple[float, int]] = {}  # socket -> owner
+        # socket file identity -> STEP_UID: a step's owner never changes, and a new stepd
+        # (a requeued job) makes a new socket file; the TTL only lets go of dead stepds' sockets
+        self._uids: Memo[tuple[str, int, float], int] = Memo(
+            max_entries=max_owners, ttl_s=owner_ttl_s, clock=clock
+        )
         self._version = cfg.protocol_version or stepd.DEFAULT_PROTOCOL_VERSION
         self._host = socket.gethostname().split(".")[0]
         self._node = cfg.node_name
@@ -326,7 +193,7 @@ class SlurmBackend:
 
     def jobs_of(self, uid: int) -> list[Job]:
         """``uid``'s jobs: the extern steps whose stepd says STEP_UID == uid."""
-        deadline = time.monotonic() + self._timeout
+        deadline = self._clock() + self._timeout
         externs = [s for s in self._sockets() if s.is_extern]
         owners = self._owners(externs, deadline)
         jobs = sorted(
@@ -338,7 +205,7 @@ class SlurmBackend:
 
     def job_of_pid(self, pid: int) -> Job | None:
         """The job ``pid`` runs in (any step), or None."""
-        deadline = time.monotonic() + self._timeout
+        deadline = self._clock() + self._timeout
         text = read_proc(f"{self._proc}/{pid}/cgroup")
         if text is None:
             return None  # the process is gone
@@ -356,7 +223,7 @@ class SlurmBackend:
         if pid <= 0:
             msg = f"invalid pid {pid}"
             raise BackendError(msg)
-        deadline = time.monotonic() + self._timeout
+        deadline = self._clock() + self._timeout
         sock = next((s for s in self._sockets() if s.is_extern and s.job == job.id), None)
         if sock is None:
             msg = f"job {job.id} has no extern step on this node (ended, or no PrologFlags=contain)"
@@ -387,24 +254,19 @@ class SlurmBackend:
         return [s for s in found if s.node == node]
 
     def _owners(self, sockets: list[StepSocket], deadline: float) -> dict[Path, int]:
-        """STEP_UID of every socket that answers in time (the others are skipped); answers
-        are remembered for OWNER_TTL_S by the socket file's identity."""
-        now = time.monotonic()
+        """STEP_UID of every socket that answers in time (the others are skipped)."""
         owners: dict[Path, int] = {}
         unknown = []
         for sock in sockets:
-            hit = self._uids.get(_identity(sock))
-            if hit is not None and now < hit[0]:
-                owners[sock.path] = hit[1]
-            else:
+            uid = self._uids.get(sock.identity)
+            if uid is None:
                 unknown.append(sock)
+            else:
+                owners[sock.path] = uid
         if unknown:
-            asked = self._ask(unknown, lambda _s: [stepd.step_uid()], deadline)
-            if len(self._uids) + len(asked) > _MAX_OWNERS:
-                self._uids.clear()
-            for sock, values in asked.items():
+            for sock, values in self._ask(unknown, lambda _s: [stepd.step_uid()], deadline).items():
                 owners[sock.path] = values[0]
-                self._uids[_identity(sock)] = (now + OWNER_TTL_S, values[0])
+                self._uids.put(sock.identity, values[0])
         return owners
 
     def _ask(
@@ -425,14 +287,14 @@ class SlurmBackend:
             greeting = conn.queue(stepd.hello(self._version))
             talks.append((sock, conn, greeting, [conn.queue(r) for r in requests(sock)]))
         try:
-            drive((t[1] for t in talks), deadline)
+            drive((t[1] for t in talks), deadline, self._clock)
         finally:
             for _sock, conn, _g, _r in talks:
                 conn.close()
         answers: dict[StepSocket, list[Any]] = {}
         for sock, conn, greeting, readers in talks:
             try:
-                answers[sock] = [_outcome(conn, greeting, r, self._version) for r in readers]
+                answers[sock] = [outcome(conn, greeting, r, self._version) for r in readers]
             except BackendError as exc:
                 _skip(sock, exc)
         return answers
@@ -468,22 +330,33 @@ class SlurmBackend:
             greeting = conn.queue(stepd.hello(self._version))
             owner = conn.queue(stepd.step_uid())
             state = conn.queue(stepd.state())
-            drive([conn], deadline)
-            uid = _outcome(conn, greeting, owner, self._version)
+            drive([conn], deadline, self._clock)
+            uid = outcome(conn, greeting, owner, self._version)
             if uid != job.uid:
                 msg = f"job {job.id} belongs to uid {uid}, not {job.uid}: not adopting pid {pid}"
                 raise BackendError(msg)
             step_state = stepd.state_name(
-                _outcome(conn, greeting, state, self._version), greeting.value
+                outcome(conn, greeting, state, self._version), greeting.value
             )
             if step_state in ("cancelled", "ending"):
                 msg = f"job {job.id} is ending (extern step {step_state})"
                 raise JobVanished(msg)
             added = conn.queue(stepd.add_extern_pid(pid))
             inside = conn.queue(stepd.pid_in_container(pid))
-            drive([conn], deadline)
+            drive([conn], deadline, self._clock)
         finally:
             conn.close()
+        self._check_adopted(pid, job, conn, added, inside)
+
+    def _check_adopted(
+        self,
+        pid: int,
+        job: Job,
+        conn: StepdConnection,
+        added: stepd.Reader[int],
+        inside: stepd.Reader[bool],
+    ) -> None:
+        """Raise unless ADD_EXTERN_PID said 0 and PID_IN_CONTAINER then said yes."""
         gone = "" if (self._proc / str(pid)).exists() else f" (process {pid} is gone)"
         if added.done and added.value != 0:
             msg = f"slurmstepd of job {job.id} refused to adopt pid {pid} (rc {added.value}){gone}"
@@ -506,15 +379,3 @@ def _skip(sock: StepSocket, exc: BackendError) -> None:
         log.debug("job %s: %s; skipped", sock.job, exc)
     else:
         log.warning("job %s: %s; skipped", sock.job, exc)
-
-
-_CGROUP_JOB = re.compile(r"/job_(\d+)/step_[^/]+(?:/|$)")
-
-
-def job_from_cgroup(text: str) -> str | None:
-    """The Slurm job id a /proc/<pid>/cgroup text shows (``.../job_<J>/step_...``), or None.
-
-    None too when lines disagree (then the stepds are asked instead).
-    """
-    found = {m.group(1) for line in text.splitlines() if (m := _CGROUP_JOB.search(line))}
-    return found.pop() if len(found) == 1 else None

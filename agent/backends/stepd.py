@@ -14,8 +14,8 @@ integer is a native-endian C type (``int``, ``pid_t``, ``uid_t``: 4 bytes; ``boo
 Client side: each request function (`hello`, `step_uid`, `add_extern_pid` ...) returns an
 `Exchange`: the bytes to send, and `Exchange.reader()`, a small incremental parser of the reply
 (`Reader`: `needed` says how many more bytes it wants, `feed()` takes them, `value` is the
-result). Server side (for test stand-ins): `hello_reader()`, `request_reader()` and
-`encode_reply()`. Malformed input raises `StepdProtocolError`.
+result). Malformed input raises `StepdProtocolError`. Only what the backend asks is here; the
+stepd's side (for the test stand-in) is in tests/support/fake_stepd.py.
 """
 
 from __future__ import annotations
@@ -24,14 +24,12 @@ import enum
 import struct
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 __all__ = [
-    "BATCH_STEP",
     "DEFAULT_PROTOCOL_VERSION",
     "EXTERN_STEP",
     "KNOWN_VERSIONS",
-    "MAX_PIDS",
     "PROTOCOL_22_05",
     "PROTOCOL_26_05",
     "Exchange",
@@ -40,12 +38,8 @@ __all__ = [
     "StepdProtocolError",
     "add_extern_pid",
     "daemon_pid",
-    "encode_reply",
     "hello",
-    "hello_reader",
-    "list_pids",
     "pid_in_container",
-    "request_reader",
     "state",
     "state_name",
     "step_uid",
@@ -72,16 +66,11 @@ KNOWN_VERSIONS = {
 # What we send: the newest version we know. A stepd only checks ``sent >= its minimum``.
 DEFAULT_PROTOCOL_VERSION = PROTOCOL_26_05
 
-# Special step ids (slurm/slurm.h), as they appear in socket names.
+# The extern step's id (slurm/slurm.h), as it appears in socket names.
 EXTERN_STEP = 0xFFFFFFFC  # 4294967292, SLURM_EXTERN_CONT
-BATCH_STEP = 0xFFFFFFFB  # 4294967291, SLURM_BATCH_SCRIPT
-
-# A STEP_LIST_PIDS reply never lists more pids than the kernel allows (pid_max <= 2**22).
-MAX_PIDS = 1 << 22
 
 _INT = struct.Struct("=i")
 _UINT = struct.Struct("=I")
-_BOOL = struct.Struct("=?")
 
 
 class StepdProtocolError(Exception):
@@ -89,7 +78,9 @@ class StepdProtocolError(Exception):
 
 
 class Request(enum.IntEnum):
-    """The request codes we use (``step_msg_t``, src/common/stepd_api.h; same in 26.05)."""
+    """Request codes (``step_msg_t``, src/common/stepd_api.h; same in 26.05).
+
+    STEP_LIST_PIDS only for the tests' captures of a real stepd."""
 
     STATE = 5
     PID_IN_CONTAINER = 8
@@ -98,9 +89,6 @@ class Request(enum.IntEnum):
     STEP_UID = 20
     ADD_EXTERN_PID = 22
 
-
-# Requests whose code is followed by one int32 (a pid).
-_WITH_PID = frozenset({Request.PID_IN_CONTAINER, Request.ADD_EXTERN_PID})
 
 # slurmstepd_state_t: 26.05 inserted CANCELLED=3 before ENDING.
 _STATES_OLD = ("not_running", "starting", "running", "ending")
@@ -199,15 +187,6 @@ def _bool() -> Parse[bool]:
     return data == b"\x01"
 
 
-def _pid_list() -> Parse[list[int]]:
-    count = yield from _uint32()
-    if count > MAX_PIDS:
-        msg = f"STEP_LIST_PIDS reply announces {count} pids (more than {MAX_PIDS})"
-        raise StepdProtocolError(msg)
-    data = yield 4 * count
-    return list(struct.unpack(f"={count}I", data))
-
-
 # --------------------------------------------------------------------------- client side
 
 
@@ -247,11 +226,6 @@ def pid_in_container(pid: int) -> Exchange[bool]:
     return Exchange("PID_IN_CONTAINER", _pack_pid(Request.PID_IN_CONTAINER, pid), _bool)
 
 
-def list_pids() -> Exchange[list[int]]:
-    """STEP_LIST_PIDS: every pid in the step's container."""
-    return Exchange("STEP_LIST_PIDS", _INT.pack(Request.STEP_LIST_PIDS), _pid_list)
-
-
 def daemon_pid() -> Exchange[int]:
     """DAEMON_PID: the pid of the slurmstepd process itself."""
     return Exchange("DAEMON_PID", _INT.pack(Request.DAEMON_PID), _int32)
@@ -267,46 +241,3 @@ def _pack_pid(code: Request, pid: int) -> bytes:
         msg = f"invalid pid {pid}"
         raise ValueError(msg)
     return _INT.pack(code) + _INT.pack(pid)
-
-
-# --------------------------------------------------------------------------- server side
-
-
-def hello_reader() -> Reader[int]:
-    """Decode a client's handshake (the protocol version it sent)."""
-    return Reader(_int32())
-
-
-def _request() -> Parse[tuple[Request, int | None]]:
-    code = yield from _int32()
-    try:
-        request = Request(code)
-    except ValueError:
-        msg = f"unknown request code {code}"
-        raise StepdProtocolError(msg) from None
-    arg = (yield from _int32()) if request in _WITH_PID else None
-    return request, arg
-
-
-def request_reader() -> Reader[tuple[Request, int | None]]:
-    """Decode one client request: its code and its pid argument (or None)."""
-    return Reader(_request())
-
-
-def encode_reply(request: Request | str, value: Any) -> bytes:
-    """The stepd's reply bytes to ``request`` (or to ``"hello"``) carrying ``value``."""
-    if request == "hello" or request in (
-        Request.STATE,
-        Request.DAEMON_PID,
-        Request.ADD_EXTERN_PID,
-    ):
-        return _INT.pack(value)
-    if request == Request.STEP_UID:
-        return _UINT.pack(value)
-    if request == Request.PID_IN_CONTAINER:
-        return _BOOL.pack(bool(value))
-    if request == Request.STEP_LIST_PIDS:
-        pids = list(value)
-        return _UINT.pack(len(pids)) + struct.pack(f"={len(pids)}I", *pids)
-    msg = f"no reply encoding for {request!r}"
-    raise ValueError(msg)

@@ -18,6 +18,7 @@ import pytest
 
 from callerid.agent.backends.base import BackendError, Job, JobVanished
 from callerid.agent.backends.cgroup import CgroupBackend
+from tests.fakes import FakeClock
 from tests.support.cgroups import JobTree, Mode, cgroup_mounts, require_cgroups
 from tests.support.poll import wait_for
 from tests.support.users import ThrowawayUser, require_useradd, throwaway_users
@@ -161,30 +162,37 @@ def test_adopt_into_a_removed_job_raises_job_vanished(scene: Scenario) -> None:
     )
 
 
-def test_extern_steps_are_remembered_and_a_vanished_job_is_forgotten(
-    scene: Scenario, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    located: list[str] = []
-    locate = scene.backend._locate
-    monkeypatch.setattr(scene.backend, "_locate", lambda job: located.append(job.id) or locate(job))
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait()
+
+
+def test_extern_steps_are_remembered_and_a_vanished_job_is_forgotten(scene: Scenario) -> None:
+    """A remembered extern step is written to without a look; once its write fails (or its
+    time is up) the job is looked for again, and found without one."""
+    clock = FakeClock()
+    backend = CgroupBackend(scene.tree.backend_config(), clock=clock, extern_ttl_s=10.0)
     scene.tree.add_job("105", scene.alice.uid)
-    (job,) = [j for j in scene.backend.jobs_of(scene.alice.uid) if j.id == "105"]
-    first, second = (scene.tree.spawn(SLEEP, user=scene.alice) for _ in range(2))
-    scene.backend.adopt(first.pid, job)
-    scene.backend.adopt(second.pid, job)
-    assert located == ["105"]  # the second adoption went straight to the remembered step
-    extern = scene.tree.cgroup_path("105", "step_extern")
-    assert scene.tree.cgroup_of(first.pid) == scene.tree.cgroup_of(second.pid) == extern
-    for proc in (first, second):  # the job ends: its processes go, then its directories
-        proc.kill()
-        proc.wait()
-    scene.tree.remove_job("105")
-    third = scene.tree.spawn(SLEEP)
-    with pytest.raises(JobVanished, match="job 105 no longer exists"):
-        scene.backend.adopt(third.pid, job)
-    with pytest.raises(JobVanished, match="job 105 no longer exists"):
-        scene.backend.adopt(third.pid, job)  # forgotten: looked for again, and not found
-    assert located == ["105", "105"]
+    (job,) = [j for j in backend.jobs_of(scene.alice.uid) if j.id == "105"]
+    first, second, third = (scene.tree.spawn(SLEEP, user=scene.alice) for _ in range(3))
+    backend.adopt(first.pid, job)
+    assert scene.tree.cgroup_of(first.pid) == scene.tree.cgroup_path("105", "step_extern")
+    _end(first)
+    scene.tree.remove_step("105", "step_extern")  # the job stays, its extern step goes
+    with pytest.raises(JobVanished, match=r"job 105 no longer exists \(.*step_extern\)"):
+        backend.adopt(second.pid, job)  # remembered: straight to the (gone) extern step
+    with pytest.raises(BackendError, match="job 105 has no extern step cgroup") as info:
+        backend.adopt(second.pid, job)  # forgotten: looked for again
+    assert not isinstance(info.value, JobVanished)
+
+    for job_dir in scene.tree.job_dirs("105"):
+        (job_dir / "step_extern").mkdir()
+    backend.adopt(second.pid, job)  # looked for, found and remembered again
+    _end(second)
+    scene.tree.remove_step("105", "step_extern")
+    clock.advance(10.0)  # the memory expires: looked for again, at once
+    with pytest.raises(BackendError, match="job 105 has no extern step cgroup"):
+        backend.adopt(third.pid, job)
 
 
 def test_adopt_into_a_job_without_extern_step_fails_and_creates_nothing(scene: Scenario) -> None:

@@ -17,14 +17,23 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
-from callerid.agent import _sockdiag as sd
-from callerid.agent import _sockfd, netinfo
-from callerid.agent.netinfo import NetInfo, NetinfoError, ProcessGone
+from callerid.agent.netinfo import (
+    NetinfoError,
+    Proc,
+    ProcessGone,
+    ProcReader,
+    SessionFinder,
+    SocketOwners,
+    _sockfd,
+)
+from callerid.agent.netinfo import _codec as sd
+from callerid.agent.netinfo._netlink import SockDiag
 from callerid.bus.protocol import Endpoint
+from tests.fakes import FakeClock
 from tests.support.poll import wait_for
 
 pytestmark = [
@@ -206,24 +215,38 @@ def ep(ip: str, port: int) -> Endpoint:
     return Endpoint(ip, port)
 
 
-class RecordingNetInfo(NetInfo):
-    """NetInfo that records which processes' fd tables the owner search looked into."""
+class RecordingProcs(ProcReader):
+    """The real /proc reader, recording whose fds were read (all of them, or one).
 
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
+    ``start_time_seen``, when set, is the start time every process is said to have (a new process
+    under the same pid)."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.looked: list[int] = []
+        self.start_time_seen: float | None = None
 
-    def _holds(self, pid: int, target: str) -> bool:
+    def fd_links(self, pid: int) -> Iterator[tuple[str, str]]:
         self.looked.append(pid)
-        return super()._holds(pid, target)
+        return super().fd_links(pid)
 
-    def _link(self, pid: int, fd: str) -> str | None:
+    def fd_link(self, pid: int, fd: str) -> str | None:
         self.looked.append(pid)
-        return super()._link(pid, fd)
+        return super().fd_link(pid, fd)
 
-    def _scan(self, pid: int, target: str) -> bool:
-        self.looked.append(pid)
-        return super()._scan(pid, target)
+    def proc(self, pid: int) -> Proc:
+        got = super().proc(pid)
+        if self.start_time_seen is None:
+            return got
+        return dataclasses.replace(got, start_time=self.start_time_seen)
+
+
+def owners(**kw: Any) -> SocketOwners:
+    return SocketOwners(ProcReader(), **kw)
+
+
+def sessions(**kw: Any) -> SessionFinder:
+    return SessionFinder(ProcReader(), clock=time.monotonic, **kw)
 
 
 # --------------------------------------------------------------------------- source side
@@ -240,13 +263,13 @@ class RecordingNetInfo(NetInfo):
     ],
 )
 def test_socket_owner_finds_the_client(
-    spawn: Any, proto: str, srv_ip: str, cli_ip: str, use_netlink: bool
+    spawn: Any, proto: Literal["tcp", "udp"], srv_ip: str, cli_ip: str, use_netlink: bool
 ) -> None:
     server = spawn(SERVER, {"proto": proto, "bind": srv_ip})
     sport = server.expect("port")["port"]
     client = spawn(CLIENT, {"proto": proto, "bind": cli_ip, "host": srv_ip, "port": sport})
     c = client.expect("pid", "port")
-    ni = NetInfo(use_netlink=use_netlink)
+    ni = owners(use_netlink=use_netlink)
     src, dst = ep(cli_ip, c["port"]), ep(srv_ip, sport)
     owner = ni.socket_owner(proto, src, dst)
     assert owner is not None
@@ -273,7 +296,7 @@ def test_socket_owner_unconnected_udp_sender(spawn: Any) -> None:
     client = spawn(CLIENT, {**cfg, "unconnected": True})
     cport = client.expect("port")["port"]
     for use_netlink in (True, False):
-        owner = NetInfo(use_netlink=use_netlink).socket_owner(
+        owner = owners(use_netlink=use_netlink).socket_owner(
             "udp", ep("127.0.0.3", cport), ep("127.0.0.2", sport)
         )
         assert owner is not None
@@ -288,13 +311,14 @@ def test_socket_owner_other_uid_scans_only_that_uid(
     cfg = {"proto": "tcp", "bind": "127.0.0.3", "host": "127.0.0.2", "port": sport}
     client = spawn(CLIENT, cfg, prefix=as_user(throwaway_user))
     cport = client.expect("port")["port"]
-    ni = RecordingNetInfo(use_cgroups=False)
+    procs = RecordingProcs()
+    ni = SocketOwners(procs, use_cgroups=False)
     owner = ni.socket_owner("tcp", ep("127.0.0.3", cport), ep("127.0.0.2", sport))
     assert owner is not None
     assert owner.pid == client.pid
     assert owner.uid == throwaway_user.pw_uid
-    assert ni.pids_of_uid(throwaway_user.pw_uid) == [client.pid]
-    assert ni.looked == [client.pid]  # no other process's fds were read
+    assert list(procs.pids_of_uid(throwaway_user.pw_uid)) == [client.pid]
+    assert procs.looked == [client.pid]  # no other process's fds were read
 
 
 def test_socket_owner_never_scans_beyond_the_candidates(
@@ -308,7 +332,7 @@ def test_socket_owner_never_scans_beyond_the_candidates(
     client = spawn(CLIENT, {**cfg, "setuid": ids})
     cport = client.expect("port")["port"]
     assert os.stat(f"/proc/{client.pid}").st_uid == throwaway_user.pw_uid
-    ni = NetInfo(use_cgroups=False)
+    ni = owners(use_cgroups=False)
     assert ni.socket_owner("tcp", ep("127.0.0.3", cport), ep("127.0.0.2", sport)) is None
     owner = ni.socket_owner("tcp", ep("127.0.0.2", sport), ep("127.0.0.3", cport))
     assert owner is not None and owner.pid == server.pid  # the other end: a root candidate
@@ -322,7 +346,7 @@ def test_socket_owner_prefers_the_parent_over_a_forked_sharer(spawn: Any) -> Non
     client = spawn(CLIENT, {**cfg, "fork_sharer": True})
     seen = client.expect("pid", "port", "sharer")
     assert seen["sharer"] != client.pid
-    owner = NetInfo().socket_owner("tcp", ep("127.0.0.3", seen["port"]), ep("127.0.0.2", sport))
+    owner = owners().socket_owner("tcp", ep("127.0.0.3", seen["port"]), ep("127.0.0.2", sport))
     assert owner is not None
     assert owner.pid == client.pid
 
@@ -361,16 +385,19 @@ def test_socket_owner_searches_the_sockets_cgroup_first(spawn: Any, cgroup2_dir:
     (cgroup2_dir / "cgroup.procs").write_text(str(client.pid))
     client.send("go\n")  # the socket is created inside the cgroup: its cgroup id is ours
     cport = client.expect("port")["port"]
-    with sd.SockDiag() as diag:
+    diag = SockDiag()
+    try:
         got = diag.lookup(socket.AF_INET, "tcp", ("127.0.0.3", cport), ("127.0.0.2", sport))
+    finally:
+        diag.close()
     assert got is not None
     assert got.cgroup_id == cgroup2_dir.stat().st_ino
-    ni = RecordingNetInfo()
-    owner = ni.socket_owner("tcp", ep("127.0.0.3", cport), ep("127.0.0.2", sport))
+    procs = RecordingProcs()
+    owner = SocketOwners(procs).socket_owner("tcp", ep("127.0.0.3", cport), ep("127.0.0.2", sport))
     assert owner is not None
     assert owner.pid == client.pid
     # no other root process was read, except the parent: is it a forked sharer?
-    assert ni.looked == [client.pid, os.getpid()]
+    assert procs.looked == [client.pid, os.getpid()]
 
 
 def test_socket_owner_remembers_sockets_seen_while_searching(spawn: Any, cgroup2_dir: Path) -> None:
@@ -386,21 +413,22 @@ def test_socket_owner_remembers_sockets_seen_while_searching(spawn: Any, cgroup2
         client.send("go\n")
         clients.append(client)
         ports.append(client.expect("port")["port"])
-    ni = RecordingNetInfo()
+    procs = RecordingProcs()
+    ni = SocketOwners(procs)
     first = ni.socket_owner("tcp", ep("127.0.0.3", ports[0]), ep("127.0.0.2", sport))
     assert first is not None and first.pid == clients[0].pid
-    assert clients[1].pid in ni.looked  # newest first: the second client was read on the way
-    ni.looked.clear()
+    assert clients[1].pid in procs.looked  # newest first: the second client was read on the way
+    procs.looked.clear()
     second = ni.socket_owner("tcp", ep("127.0.0.3", ports[1]), ep("127.0.0.2", sport))
     assert second is not None and second.pid == clients[1].pid
     # checked from memory (one readlink of the remembered fd), then its parent: not searched
-    assert ni.looked == [clients[1].pid, os.getpid()]
+    assert procs.looked == [clients[1].pid, os.getpid()]
 
 
 def test_netlink_failure_falls_back_and_logs_once(
     spawn: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    class BrokenNetlink(NetInfo):
+    class BrokenNetlink(SocketOwners):
         def _netlink_socket(self, *args: Any) -> sd.DiagSocket | None:
             raise sd.SockDiagUnavailable("EPERM (test)")
 
@@ -409,13 +437,13 @@ def test_netlink_failure_falls_back_and_logs_once(
     cfg = {"proto": "tcp", "bind": "127.0.0.3", "host": "127.0.0.2", "port": sport}
     client = spawn(CLIENT, cfg)
     cport = client.expect("port")["port"]
-    ni = BrokenNetlink()
+    ni = BrokenNetlink(ProcReader())
     with caplog.at_level(logging.WARNING, logger="callerid.agent.netinfo"):
         for _ in range(3):
             owner = ni.socket_owner("tcp", ep("127.0.0.3", cport), ep("127.0.0.2", sport))
             assert owner is not None
             assert owner.pid == client.pid
-    assert len([r for r in caplog.records if r.name == "callerid.agent.netinfo"]) == 1
+    assert len([r for r in caplog.records if r.name.startswith("callerid.agent.netinfo")]) == 1
 
 
 # --------------------------------------------------------------------------- destination side
@@ -447,7 +475,7 @@ def test_session_connection_returns_the_monitor_not_the_decoy(
     client = _connect("127.0.0.3", ("127.0.0.2", port))
     try:
         seen = tree.expect("monitor", "helper", "decoy")
-        ni = NetInfo(use_pidfd=use_pidfd)
+        ni = sessions(use_pidfd=use_pidfd)
         for start in (seen["helper"], seen["monitor"]):
             info, conn = ni.session_connection(start)
             assert info.pid == seen["monitor"] != seen["helper"]
@@ -471,7 +499,7 @@ def test_session_connection_ambiguous_unless_rhost_decides(spawn: Any) -> None:
     clients = [_connect(ip, ("127.0.0.2", port)) for ip in ("127.0.0.3", "127.0.0.5")]
     try:
         seen = tree.expect("monitor", "helper")
-        ni = NetInfo()
+        ni = sessions()
         with pytest.raises(NetinfoError, match="ambiguous"):
             ni.session_connection(seen["helper"])
         info, conn = ni.session_connection(seen["helper"], "127.0.0.5")
@@ -488,17 +516,18 @@ def test_session_connection_dual_stack_yields_plain_ipv4(spawn: Any) -> None:
     client = _connect("127.0.0.3", ("127.0.0.2", port))
     try:
         seen = tree.expect("monitor", "helper")
-        ni = NetInfo()
+        ni = sessions()
         info, conn = ni.session_connection(seen["helper"], "::ffff:127.0.0.3")
         assert info.pid == seen["monitor"]
         assert conn.local == ep("127.0.0.2", port)
         assert conn.local.ip == "127.0.0.2"
         assert conn.remote.ip == "127.0.0.3"
         # the same connection from the source side, through the AF_INET6 socket it lives in
-        owner = ni.socket_owner("tcp", conn.local, conn.remote)
+        source = owners()
+        owner = source.socket_owner("tcp", conn.local, conn.remote)
         assert owner is not None
         assert (owner.pid, owner.inode) == (seen["monitor"], conn.inode)
-        mine = ni.socket_owner("tcp", conn.remote, conn.local)
+        mine = source.socket_owner("tcp", conn.remote, conn.local)
         assert mine is not None
         assert mine.pid == os.getpid()
     finally:
@@ -533,7 +562,7 @@ sys.stdin.read()
         peer.bind(("127.0.0.3", 0))
         peer.sendto(b"hi", ("127.0.0.2", port))
         seen = tree.expect("monitor")
-        info, conn = NetInfo().session_connection(seen["monitor"], "127.0.0.3")
+        info, conn = sessions().session_connection(seen["monitor"], "127.0.0.3")
         assert info.pid == seen["monitor"]
         assert (conn.proto, conn.state) == ("udp", "ESTABLISHED")
         assert conn.local == ep("127.0.0.2", port)
@@ -554,7 +583,7 @@ def test_session_connection_inside_a_network_namespace(spawn: Any) -> None:
         client = spawn(CLIENT, cfg, prefix=inside)
         cport = client.expect("port")["port"]
         seen = tree.expect("monitor", "helper")
-        ni = NetInfo()
+        ni = sessions()
         info, conn = ni.session_connection(seen["helper"])
         assert info.pid == seen["monitor"]
         assert (conn.local, conn.remote) == (ep("127.0.0.2", port), ep("127.0.0.3", cport))
@@ -562,7 +591,7 @@ def test_session_connection_inside_a_network_namespace(spawn: Any) -> None:
             sd.parse_proc_net_line(line) for line in Path("/proc/net/tcp").read_text().splitlines()
         ]
         assert conn.inode not in {r.inode for r in host_rows if r is not None}
-        assert ni.socket_owner("tcp", conn.remote, conn.local) is None  # not in our namespace
+        assert owners().socket_owner("tcp", conn.remote, conn.local) is None  # not our netns
     finally:
         subprocess.run(["ip", "netns", "del", name], check=True)
 
@@ -573,56 +602,48 @@ def test_session_connection_inside_a_network_namespace(spawn: Any) -> None:
 def test_vanished_pid_is_process_gone() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait(timeout=10)
-    ni = NetInfo()
+    procs = ProcReader()
     with pytest.raises(ProcessGone):
-        ni.process(proc.pid)
+        procs.proc(proc.pid)
     with pytest.raises(ProcessGone):
-        ni.session_connection(proc.pid)
+        list(procs.fd_links(proc.pid))
     with pytest.raises(ProcessGone):
-        ni.cgroup_paths(proc.pid)
-    with pytest.raises(ProcessGone):
-        ni.ancestors(proc.pid)
+        SessionFinder(procs, clock=time.monotonic).session_connection(proc.pid)
+    assert procs.start_time(proc.pid) is None
+    assert procs.cgroup_text(proc.pid) is None
+    assert procs.owner_uid(proc.pid) is None
 
 
-class CountingNetInfo(NetInfo):
-    """NetInfo that counts the full reads (fds and sockets) of each process."""
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.reads: list[int] = []
-
-    def _member(self, pid: int, tables: Any, info: Any = None) -> Any:
-        self.reads.append(pid)
-        return super()._member(pid, tables, info)
-
-
-def test_the_listener_is_remembered_by_pid_and_start_time(
-    spawn: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_listener_is_remembered_by_pid_and_start_time(spawn: Any) -> None:
     tree = spawn(TREE, {"bind": "127.0.0.2", "n": 1})
     port = tree.expect("port")["port"]
     client = _connect("127.0.0.3", ("127.0.0.2", port))
     try:
         seen = tree.expect("monitor", "helper")
-        ni = CountingNetInfo()
+        monitor, listener = seen["monitor"], seen["listener"]
+        procs, clock = RecordingProcs(), FakeClock()
+        finder = SessionFinder(procs, clock=clock, listener_ttl_s=5.0)
         for _ in range(3):
-            assert ni.session_connection(seen["monitor"])[0].pid == seen["monitor"]
-        # the monitor is read at every login, its listening parent only once
-        assert ni.reads == [seen["monitor"], seen["listener"], seen["monitor"], seen["monitor"]]
+            assert finder.session_connection(monitor)[0].pid == monitor
+            clock.advance(2.0)  # 4 s after it was read, at the third login
+        # the monitor's fds are read at every login, its listening parent's only once
+        assert procs.looked == [monitor, listener, monitor, monitor]
 
-        brief = ni._brief  # another process under the same pid (a new start time): read anew
-        monkeypatch.setattr(
-            ni, "_brief", lambda pid: dataclasses.replace(brief(pid), start_time=1.0)
-        )
-        ni.reads.clear()
-        assert ni.session_connection(seen["monitor"])[0].pid == seen["monitor"]
-        assert ni.reads == [seen["monitor"], seen["listener"]]
+        procs.looked.clear()
+        clock.advance(1.0)  # 5 s: remembered no longer
+        assert finder.session_connection(monitor)[0].pid == monitor
+        assert procs.looked == [monitor, listener]
 
-        monkeypatch.setattr(netinfo, "LISTENER_TTL_S", 0.0)  # remembered no time: read anew
-        fresh = CountingNetInfo()
+        procs.looked.clear()
+        procs.start_time_seen = 1.0  # another process under the same pid: read anew
+        assert finder.session_connection(monitor)[0].pid == monitor
+        assert procs.looked == [monitor, listener]
+
+        procs.looked.clear()
+        fresh = SessionFinder(procs, clock=clock, listener_ttl_s=0.0)  # remembered no time
         for _ in range(2):
-            assert fresh.session_connection(seen["monitor"])[0].pid == seen["monitor"]
-        assert fresh.reads == [seen["monitor"], seen["listener"]] * 2
+            assert fresh.session_connection(monitor)[0].pid == monitor
+        assert procs.looked == [monitor, listener] * 2
     finally:
         client.close()
 

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 PAM_DIR = REPO / "pam"
 MODULE = PAM_DIR / "pam_callerid.so"
 TST_RETVAL = PAM_DIR / "tst-retval"
+TST_CODEC = PAM_DIR / "tst-codec"
 AGENT_DOWN = "Access denied by callerid: the callerid agent is not available"
 IGNORED = "PAM_AUTHINFO_UNAVAIL"  # what the sentinel returns when our module says PAM_IGNORE
 PAMTESTER_IGNORED = "Authentication service cannot retrieve authentication info"
@@ -217,6 +218,13 @@ def test_dlopen_now_and_only_pam_sm_exported(built: Path) -> None:
     dyn = subprocess.run(["readelf", "-d", "-l", str(built)], capture_output=True, text=True)
     assert "BIND_NOW" in dyn.stdout
     assert "GNU_RELRO" in dyn.stdout
+
+
+def test_codec_sanitize_table(built: Path) -> None:
+    """pam/tst-codec: cid_sanitize's cases (controls, bad UTF-8, cuts) straight on codec.o."""
+    run = subprocess.run([str(TST_CODEC)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout
+    assert re.fullmatch(r"ok \d+\n", run.stdout), run.stdout
 
 
 # -- pamtester: outcomes ---------------------------------------------------------------------

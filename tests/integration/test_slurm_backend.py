@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -25,16 +26,12 @@ from typing import Any
 
 import pytest
 
-from callerid.agent.backends import slurm as slurm_backend
-from callerid.agent.backends import stepd
+from callerid.agent.backends import DryRun, make_backend, stepd
 from callerid.agent.backends.base import Backend, BackendError, Job, JobVanished
-from callerid.agent.backends.slurm import (
-    SlurmBackend,
-    StepdConnection,
-    StepdTimeout,
-    drive,
-)
-from callerid.agent.config import SlurmBackendConfig
+from callerid.agent.backends.slurm import SlurmBackend, StepdTimeout
+from callerid.agent.config import BackendConfig, SlurmBackendConfig
+from tests.fakes import FakeClock
+from tests.support.fake_stepd import list_pids
 from tests.support.poll import wait_for
 from tests.support.slurm import FakeStepd, LocalSlurm, require_slurm, stale_socket
 from tests.support.users import ThrowawayUser, require_useradd, throwaway_user
@@ -250,24 +247,27 @@ def test_stale_socket_is_skipped(
         stale.unlink()
 
 
-def _capture(
-    conn: StepdConnection, exchange: stepd.Exchange[Any], arg: int | None
-) -> dict[str, Any]:
-    """Do one exchange on ``conn``; the bytes both ways and the decoded value."""
-    before = len(conn.transcript)
-    reader = conn.queue(exchange)
-    drive([conn], time.monotonic() + 5)
-    chunks = conn.transcript[before:]
+def _capture(conn: socket.socket, exchange: stepd.Exchange[Any], arg: int | None) -> dict[str, Any]:
+    """Do one exchange on the blocking ``conn``; the bytes both ways and the decoded value
+    (or ``"error": "StepdClosed"`` when the stepd closed the connection instead)."""
+    reader = exchange.reader()
+    sent = received = b""
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        conn.sendall(exchange.data)
+        sent = exchange.data
+        while not reader.done and (chunk := conn.recv(reader.needed)):
+            received += chunk
+            reader.feed(chunk)
     record: dict[str, Any] = {
         "request": exchange.name,
         "arg": arg,
-        "sent": b"".join(c for d, c in chunks if d == "send").hex(),
-        "received": b"".join(c for d, c in chunks if d == "recv").hex(),
+        "sent": sent.hex(),
+        "received": received.hex(),
     }
     if reader.done:
         record["value"] = reader.value
     else:
-        record["error"] = type(conn.error).__name__
+        record["error"] = "StepdClosed"
     return record
 
 
@@ -286,12 +286,11 @@ def test_capture_real_stepd_exchanges(
     def talk(
         name: str, steps: list[tuple[stepd.Exchange[Any], int | None]], uid: int = 0
     ) -> list[Any]:
-        with _euid(uid):
-            conn = StepdConnection(path)
-        try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(5)
+            with _euid(uid):
+                conn.connect(str(path))
             records = [_capture(conn, ex, arg) for ex, arg in steps]
-        finally:
-            conn.close()
         (out / f"{name}.json").write_text(
             json.dumps({**head, "conversation": records}, indent=1) + "\n"
         )
@@ -305,7 +304,7 @@ def test_capture_real_stepd_exchanges(
             (stepd.step_uid(), None),
             (stepd.state(), None),
             (stepd.daemon_pid(), None),
-            (stepd.list_pids(), None),
+            (list_pids(), None),
             (stepd.pid_in_container(extern_pid), extern_pid),
             (stepd.pid_in_container(os.getpid()), os.getpid()),
         ],
@@ -390,9 +389,11 @@ def spool() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _fake_backend(spool: Path, timeout_ms: int = 2000, **kw: Any) -> SlurmBackend:
+def _fake_backend(
+    spool: Path, timeout_ms: int = 2000, clock: FakeClock | None = None, **kw: Any
+) -> SlurmBackend:
     cfg = SlurmBackendConfig(spool_dir=spool, node_name="fake", timeout_ms=timeout_ms, **kw)
-    return SlurmBackend(cfg)
+    return SlurmBackend(cfg) if clock is None else SlurmBackend(cfg, clock=clock)
 
 
 def _ext(spool: Path, jobid: int, node: str = "fake") -> Path:
@@ -411,26 +412,40 @@ def test_fake_stepd_adopt_and_list(spool: Path) -> None:
         assert fake.adopted == [os.getpid()]
 
 
-def test_a_steps_owner_is_asked_once_and_a_new_stepd_is_asked_again(
-    spool: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    backend = _fake_backend(spool)
+def test_a_steps_owner_is_asked_once_and_a_new_stepd_is_asked_again(spool: Path) -> None:
+    clock = FakeClock()
+    backend = _fake_backend(spool, clock=clock)
     with FakeStepd(_ext(spool, 7), uid=UID) as fake:
         for _ in range(3):
             assert [j.id for j in backend.jobs_of(UID)] == ["7"]
+        clock.advance(9.0)
+        assert [j.id for j in backend.jobs_of(UID)] == ["7"]
         assert [r for r, _arg in fake.requests] == [stepd.Request.STEP_UID]
+        clock.advance(1.0)  # remembered for 10 s: then asked again
+        assert [j.id for j in backend.jobs_of(UID)] == ["7"]
+        assert [r for r, _arg in fake.requests] == [stepd.Request.STEP_UID] * 2
     assert backend.jobs_of(UID) == []  # the step ended: its socket is gone, so is the job
     with FakeStepd(_ext(spool, 7), uid=UID + 1) as again:  # requeued under another owner
         assert backend.jobs_of(UID) == []
         assert [j.uid for j in backend.jobs_of(UID + 1)] == [UID + 1]
         assert [r for r, _arg in again.requests] == [stepd.Request.STEP_UID]
-        monkeypatch.setattr(
-            slurm_backend, "OWNER_TTL_S", 0.0
-        )  # remembered no time: asked every time
-        fresh = _fake_backend(spool)
-        fresh.jobs_of(UID + 1)
-        fresh.jobs_of(UID + 1)
-        assert [r for r, _arg in again.requests] == [stepd.Request.STEP_UID] * 3
+
+
+def test_the_factory_builds_the_configured_backend_and_a_dry_run_never_adopts(
+    spool: Path,
+) -> None:
+    cfg = SlurmBackendConfig(spool_dir=spool, node_name="fake", timeout_ms=2000)
+    with FakeStepd(_ext(spool, 7), uid=UID) as fake:
+        backend = make_backend(BackendConfig(type="slurm", slurm=cfg), clock=FakeClock())
+        assert isinstance(backend, SlurmBackend)
+        dry = DryRun(backend)
+        assert (dry.name, dry.blocking) == ("slurm", True)
+        (job,) = dry.jobs_of(UID)
+        assert dry.job_of_pid(os.getpid()) is None
+        dry.adopt(os.getpid(), job)
+        assert fake.adopted == []
+        assert stepd.Request.ADD_EXTERN_PID not in [r for r, _arg in fake.requests]
+        dry.close()
 
 
 def test_fake_stepd_wrong_owner_never_sees_add_extern_pid(spool: Path) -> None:

@@ -179,6 +179,11 @@ class JobTree:
         for job_dir in self._jobs.pop(job_id):
             _rmtree_cgroup(job_dir)
 
+    def remove_step(self, job_id: str, step: str) -> None:
+        """Remove one step of the job in every hierarchy (its processes must be gone)."""
+        for job_dir in self._jobs[job_id]:
+            _rmtree_cgroup(job_dir / step)
+
     def cgroup_path(self, job_id: str, step: str | None = None) -> str:
         """How /proc/<pid>/cgroup names the job (or one step) in the primary hierarchy."""
         path = self._jobs[job_id][0] / (step or "")

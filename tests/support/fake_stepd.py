@@ -6,6 +6,10 @@ demand (a hung stepd, refusals, closed connections); and a stale stepd socket.
         fake.requests, fake.adopted
 
 (Also importable from tests.support.slurm, next to the real cluster `LocalSlurm`.)
+
+The stepd's side of the protocol (`hello_reader`, `request_reader`, `encode_reply`) and
+STEP_LIST_PIDS (`list_pids`) live here, beside the sans-IO client codec `stepd` they extend:
+only tests speak them.
 """
 
 from __future__ import annotations
@@ -13,22 +17,108 @@ from __future__ import annotations
 import contextlib
 import selectors
 import socket
+import struct
 import threading
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from callerid.agent.backends import stepd
 
-__all__ = ["Behaviour", "FakeStepd", "stale_socket"]
+__all__ = [
+    "MAX_PIDS",
+    "Behaviour",
+    "FakeStepd",
+    "encode_reply",
+    "hello_reader",
+    "list_pids",
+    "request_reader",
+    "stale_socket",
+]
 
 Behaviour = Literal["answer", "refuse", "close", "hang"]
+
+# A STEP_LIST_PIDS reply never lists more pids than the kernel allows (pid_max <= 2**22).
+MAX_PIDS = 1 << 22
+# Requests whose code is followed by one int32 (a pid).
+_WITH_PID = frozenset({stepd.Request.PID_IN_CONTAINER, stepd.Request.ADD_EXTERN_PID})
+_INT = struct.Struct("=i")
+_UINT = struct.Struct("=I")
+_BOOL = struct.Struct("=?")
+
+
+# --------------------------------------------------------------------------- the stepd's side
+
+
+def _int32() -> Generator[int, bytes, int]:
+    data = yield 4
+    value: int = _INT.unpack(data)[0]
+    return value
+
+
+def _pid_list() -> Generator[int, bytes, list[int]]:
+    data = yield 4
+    count: int = _UINT.unpack(data)[0]
+    if count > MAX_PIDS:
+        msg = f"STEP_LIST_PIDS reply announces {count} pids (more than {MAX_PIDS})"
+        raise stepd.StepdProtocolError(msg)
+    data = yield 4 * count
+    return list(struct.unpack(f"={count}I", data))
+
+
+def list_pids() -> stepd.Exchange[list[int]]:
+    """STEP_LIST_PIDS: every pid in the step's container (the backend never asks it)."""
+    return stepd.Exchange("STEP_LIST_PIDS", _INT.pack(stepd.Request.STEP_LIST_PIDS), _pid_list)
+
+
+def hello_reader() -> stepd.Reader[int]:
+    """Decode a client's handshake (the protocol version it sent)."""
+    return stepd.Reader(_int32())
+
+
+def _request() -> Generator[int, bytes, tuple[stepd.Request, int | None]]:
+    code = yield from _int32()
+    try:
+        request = stepd.Request(code)
+    except ValueError:
+        msg = f"unknown request code {code}"
+        raise stepd.StepdProtocolError(msg) from None
+    arg = (yield from _int32()) if request in _WITH_PID else None
+    return request, arg
+
+
+def request_reader() -> stepd.Reader[tuple[stepd.Request, int | None]]:
+    """Decode one client request: its code and its pid argument (or None)."""
+    return stepd.Reader(_request())
+
+
+def encode_reply(request: stepd.Request | str, value: Any) -> bytes:
+    """The stepd's reply bytes to ``request`` (or to ``"hello"``) carrying ``value``."""
+    if request == "hello" or request in (
+        stepd.Request.STATE,
+        stepd.Request.DAEMON_PID,
+        stepd.Request.ADD_EXTERN_PID,
+    ):
+        return _INT.pack(value)
+    if request == stepd.Request.STEP_UID:
+        return _UINT.pack(value)
+    if request == stepd.Request.PID_IN_CONTAINER:
+        return _BOOL.pack(bool(value))
+    if request == stepd.Request.STEP_LIST_PIDS:
+        pids = list(value)
+        return _UINT.pack(len(pids)) + struct.pack(f"={len(pids)}I", *pids)
+    msg = f"no reply encoding for {request!r}"
+    raise ValueError(msg)
+
+
+# --------------------------------------------------------------------------- the stand-in
 
 
 @dataclass
 class _Peer:
     sock: socket.socket
-    reader: stepd.Reader[Any] = field(default_factory=stepd.hello_reader)
+    reader: stepd.Reader[Any] = field(default_factory=hello_reader)
     greeted: bool = False
 
 
@@ -116,7 +206,7 @@ class FakeStepd:
                 return
             if not self._answer(sel, peer):
                 return
-            peer.reader = stepd.request_reader()
+            peer.reader = request_reader()
 
     def _answer(self, sel: selectors.BaseSelector, peer: _Peer) -> bool:
         """Reply to the message just decoded; False once the connection is closed or hung."""
@@ -137,7 +227,7 @@ class FakeStepd:
             stepd.Request.DAEMON_PID: self._thread.native_id,
             stepd.Request.STATE: self.state,
         }[request]
-        peer.sock.sendall(stepd.encode_reply(request, value))
+        peer.sock.sendall(encode_reply(request, value))
         return True
 
     def _act(
@@ -149,10 +239,10 @@ class FakeStepd:
         value: int,
     ) -> bool:
         if how == "answer":
-            peer.sock.sendall(stepd.encode_reply(request, value))
+            peer.sock.sendall(encode_reply(request, value))
             return True
         if how == "refuse":
-            peer.sock.sendall(stepd.encode_reply(request, -1))
+            peer.sock.sendall(encode_reply(request, -1))
             if request == "hello":
                 self._drop(sel, peer)
                 return False

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from callerid.agent.backends import cgroup
+from callerid.agent.backends import DryRun, cgroup, make_backend
 from callerid.agent.backends.base import BackendError
 from callerid.agent.backends.cgroup import (
     CgroupBackend,
@@ -20,7 +20,7 @@ from callerid.agent.backends.cgroup import (
     parse_mountinfo,
     parse_proc_cgroup,
 )
-from callerid.agent.config import CgroupBackendConfig
+from callerid.agent.config import BackendConfig, CgroupBackendConfig
 
 # --------------------------------------------------------------------------- patterns
 
@@ -289,6 +289,24 @@ def test_a_job_without_processes_starts_at_its_directory_ctime(tmp_path: Path) -
     (found,) = backend.jobs_of(3001)
     assert (found.id, found.uid, found.start_time) == ("5", 3001, job.stat().st_ctime)
     assert backend.jobs_of(3002) == []
+
+
+def test_the_factory_builds_the_configured_backend_and_a_dry_run_never_adopts(
+    tmp_path: Path,
+) -> None:
+    proc, cg = _fake_system(tmp_path)
+    job_dir = _fake_job(cg, "slurm/uid_3001/job_5", {"step_extern": []})
+    cfg = BackendConfig(type="cgroup", cgroup=CgroupBackendConfig(root=cg))
+    backend = make_backend(cfg, proc_root=proc)
+    assert isinstance(backend, CgroupBackend)
+    dry = DryRun(backend)
+    assert (dry.name, dry.blocking) == ("cgroup", False)
+    (job,) = dry.jobs_of(3001)
+    assert job == backend.jobs_of(3001)[0]
+    assert dry.job_of_pid(os.getpid()) is None  # not in the fake /proc
+    dry.adopt(os.getpid(), job)
+    assert (job_dir / "step_extern" / "cgroup.procs").read_text() == ""  # nothing written
+    dry.close()
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """Parsing in netinfo: /proc/net rows, /proc/<pid>/stat, sock_diag bytes, and choices made on a
-fake /proc tree (connection selection, the /proc fallback of socket_owner)."""
+fake /proc tree (ProcReader's facts, connection selection, the /proc fallback of socket_owner)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,24 @@ import os
 import socket
 import struct
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from callerid.agent import _sockdiag as sd
-from callerid.agent.netinfo import Connection, NetInfo, NetinfoError, ProcessGone
+from callerid.agent.netinfo import (
+    Connection,
+    NetinfoError,
+    ProcessGone,
+    ProcReader,
+    SessionFinder,
+    SocketOwners,
+)
+from callerid.agent.netinfo import _codec as sd
 from callerid.bus.protocol import Endpoint
+from tests.fakes import FakeClock
 
 little_endian = pytest.mark.skipif(
     sys.byteorder != "little", reason="/proc/net literals below are little-endian"
@@ -138,13 +147,6 @@ def test_parse_stat_rejects_truncated() -> None:
         sd.parse_stat("42 (sshd) S 1 2 3")
 
 
-def test_parse_status_euid() -> None:
-    text = "Name:\tsshd\nUid:\t1000\t0\t0\t0\nGid:\t5\t5\t5\t5\n"
-    assert sd.parse_status_euid(text) == 0
-    with pytest.raises(ValueError, match="Uid"):
-        sd.parse_status_euid("Name:\tx\n")
-
-
 # --------------------------------------------------------------------------- sock_diag bytes
 
 
@@ -193,6 +195,44 @@ def test_build_request_layout() -> None:
     assert struct.unpack_from("=III", req, 60) == (0, 0xFFFFFFFF, 0xFFFFFFFF)
     dump = sd.build_request(8, socket.AF_INET, socket.IPPROTO_UDP, src, dst, dump=True, states=0)
     assert struct.unpack_from("=H", dump, 6)[0] == 0x301
+
+
+def test_lookup_request_names_the_remote_end_first_for_udp() -> None:
+    """udp_dump_one() reads the id with src and dst swapped: the request says remote first."""
+    local, remote = ("127.0.0.3", 40000), ("127.0.0.2", 53)
+    tcp = sd.lookup_request(1, socket.AF_INET, "tcp", local, remote)
+    udp = sd.lookup_request(1, socket.AF_INET, "udp", local, remote)
+    assert struct.unpack_from("!HH", tcp, 24) == (40000, 53)
+    assert struct.unpack_from("!HH", udp, 24) == (53, 40000)
+    assert (tcp[28:32], udp[28:32]) == (bytes([127, 0, 0, 3]), bytes([127, 0, 0, 2]))
+    mapped = sd.lookup_request(1, socket.AF_INET6, "tcp", local, remote)
+    assert mapped[28:44] == bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 3])  # IPv4-mapped
+    probe = sd.probe_request(2, "udp")
+    assert struct.unpack_from("=H", probe, 6)[0] == 0x301  # a dump
+    assert struct.unpack_from("=BBBxI", probe, 16) == (socket.AF_INET, socket.IPPROTO_UDP, 0, 0)
+
+
+def test_best_match_prefers_the_exact_socket_to_an_unconnected_sender() -> None:
+    src, dst = Endpoint("127.0.0.3", 5000), Endpoint("127.0.0.2", 53)
+    wild = sd.DiagSocket(2, 7, ("0.0.0.0", 5000), ("0.0.0.0", 0), 0, 1, None)
+    exact = sd.DiagSocket(2, 1, ("127.0.0.3", 5000), ("127.0.0.2", 53), 0, 2, None)
+    other = sd.DiagSocket(2, 1, ("127.0.0.3", 5000), ("127.0.0.9", 53), 0, 3, None)
+    assert sd.best_match("udp", [None, wild, exact], src, dst) == exact
+    assert sd.best_match("udp", [other, wild], src, dst) == wild
+    assert sd.best_match("tcp", [other, wild], src, dst) is None  # no unconnected TCP sender
+
+    def stops_at_exact() -> Iterator[sd.DiagSocket]:
+        yield exact
+        raise AssertionError("read past the exact socket")
+
+    assert sd.best_match("udp", stops_at_exact(), src, dst) == exact
+
+
+def test_line_with() -> None:
+    text = f"{HEADER}\n{TCP_LISTEN}\n{TCP_ESTAB}"
+    assert sd.line_with(text, " 0300007F:B261 ") == TCP_ESTAB
+    assert sd.line_with(text, " 00000000:07E8 ") == TCP_LISTEN
+    assert sd.line_with(text, "nowhere") is None
 
 
 def test_parse_reply_v4_with_cgroup() -> None:
@@ -299,27 +339,39 @@ def sshd_tree(fake: FakeProc) -> None:
     fake.sock("A", "tcp", ("10.0.0.2", 51000), ("10.0.0.9", 389), 1, 22)  # e.g. an LDAP client
 
 
-def test_process_and_ancestors(fake: FakeProc) -> None:
+def finder(fake: FakeProc) -> SessionFinder:
+    return SessionFinder(ProcReader(fake.root), clock=FakeClock())
+
+
+def test_proc_reader_facts(fake: FakeProc) -> None:
     sshd_tree(fake)
-    ni = NetInfo(fake.root)
-    p = ni.process(300)
-    assert (p.pid, p.ppid, p.uid, p.comm) == (300, 200, 0, "sshd: alice [pam]")
+    procs = ProcReader(fake.root)
+    p = procs.proc(300)
+    assert (p.pid, p.ppid, p.comm) == (300, 200, "sshd: alice [pam]")
     assert p.start_time == pytest.approx(1_700_000_000 + 500 / os.sysconf("SC_CLK_TCK"))
-    assert [a.pid for a in ni.ancestors(300)] == [300, 200, 100]
-    assert ni.cgroup_paths(300) == {
-        "cpu,cpuacct": "/job_1",
-        "name=systemd": "/x",
-        "": "/slurm/job_1",
-    }
+    assert procs.start_time(300) == p.start_time
+    assert procs.owner_uid(300) == os.getuid()
+    assert procs.cgroup_text(300) == "12:cpu,cpuacct:/job_1\n1:name=systemd:/x\n0::/slurm/job_1\n"
+    assert sorted(procs.fd_links(200)) == [
+        ("0", "/dev/null"),
+        ("3", "socket:[21]"),
+        ("4", "socket:[22]"),
+    ]
+    assert procs.fd_link(200, "3") == "socket:[21]"
+    assert procs.fd_link(200, "7") is None
+    assert procs.netns(200) == "net:[A]"
+    for pid in (999, 0):
+        with pytest.raises(ProcessGone):
+            procs.proc(pid)
+    assert procs.start_time(999) is None
+    assert procs.cgroup_text(999) is None
     with pytest.raises(ProcessGone):
-        ni.process(999)
-    with pytest.raises(ProcessGone):
-        ni.process(0)
+        list(procs.fd_links(999))
 
 
 def test_session_connection_picks_the_monitor_and_not_the_decoy(fake: FakeProc) -> None:
     sshd_tree(fake)
-    ni = NetInfo(fake.root)
+    ni = finder(fake)
     for start in (300, 200):  # keyboard-interactive helper, or publickey in the monitor itself
         info, conn = ni.session_connection(start)
         assert info.pid == 200
@@ -344,7 +396,7 @@ def test_session_connection_climbs_from_a_helper_that_inherited_the_socket(
     fake.add(300, 200, "sshd: alice [pam]", (21,))
     fake.sock("A", "tcp", ("0.0.0.0", 22), ("0.0.0.0", 0), 10, 11)
     fake.sock("A", "tcp", ("10.0.0.2", 22), ("10.0.0.1", 40000), 1, 21)
-    info, conn = NetInfo(fake.root).session_connection(300)
+    info, conn = finder(fake).session_connection(300)
     assert (info.pid, conn.inode) == (200, 21)
 
 
@@ -352,7 +404,7 @@ def test_session_connection_ambiguous_then_rhost_decides(fake: FakeProc) -> None
     sshd_tree(fake)
     (fake.root / "200" / "fd" / "9").symlink_to("socket:[23]")
     fake.sock("A", "tcp", ("10.0.0.2", 22), ("10.0.0.5", 41000), 1, 23)
-    ni = NetInfo(fake.root)
+    ni = finder(fake)
     with pytest.raises(NetinfoError, match="ambiguous: pid 200 holds 2"):
         ni.session_connection(300)
     assert ni.session_connection(300, "10.0.0.5")[1].inode == 23
@@ -364,7 +416,7 @@ def test_session_connection_ipv4_mapped_and_socket_activation(fake: FakeProc) ->
     fake.add(500, 1, "sshd", (51,))
     fake.sock("A", "tcp", ("::", 22), ("::", 0), 10, 11)
     fake.sock("A", "tcp", ("::ffff:10.0.0.2", 22), ("::ffff:10.0.0.1", 40000), 1, 51)
-    info, conn = NetInfo(fake.root).session_connection(500, "::ffff:10.0.0.1")
+    info, conn = finder(fake).session_connection(500, "::ffff:10.0.0.1")
     assert info.pid == 500
     assert (conn.local, conn.remote) == (Endpoint("10.0.0.2", 22), Endpoint("10.0.0.1", 40000))
     assert conn.local.ip == "10.0.0.2"
@@ -378,7 +430,7 @@ def test_session_connection_reads_each_process_namespace(fake: FakeProc) -> None
     fake.sock("B", "udp", ("0.0.0.0", 60001), ("0.0.0.0", 0), 7, 11)
     fake.sock("B", "udp", ("192.168.1.2", 60001), ("192.168.1.1", 5000), 1, 21)
     assert "60001" not in (fake.root / "net" / "udp").read_text()  # not in the agent's ns
-    info, conn = NetInfo(fake.root).session_connection(200)
+    info, conn = finder(fake).session_connection(200)
     assert (info.pid, conn.proto, conn.state, conn.inode) == (200, "udp", "ESTABLISHED", 21)
 
 
@@ -388,7 +440,7 @@ def test_session_connection_ignores_connections_no_ancestor_listens_for(fake: Fa
     fake.add(200, 100, "ssh", (21,))
     fake.sock("A", "tcp", ("10.0.0.2", 40000), ("10.0.0.1", 22), 1, 21)
     with pytest.raises(NetinfoError, match="no connection"):
-        NetInfo(fake.root).session_connection(200)
+        finder(fake).session_connection(200)
 
 
 def test_socket_owner_from_proc_tables(fake: FakeProc) -> None:
@@ -401,7 +453,7 @@ def test_socket_owner_from_proc_tables(fake: FakeProc) -> None:
         os.chown(fake.root / str(pid), 1000, -1)  # the socket uid: candidates
     fake.sock("A", "tcp", ("127.0.0.3", 40000), ("127.0.0.2", 22), 1, 71)
     fake.sock("A", "tcp", ("127.0.0.2", 22), ("127.0.0.3", 40000), 1, 72)
-    ni = NetInfo(fake.root, use_netlink=False)
+    ni = SocketOwners(ProcReader(fake.root), use_netlink=False)
     owner = ni.socket_owner("tcp", Endpoint("127.0.0.3", 40000), Endpoint("127.0.0.2", 22))
     assert owner is not None
     assert (owner.pid, owner.inode, owner.uid, owner.comm) == (700, 71, 1000, "ssh")
@@ -420,7 +472,7 @@ def test_socket_owner_ipv4_in_tcp6_and_unconnected_udp(fake: FakeProc) -> None:
     fake.sock("A", "udp", ("0.0.0.0", 5000), ("0.0.0.0", 0), 7, 82)
     os.chown(fake.root / "800", 1000, -1)  # only the sockets' owners' processes are candidates
     os.chown(fake.root / "801", 1000, -1)
-    ni = NetInfo(fake.root, use_netlink=False)
+    ni = SocketOwners(ProcReader(fake.root), use_netlink=False)
     owner = ni.socket_owner("tcp", Endpoint("127.0.0.3", 40000), Endpoint("127.0.0.2", 22))
     assert owner is not None
     assert owner.pid == 800
@@ -430,10 +482,68 @@ def test_socket_owner_ipv4_in_tcp6_and_unconnected_udp(fake: FakeProc) -> None:
     assert ni.socket_owner("tcp", Endpoint("127.0.0.3", 5000), Endpoint("127.0.0.2", 53)) is None
 
 
-def test_pids_of_uid(fake: FakeProc) -> None:
+def test_pids_of_uid_newest_first(fake: FakeProc) -> None:
     fake.add(1, 0, "init")
-    fake.add(10, 1, "a")
-    fake.add(11, 1, "b")
+    for pid in (10, 11, 12):
+        fake.add(pid, 1, "a")
     os.chown(fake.root / "11", 4321, -1)
-    assert NetInfo(fake.root).pids_of_uid(4321) == [11]
-    assert 10 in NetInfo(fake.root).pids_of_uid(os.getuid())
+    os.chown(fake.root / "12", 4321, -1)
+    procs = ProcReader(fake.root)
+    assert list(procs.pids_of_uid(4321)) == [12, 11]
+    assert list(procs.pids_of_uid(4321, skip={12})) == [11]
+    assert 10 in procs.pids_of_uid(os.getuid())
+
+
+class RecordingProcs(ProcReader):
+    """A ProcReader that records whose fds were listed, and whose one fd was read."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.listed: list[int] = []
+        self.read_one: list[int] = []
+
+    def fd_links(self, pid: int) -> Iterator[tuple[str, str]]:
+        self.listed.append(pid)
+        return super().fd_links(pid)
+
+    def fd_link(self, pid: int, fd: str) -> str | None:
+        self.read_one.append(pid)
+        return super().fd_link(pid, fd)
+
+
+def test_socket_owner_remembers_the_sockets_seen_while_searching(fake: FakeProc) -> None:
+    fake.add(1, 0, "init")
+    fake.add(700, 1, "ssh", (71,))
+    fake.add(702, 1, "other", (72,))
+    for pid in (700, 702):
+        os.chown(fake.root / str(pid), 1000, -1)
+    fake.sock("A", "tcp", ("127.0.0.3", 40000), ("127.0.0.2", 22), 1, 71)
+    fake.sock("A", "tcp", ("127.0.0.2", 22), ("127.0.0.3", 40000), 1, 72)
+    procs = RecordingProcs(fake.root)
+    ni = SocketOwners(procs, use_netlink=False)
+    owner = ni.socket_owner("tcp", Endpoint("127.0.0.3", 40000), Endpoint("127.0.0.2", 22))
+    assert owner is not None and owner.pid == 700
+    assert procs.listed == [702, 700]  # newest first: 702's socket 72 was seen on the way
+    procs.listed.clear()
+    back = ni.socket_owner("tcp", Endpoint("127.0.0.2", 22), Endpoint("127.0.0.3", 40000))
+    assert back is not None and back.pid == 702
+    assert (procs.listed, procs.read_one) == ([], [702])  # from memory: one readlink
+    (fake.root / "702" / "fd" / "3").unlink()  # closed: the memory is checked, then searched
+    assert ni.socket_owner("tcp", Endpoint("127.0.0.2", 22), Endpoint("127.0.0.3", 40000)) is None
+    assert procs.listed == [702, 700]
+
+
+def test_socket_owner_remembers_at_most_max_holders(fake: FakeProc) -> None:
+    fake.add(1, 0, "init")
+    fake.add(700, 1, "ssh", (71, 73))
+    fake.add(702, 1, "other", (72,))
+    for pid in (700, 702):
+        os.chown(fake.root / str(pid), 1000, -1)
+    fake.sock("A", "tcp", ("127.0.0.3", 40000), ("127.0.0.2", 22), 1, 71)
+    fake.sock("A", "tcp", ("127.0.0.2", 22), ("127.0.0.3", 40000), 1, 72)
+    procs = RecordingProcs(fake.root)
+    ni = SocketOwners(procs, use_netlink=False, max_holders=2)
+    assert ni.socket_owner("tcp", Endpoint("127.0.0.3", 40000), Endpoint("127.0.0.2", 22))
+    procs.listed.clear()  # 72 seen first, then 71 and 73: 72 was forgotten
+    assert ni.socket_owner("tcp", Endpoint("127.0.0.2", 22), Endpoint("127.0.0.3", 40000))
+    assert procs.listed == [702]

@@ -1,4 +1,4 @@
-"""The PAM socket server on a real unix socket, with a stand-in adopter: deadlines, refusals,
+"""The PAM socket server on a real unix socket, with a stand-in login flow: deadlines, refusals,
 probes, malformed input and the bound on decisions worked on at once."""
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ from typing import Any
 
 import pytest
 
-from callerid.agent import handlers
-from callerid.agent.adoption import Outcome
-from callerid.agent.handlers import PamServer
 from callerid.agent.journal import DecisionRecord, Journal
+from callerid.agent.login import Outcome
 from callerid.agent.pamproto import PamReply, PamRequest
+from callerid.agent.pamserver import PamServer
 
 LINE = b"CALLERID/1 op=account user=alice service=sshd rhost=10.0.0.1 tty=ssh\n"
 
@@ -117,7 +116,7 @@ def test_a_line_not_complete_by_the_deadline_gets_no_answer(tmp_path: Path) -> N
 
 
 def adopter_untouched(server: PamServer) -> bool:
-    adopter: Adopter = server.adopter  # type: ignore[assignment]
+    adopter: Adopter = server.flow  # type: ignore[assignment]
     return adopter.most == 0
 
 
@@ -157,9 +156,8 @@ def test_a_client_of_another_uid_is_refused_after_its_input_is_read(tmp_path: Pa
 
 
 def test_at_most_max_active_decisions_run_at_once_and_the_rest_wait_in_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
-    monkeypatch.setattr(handlers, "MAX_ACTIVE", 3)
     n = 10
 
     async def body(server: PamServer, adopter: Adopter, path: str) -> list[bytes]:
@@ -182,33 +180,31 @@ def test_at_most_max_active_decisions_run_at_once_and_the_rest_wait_in_order(
             s.close()
         return replies
 
-    replies, server, _ = run(serve(tmp_path, body, timeout_s=5.0))
-    adopter: Adopter = server.adopter  # type: ignore[assignment]
+    replies, server, _ = run(serve(tmp_path, body, timeout_s=5.0, max_active=3))
+    adopter: Adopter = server.flow  # type: ignore[assignment]
     assert replies == [b"CALLERID/1 verdict=allow reason=root msg=\n"] * n
     assert adopter.most == 3
     assert len(adopter.order) == n and server.in_flight == 0 and server.active == 0
 
 
 def test_queued_requests_are_still_bounded_by_their_deadline(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
-    monkeypatch.setattr(handlers, "MAX_ACTIVE", 1)
 
     async def body(server: PamServer, adopter: Adopter, path: str) -> list[bytes]:
         adopter.gate.clear()  # the one active decision hangs: the queued one must not wait
         return list(await asyncio.gather(exchange(path, LINE), exchange(path, LINE)))
 
-    replies, server, out = run(serve(tmp_path, body))
+    replies, server, out = run(serve(tmp_path, body, max_active=1))
     assert replies == [b"CALLERID/1 verdict=error reason=timeout msg=\n"] * 2
     assert out.getvalue().count("CALLERID_REASON=timeout") == 2
-    adopter: Adopter = server.adopter  # type: ignore[assignment]
+    adopter: Adopter = server.flow  # type: ignore[assignment]
     assert adopter.cancelled == 1 and server.active == 0 and not server.queued
 
 
 def test_a_queued_request_whose_client_left_is_not_decided(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
-    monkeypatch.setattr(handlers, "MAX_ACTIVE", 1)
 
     async def body(server: PamServer, adopter: Adopter, path: str) -> bytes:
         adopter.gate.clear()
@@ -225,8 +221,8 @@ def test_a_queued_request_whose_client_left_is_not_decided(
         adopter.gate.set()
         return await first
 
-    reply, server, out = run(serve(tmp_path, body, timeout_s=5.0))
-    adopter: Adopter = server.adopter  # type: ignore[assignment]
+    reply, server, out = run(serve(tmp_path, body, timeout_s=5.0, max_active=1))
+    adopter: Adopter = server.flow  # type: ignore[assignment]
     assert reply == b"CALLERID/1 verdict=allow reason=root msg=\n"
     assert len(adopter.order) == 1 and server.abandoned == 1
     assert server.in_flight == 0 and server.active == 0 and not server.queued

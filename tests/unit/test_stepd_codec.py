@@ -1,8 +1,10 @@
 """The sans-IO slurmstepd codec, replayed against bytes captured from a real 22.05 stepd.
 
-tests/fixtures/stepd/*.json were recorded through the socket adapter from Debian's slurmstepd
+tests/fixtures/stepd/*.json were recorded on a plain unix socket from Debian's slurmstepd
 (tests/integration/test_slurm_backend.py, ``CALLERID_CAPTURE_STEPD=1``): for each exchange the
-request, the bytes we sent, the bytes the stepd answered and the value we decoded.
+request, the bytes we sent, the bytes the stepd answered and the value we decoded. The stepd's
+side of the codec (and STEP_LIST_PIDS, which the backend never asks) is the test stand-in's,
+tests/support/fake_stepd.py.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 
 from callerid.agent.backends import stepd
 from callerid.agent.backends.slurm import guess_node_name, job_from_cgroup
+from tests.support.fake_stepd import MAX_PIDS, encode_reply, list_pids, request_reader
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "stepd"
 RECORDS = sorted(FIXTURES.glob("*.json"))
@@ -29,7 +32,7 @@ ENCODERS: dict[str, Callable[[Any], stepd.Exchange[Any]]] = {
     "STEP_UID": lambda _arg: stepd.step_uid(),
     "STATE": lambda _arg: stepd.state(),
     "DAEMON_PID": lambda _arg: stepd.daemon_pid(),
-    "STEP_LIST_PIDS": lambda _arg: stepd.list_pids(),
+    "STEP_LIST_PIDS": lambda _arg: list_pids(),
     "PID_IN_CONTAINER": stepd.pid_in_container,
     "ADD_EXTERN_PID": stepd.add_extern_pid,
 }
@@ -74,10 +77,10 @@ def test_replay_real_stepd_exchange(case: str, record: dict[str, Any]) -> None:
     assert trickle.done
     assert trickle.value == record["value"]
     if record["request"] != "hello":  # what a stepd would decode from our bytes
-        request = stepd.request_reader()
+        request = request_reader()
         assert request.feed(sent) == len(sent)
         assert request.value == (stepd.Request[record["request"]], record["arg"])
-        assert stepd.encode_reply(request.value[0], record["value"]) == received
+        assert encode_reply(request.value[0], record["value"]) == received
 
 
 @little_endian_only
@@ -94,7 +97,7 @@ def test_real_values_make_sense() -> None:
 
 
 def test_reader_reports_what_it_needs() -> None:
-    reader = stepd.list_pids().reader()
+    reader = list_pids().reader()
     assert reader.needed == 4
     assert reader.feed(b"\x02\x00") == 2
     assert reader.needed == 2
@@ -108,16 +111,16 @@ def test_reader_reports_what_it_needs() -> None:
 
 
 def test_empty_pid_list_needs_no_more_bytes() -> None:
-    reader = stepd.list_pids().reader()
+    reader = list_pids().reader()
     assert reader.feed(struct.pack("=I", 0)) == 4
     assert reader.done
     assert reader.value == []
 
 
 def test_oversized_pid_list_is_a_protocol_error() -> None:
-    reader = stepd.list_pids().reader()
+    reader = list_pids().reader()
     with pytest.raises(stepd.StepdProtocolError, match="pids"):
-        reader.feed(struct.pack("=I", stepd.MAX_PIDS + 1))
+        reader.feed(struct.pack("=I", MAX_PIDS + 1))
 
 
 def test_bool_other_than_0_or_1_is_a_protocol_error() -> None:
@@ -155,7 +158,7 @@ def test_requests_encode_code_then_pid() -> None:
 
 def test_request_reader_rejects_unknown_codes() -> None:
     with pytest.raises(stepd.StepdProtocolError, match="unknown request code 99"):
-        stepd.request_reader().feed(struct.pack("=i", 99))
+        request_reader().feed(struct.pack("=i", 99))
 
 
 def test_pipelined_requests_decode_in_order() -> None:
@@ -164,7 +167,7 @@ def test_pipelined_requests_decode_in_order() -> None:
     )
     decoded = []
     while stream:
-        reader = stepd.request_reader()
+        reader = request_reader()
         stream = stream[reader.feed(stream) :]
         decoded.append(reader.value)
     assert decoded == [
@@ -180,7 +183,7 @@ def test_pipelined_requests_decode_in_order() -> None:
         (stepd.Request.STEP_UID, 1001, stepd.step_uid()),
         (stepd.Request.ADD_EXTERN_PID, 0, stepd.add_extern_pid(1)),
         (stepd.Request.PID_IN_CONTAINER, True, stepd.pid_in_container(1)),
-        (stepd.Request.STEP_LIST_PIDS, [1, 2, 3], stepd.list_pids()),
+        (stepd.Request.STEP_LIST_PIDS, [1, 2, 3], list_pids()),
         (stepd.Request.DAEMON_PID, 77, stepd.daemon_pid()),
         (stepd.Request.STATE, 2, stepd.state()),
         ("hello", stepd.PROTOCOL_22_05, stepd.hello()),
@@ -189,7 +192,7 @@ def test_pipelined_requests_decode_in_order() -> None:
 def test_encode_reply_round_trips(
     request_: stepd.Request | str, value: Any, exchange: stepd.Exchange[Any]
 ) -> None:
-    assert _decode(exchange, stepd.encode_reply(request_, value)) == value
+    assert _decode(exchange, encode_reply(request_, value)) == value
 
 
 # --------------------------------------------------------------------------- names and helpers
@@ -240,8 +243,8 @@ READERS: list[Callable[[], stepd.Reader[Any]]] = [
     lambda: stepd.hello().reader(),
     lambda: stepd.step_uid().reader(),
     lambda: stepd.pid_in_container(1).reader(),
-    lambda: stepd.list_pids().reader(),
-    stepd.request_reader,
+    lambda: list_pids().reader(),
+    request_reader,
 ]
 
 

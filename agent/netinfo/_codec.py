@@ -1,16 +1,16 @@
-"""Codecs for `netinfo`: NETLINK_SOCK_DIAG messages, /proc/net/{tcp,udp}[6] rows, /proc/<pid>/stat.
+"""Pure codecs of netinfo: NETLINK_SOCK_DIAG messages, /proc/net rows, /proc/<pid>/stat.
 
-Pure byte and text work, one small netlink client (`SockDiag`) and the resolver of a socket's
-cgroup id to that cgroup's pids (`CgroupProcs`); nothing here reads /proc.
+Byte and text work only, no I/O: the netlink client is `_netlink`, the /proc reader `_proc`.
 
 sock_diag exact lookup (SOCK_DIAG_BY_FAMILY *without* NLM_F_DUMP): the request carries a full
 ``inet_diag_sockid`` and the kernel answers with one ``inet_diag_msg`` or with NLMSG_ERROR
 (-ENOENT when no socket matches). Two kernel quirks handled here:
 
 * TCP looks the id up as (local=idiag_src, remote=idiag_dst), but UDP swaps them "for
-  historical reasons" (net/ipv4/udp_diag.c), so a UDP request names the remote end first.
+  historical reasons" (net/ipv4/udp_diag.c), so a UDP request names the remote end first
+  (`lookup_request`).
 * The lookup falls back to listening / unconnected sockets bound to the local port, so every
-  answer is checked against the asked 4-tuple by the caller (`DiagSocket.local/remote`).
+  answer is checked against the asked 4-tuple by the caller (`match_tuple`).
 
 /proc/net rows print each 32-bit word of an address in host byte order:
 ``0100007F:08FB`` is 127.0.0.1:2299 on a little-endian machine; tcp6 rows have four words.
@@ -18,14 +18,12 @@ sock_diag exact lookup (SOCK_DIAG_BY_FAMILY *without* NLM_F_DUMP): the request c
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import ipaddress
-import logging
-import os
 import socket
 import struct
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -33,29 +31,31 @@ from callerid.bus.protocol import Endpoint, LocalProtocolError, normalize_ip
 
 __all__ = [
     "TCP_STATES",
-    "CgroupProcs",
+    "UNSPECIFIED",
     "DiagSocket",
     "NetlinkError",
     "ProcFormatError",
     "ProcNetRow",
-    "SockDiag",
+    "Proto",
     "SockDiagUnavailable",
+    "best_match",
     "build_request",
     "decode_proc_addr",
     "encode_proc_addr",
+    "line_with",
+    "lookup_request",
     "match_tuple",
     "parse_proc_net_line",
     "parse_replies",
     "parse_stat",
-    "parse_status_euid",
+    "probe_request",
     "proc_net_needles",
+    "row_inode",
+    "state_name",
 ]
-
-log = logging.getLogger(__name__)
 
 Proto = Literal["tcp", "udp"]
 
-NETLINK_SOCK_DIAG: Final = 4
 SOCK_DIAG_BY_FAMILY: Final = 20
 NLM_F_REQUEST: Final = 0x01
 NLM_F_ROOT: Final = 0x100
@@ -78,24 +78,12 @@ _MSG_TAIL: Final = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inod
 _RTA: Final = struct.Struct("=HH")
 DIAG_MSG_LEN: Final = _MSG_HEAD.size + _SOCKID.size + _IF_COOKIE.size + _MSG_TAIL.size  # 72
 
-RECV_BUFSIZE: Final = 16384  # one answer is < 200 bytes; a probe dump answer is one NLMSG_DONE
-MAX_RECV_PER_REQUEST: Final = 8  # bound on datagrams read while waiting for our sequence number
-
 # Kernel TCP states (include/net/tcp_states.h); UDP uses 1 (connected) and 7 (unconnected).
 TCP_STATES: Final[dict[int, str]] = {
-    1: "ESTABLISHED",
-    2: "SYN_SENT",
-    3: "SYN_RECV",
-    4: "FIN_WAIT1",
-    5: "FIN_WAIT2",
-    6: "TIME_WAIT",
-    7: "CLOSE",
-    8: "CLOSE_WAIT",
-    9: "LAST_ACK",
-    10: "LISTEN",
-    11: "CLOSING",
+    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
+    6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING",
     12: "NEW_SYN_RECV",
-}
+}  # fmt: skip
 
 
 class NetlinkError(Exception):
@@ -225,15 +213,6 @@ def parse_stat(text: str) -> tuple[str, int, int]:
     return comm, int(fields[1]), int(fields[19])
 
 
-def parse_status_euid(text: str) -> int:
-    """The effective uid (second number of the ``Uid:`` line) of /proc/<pid>/status."""
-    for line in text.splitlines():
-        if line.startswith("Uid:"):
-            return int(line.split()[2])
-    msg = "no Uid line in /proc status"
-    raise ProcFormatError(msg)
-
-
 # --------------------------------------------------------------------------- netlink codec
 
 
@@ -268,6 +247,24 @@ def build_request(
     )
     flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, flags, seq, 0) + body
+
+
+def lookup_request(
+    seq: int, family: int, proto: Proto, local: tuple[str, int], remote: tuple[str, int]
+) -> bytes:
+    """An exact lookup of the socket local=``local``, remote=``remote`` (text ip, port)."""
+    first = (ip_bytes(family, local[0]), local[1])
+    second = (ip_bytes(family, remote[0]), remote[1])
+    if proto == "udp":  # udp_dump_one() reads the id with src and dst swapped
+        first, second = second, first
+    return build_request(seq, family, IPPROTO[proto], first, second)
+
+
+def probe_request(seq: int, proto: Proto) -> bytes:
+    """A dump matching no state: answered NLMSG_DONE if the kernel has a handler for ``proto``,
+    -ENOENT if not."""
+    zero = (bytes(16), 0)
+    return build_request(seq, socket.AF_INET, IPPROTO[proto], zero, zero, dump=True, states=0)
 
 
 def _parse_diag_msg(payload: bytes) -> DiagSocket:
@@ -337,93 +334,9 @@ def parse_replies(data: bytes, seq: int) -> tuple[list[DiagSocket], bool]:
     return found, done
 
 
-# --------------------------------------------------------------------------- client
-
-
-class SockDiag:
-    """A short-lived NETLINK_SOCK_DIAG socket (one per resolution: threads never share one)."""
-
-    def __init__(self, timeout: float = 1.0) -> None:
-        try:
-            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
-        except OSError as exc:
-            msg = f"cannot open NETLINK_SOCK_DIAG socket: {exc}"
-            raise SockDiagUnavailable(msg) from exc
-        self._sock.settimeout(timeout)
-        self._seq = 0
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> SockDiag:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _roundtrip(self, request_for_seq: bytes, seq: int, dump: bool) -> list[DiagSocket]:
-        """Send one request, read its answer; NetlinkError passes through for the caller."""
-        try:
-            self._sock.sendto(request_for_seq, (0, 0))
-            found: list[DiagSocket] = []
-            for _ in range(MAX_RECV_PER_REQUEST):
-                got, done = parse_replies(self._sock.recv(RECV_BUFSIZE), seq)
-                found.extend(got)
-                if done or (found and not dump):
-                    return found
-        except (OSError, TimeoutError) as exc:  # includes socket timeout
-            msg = f"sock_diag request failed: {exc}"
-            raise SockDiagUnavailable(msg) from exc
-        msg = f"no answer to sock_diag request {seq} after {MAX_RECV_PER_REQUEST} datagrams"
-        raise SockDiagUnavailable(msg)
-
-    def lookup(
-        self, family: int, proto: Proto, local: tuple[str, int], remote: tuple[str, int]
-    ) -> DiagSocket | None:
-        """Exact lookup of the socket whose local end is ``local``; None on ENOENT.
-
-        The answer may be a listening or unconnected socket on the local port: check it.
-        Raises SockDiagUnavailable when the kernel refuses (EPERM, EINVAL, EOPNOTSUPP ...).
-        """
-        self._seq += 1
-        first = (ip_bytes(family, local[0]), local[1])
-        second = (ip_bytes(family, remote[0]), remote[1])
-        if proto == "udp":  # udp_dump_one() reads the id with src and dst swapped
-            first, second = second, first
-        req = build_request(self._seq, family, IPPROTO[proto], first, second)
-        try:
-            found = self._roundtrip(req, self._seq, dump=False)
-        except NetlinkError as exc:
-            if exc.errno == errno.ENOENT:
-                return None
-            msg = f"sock_diag refused a {proto} lookup: {exc}"
-            raise SockDiagUnavailable(msg) from exc
-        return found[0] if found else None
-
-    def handler_present(self, proto: Proto) -> bool:
-        """Whether the kernel has a sock_diag handler for ``proto`` (a dump matching no state).
-
-        Without one (e.g. no udp_diag module) every exact lookup says ENOENT, which would read
-        as "not found"; callers probe once and fall back to /proc/net instead.
-        """
-        self._seq += 1
-        zero = (bytes(16), 0)
-        req = build_request(
-            self._seq, socket.AF_INET, IPPROTO[proto], zero, zero, dump=True, states=0
-        )
-        try:
-            self._roundtrip(req, self._seq, dump=True)
-        except NetlinkError as exc:
-            if exc.errno == errno.ENOENT:
-                return False
-            msg = f"sock_diag refused a {proto} dump: {exc}"
-            raise SockDiagUnavailable(msg) from exc
-        return True
-
-
 # --------------------------------------------------------------------------- matching
 
-_UNSPECIFIED: Final = frozenset({"0.0.0.0", "::"})
+UNSPECIFIED: Final = frozenset({"0.0.0.0", "::"})  # a socket bound to any address
 
 
 def match_tuple(
@@ -446,10 +359,25 @@ def match_tuple(
         proto == "udp"
         and remote.port == 0
         and local.port == src.port
-        and (local.ip in _UNSPECIFIED or local.ip == src.ip)
+        and (local.ip in UNSPECIFIED or local.ip == src.ip)
     ):
         return "unconnected"
     return "no"
+
+
+def best_match(
+    proto: Proto, candidates: Iterable[DiagSocket | None], src: Endpoint, dst: Endpoint
+) -> DiagSocket | None:
+    """The first candidate that is exactly local=src, remote=dst, else the first unconnected
+    UDP sender from ``src`` (`match_tuple`), else None; stops at an exact one."""
+    fallback = None
+    for got in candidates:
+        match = match_tuple(proto, got, src, dst)
+        if match == "exact":
+            return got
+        if match == "unconnected" and fallback is None:
+            fallback = got
+    return fallback
 
 
 def proc_net_needles(src: Endpoint, dst: Endpoint, *, v6: bool) -> list[str]:
@@ -461,52 +389,10 @@ def proc_net_needles(src: Endpoint, dst: Endpoint, *, v6: bool) -> list[str]:
     return [f" {local} {remote} ", f" {local} {zero}:0000 ", f" {wild} {zero}:0000 "]
 
 
-# --------------------------------------------------------------------------- socket cgroup
-
-
-class CgroupProcs:
-    """cgroup v2 id (INET_DIAG_CGROUP_ID) -> its pids, via open_by_handle_at(2) on cgroup2.
-
-    A kernfs file handle is the 64-bit cgroup id (FILEID_KERNFS); needs CAP_DAC_READ_SEARCH.
-    """
-
-    FILEID_KERNFS: Final = 0xFE
-
-    def __init__(self, mount: str | None) -> None:
-        self._mount_fd = -1
-        self.root_id = -1
-        self._open_by_handle = None
-        if mount is None:
-            return
-        try:
-            self._open_by_handle = ctypes.CDLL(None, use_errno=True).open_by_handle_at
-            self._mount_fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            self.root_id = os.fstat(self._mount_fd).st_ino
-        except (OSError, AttributeError) as exc:
-            log.debug("cgroup v2 candidate lookup unavailable: %s", exc)
-            self._open_by_handle = None
-
-    def close(self) -> None:
-        if self._mount_fd >= 0:
-            os.close(self._mount_fd)
-            self._mount_fd = -1
-        self._open_by_handle = None
-
-    def pids(self, cgroup_id: int) -> list[int] | None:
-        """Pids in that exact cgroup, or None when it cannot be opened (gone, no permission)."""
-        if self._open_by_handle is None or cgroup_id == self.root_id:
-            return None
-        handle = struct.pack("=Ii", 8, self.FILEID_KERNFS) + struct.pack("=Q", cgroup_id)
-        buf = ctypes.create_string_buffer(handle, len(handle))
-        fd = self._open_by_handle(self._mount_fd, buf, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        if fd < 0:
-            log.debug("cgroup id %d: %s", cgroup_id, os.strerror(ctypes.get_errno()))
-            return None
-        try:
-            procs = os.open("cgroup.procs", os.O_RDONLY | os.O_CLOEXEC, dir_fd=fd)
-            with os.fdopen(procs) as f:
-                return [int(x) for x in f.read().split()]
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
+def line_with(text: str, needle: str) -> str | None:
+    """The line of ``text`` where ``needle`` first occurs, or None."""
+    at = text.find(needle)
+    if at < 0:
+        return None
+    end = text.find("\n", at)
+    return text[text.rfind("\n", 0, at) + 1 : end if end >= 0 else None]

@@ -1,49 +1,44 @@
-"""Process and socket facts: the one place that reads /proc and speaks NETLINK_SOCK_DIAG.
+"""The destination side of netinfo: which connection does the sshd session that called PAM hold?
 
-Two questions are answered here, both synchronous and quick enough for the event loop:
-
-* Destination side, `NetInfo.session_connection`: which inet connection does the sshd session
-  that called PAM hold? Walk from the caller up its ancestors to the first process holding an
-  established connection whose local port is served by a listener held by one of *its*
-  ancestors (sshd's listener, or pid 1 for socket activation). Each process's sockets are
-  looked up in that process's own network namespace (/proc/<pid>/net/...).
-* Source side, `NetInfo.socket_owner` (`_owners.SourceSide`): which process owns the socket
-  local=src, remote=dst? An exact sock_diag lookup, then only candidate processes.
-
-`NetInfo` is built in layers: `_procfs.ProcReader` (one process's facts), `_owners.SourceSide`,
-then this module (a process's sockets and the destination side). The byte codecs live in
-`_sockdiag`, the fd-borrowing socket reads in `_sockfd`.
+`SessionFinder.session_connection` walks from the caller up its ancestors to the first process
+holding an established connection whose local port is served by a listener held by one of
+*its* ancestors (sshd's listener, or pid 1 for socket activation). Each process's sockets are
+read from its fds (pidfd_getfd, `_sockfd`) or else looked up in that process's own network
+namespace (/proc/<pid>/net/...). It holds a `ProcReader` for every /proc read.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
-from callerid.agent import _sockdiag as sd
-from callerid.agent import _sockfd
-from callerid.agent._owners import Owner, SourceSide
-from callerid.agent._procfs import MAX_DEPTH, NetinfoError, Proc, ProcessGone, ProcInfo
+from callerid.agent.memo import Memo
+from callerid.agent.netinfo import _sockfd
+from callerid.agent.netinfo._codec import (
+    UNSPECIFIED,
+    ProcNetRow,
+    Proto,
+    parse_proc_net_line,
+    row_inode,
+    state_name,
+)
+from callerid.agent.netinfo._proc import MAX_DEPTH, NetinfoError, Proc, ProcessGone, ProcReader
 from callerid.bus.protocol import Endpoint, normalize_ip
 
-__all__ = ["Connection", "NetInfo", "NetinfoError", "Owner", "Proc", "ProcInfo", "ProcessGone"]
+__all__ = ["Connection", "SessionFinder"]
 
 log = logging.getLogger(__name__)
 
-Proto = Literal["tcp", "udp"]
 _TABLES: Final[tuple[tuple[Proto, str], ...]] = (
     ("tcp", "tcp"),
     ("tcp", "tcp6"),
     ("udp", "udp"),
     ("udp", "udp6"),
 )
-_UNSPECIFIED: Final = frozenset({"0.0.0.0", "::"})
-LISTENER_TTL_S: Final = 5.0  # how long a listening ancestor's sockets are remembered
-_MAX_LISTENERS: Final = 1024
+_TABLE_NAMES: Final = tuple(name for _, name in _TABLES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,14 +57,14 @@ def _endpoint(addr: tuple[str, int]) -> Endpoint:
     return Endpoint(normalize_ip(addr[0]), addr[1])
 
 
-def _connection(proto: Proto, row: sd.ProcNetRow) -> Connection:
+def _connection(proto: Proto, row: ProcNetRow) -> Connection:
     return Connection(
         proto=proto,
         local=_endpoint(row.local),
         remote=_endpoint(row.remote),
         inode=row.inode,
         uid=row.uid,
-        state=sd.state_name(proto, row.state),
+        state=state_name(proto, row.state),
     )
 
 
@@ -99,9 +94,9 @@ class _Chain:
     """A caller and its ancestors (below pid 1), each read only when first needed."""
 
     def __init__(
-        self, ni: NetInfo, members: list[_Member], tables: dict[str, dict[str, str]]
+        self, finder: SessionFinder, members: list[_Member], tables: dict[str, dict[str, str]]
     ) -> None:
-        self.ni = ni
+        self.finder = finder
         self.members = members
         self.tables = tables
 
@@ -111,7 +106,7 @@ class _Chain:
             if last.info.ppid <= 1 or len(self.members) >= MAX_DEPTH:
                 return None
             try:
-                self.members.append(self.ni._ancestor(last.info.ppid, self.tables))
+                self.members.append(self.finder._ancestor(last.info.ppid, self.tables))
             except ProcessGone:
                 return None  # a parent exiting mid-walk ends the chain
         return self.members[i]
@@ -121,7 +116,7 @@ class _Chain:
         listener (in ``holder``'s netns) serves; ancestors are read only this far."""
         j = i + 1
         while (m := self.get(j)) is not None:
-            listeners = self.ni._listeners([m], holder, self.tables)
+            listeners = self.finder._listeners([m], holder, self.tables)
             chosen = [c for c in conns if _served(c, listeners)]
             if chosen:
                 return chosen
@@ -147,43 +142,40 @@ def _from_facts(f: _sockfd.SockFacts) -> Connection:
     return Connection(proto, _endpoint(f.local), _endpoint(f.remote), f.inode, f.uid, f.state)
 
 
-class NetInfo(SourceSide):
-    """Reads process and socket facts from ``proc_root`` (and netlink unless disabled)."""
+class SessionFinder:
+    """`session_connection`: the sshd session of a PAM caller and the connection it serves."""
 
     def __init__(
         self,
-        proc_root: Path = Path("/proc"),
+        procs: ProcReader,
         *,
-        use_netlink: bool = True,
-        use_cgroups: bool = True,
+        clock: Callable[[], float],
         use_pidfd: bool = True,
-        netlink_timeout: float = 1.0,
+        listener_ttl_s: float = 5.0,
+        max_listeners: int = 1024,
     ) -> None:
-        super().__init__(
-            proc_root,
-            use_netlink=use_netlink,
-            use_cgroups=use_cgroups,
-            netlink_timeout=netlink_timeout,
+        self._procs = procs
+        self._use_pidfd = use_pidfd and procs.root == Path("/proc")
+        # A listening ancestor (sshd's listener, pid 1) by (pid, start time): every login asks
+        # about the same listener, and what it listens on does not change between logins (a
+        # login on a port it stopped listening on a moment ago was still accepted by it); the
+        # start time tells a new process under a reused pid apart.
+        self._listeners_seen: Memo[tuple[int, float], _Member] = Memo(
+            max_entries=max_listeners, ttl_s=listener_ttl_s, clock=clock
         )
-        self._use_pidfd = use_pidfd and proc_root == Path("/proc")
-        self._listeners_seen: dict[tuple[int, float], tuple[float, _Member]] = {}
+
+    def close(self) -> None:
+        """Forget the remembered listeners (nothing else is held open)."""
+        self._listeners_seen.clear()
 
     # ------------------------------------------------------------------ sockets of a process
 
     def _socket_fds(self, pid: int) -> dict[int, int]:
         """fd number -> socket inode, for every socket fd of ``pid``."""
         out: dict[int, int] = {}
-        dirfd = self._fd_dir(pid)
-        try:
-            for name in os.listdir(dirfd):
-                try:
-                    target = os.readlink(name, dir_fd=dirfd)
-                except OSError:
-                    continue
-                if target.startswith("socket:[") and name.isdigit():
-                    out[int(name)] = int(target[8:-1])
-        finally:
-            os.close(dirfd)
+        for name, target in self._procs.fd_links(pid):
+            if target.startswith("socket:[") and name.isdigit():
+                out[int(name)] = int(target[8:-1])
         return out
 
     def _fd_connections(self, pid: int, fds: dict[int, int]) -> list[Connection] | None:
@@ -191,7 +183,7 @@ class NetInfo(SourceSide):
         if not self._use_pidfd or not fds:
             return None
         try:
-            inet = _sockfd.inet_fds(f"{self._rs}/{pid}", sorted(fds))
+            inet = _sockfd.inet_fds(self._procs.pid_dir(pid), sorted(fds))
             return [_from_facts(f) for f in _sockfd.socket_facts(pid, inet)] if inet else []
         except ProcessLookupError as exc:
             raise ProcessGone(pid) from exc
@@ -200,26 +192,6 @@ class NetInfo(SourceSide):
             self._use_pidfd = False
             return None
 
-    def _netns(self, pid: int) -> str:
-        try:
-            return os.readlink(f"{self._rs}/{pid}/ns/net")
-        except OSError:
-            return f"pid:{pid}"  # unknown: never share tables with another process
-
-    def _tables(self, pid: int) -> dict[str, str]:
-        """The four socket tables of ``pid``'s network namespace (missing ones are empty)."""
-        out = {}
-        for _, name in _TABLES:
-            try:
-                out[name] = (self._root / str(pid) / "net" / name).read_text()
-            except FileNotFoundError:
-                if not (self._root / str(pid)).exists():
-                    raise ProcessGone(pid) from None
-                out[name] = ""  # e.g. IPv6 disabled
-            except ProcessLookupError as exc:
-                raise ProcessGone(pid) from exc
-        return out
-
     # ------------------------------------------------------------------ destination side
 
     def _member(
@@ -227,31 +199,25 @@ class NetInfo(SourceSide):
     ) -> _Member:
         """Read one process of the chain: facts, socket inodes, netns (and its tables, once)."""
         if info is None:
-            info = self._brief(pid)
+            info = self._procs.proc(pid)
         fds = self._socket_fds(pid)
         inodes = frozenset(fds.values())
-        netns = self._netns(pid)
+        netns = self._procs.netns(pid)
         conns = self._fd_connections(pid, fds)
         if conns is None and inodes and netns not in tables:
-            tables[netns] = self._tables(pid)
+            tables[netns] = self._procs.net_tables(pid, _TABLE_NAMES)
         return _Member(info, inodes, netns, conns)
 
     def _ancestor(self, pid: int, tables: dict[str, dict[str, str]]) -> _Member:
-        """A caller's ancestor. One that listens (sshd's listener, pid 1) is remembered for
-        LISTENER_TTL_S by pid and start time: every login asks about the same listener, and
-        what it listens on does not change between logins (a login on a port it stopped
-        listening on a moment ago was still accepted by it)."""
-        info = self._brief(pid)
+        """A caller's ancestor; one that listens is remembered (see `__init__`)."""
+        info = self._procs.proc(pid)
         key = (pid, info.start_time)
-        now = time.monotonic()
-        hit = self._listeners_seen.get(key)
-        if hit is not None and now < hit[0]:
-            return hit[1]
+        member = self._listeners_seen.get(key)
+        if member is not None:
+            return member
         member = self._member(pid, tables, info)
         if member.conns is not None and any(_is_listener(c) for c in member.conns):
-            if len(self._listeners_seen) >= _MAX_LISTENERS:
-                self._listeners_seen.clear()
-            self._listeners_seen[key] = (now + LISTENER_TTL_S, member)
+            self._listeners_seen.put(key, member)
         return member
 
     def _chain(self, pid: int) -> _Chain:
@@ -324,9 +290,9 @@ def _rows(tables: dict[str, str], inodes: frozenset[int]) -> list[Connection]:
     for proto, name in _TABLES:
         for line in tables[name].splitlines():
             try:
-                if sd.row_inode(line) not in inodes:
+                if row_inode(line) not in inodes:
                     continue
-                row = sd.parse_proc_net_line(line)
+                row = parse_proc_net_line(line)
             except ValueError as exc:
                 msg = f"/proc/net/{name}: {exc}"
                 raise NetinfoError(msg) from exc
@@ -349,6 +315,6 @@ def _served(conn: Connection, listeners: list[Connection]) -> bool:
     return any(
         lis.proto == conn.proto
         and lis.local.port == conn.local.port
-        and (lis.local.ip in _UNSPECIFIED or lis.local.ip == conn.local.ip)
+        and (lis.local.ip in UNSPECIFIED or lis.local.ip == conn.local.ip)
         for lis in listeners
     )

@@ -4,30 +4,36 @@ An exact NETLINK_SOCK_DIAG lookup gives the inode, owner uid and cgroup id; then
 processes are searched for ``socket:[inode]``: those of the socket's cgroup (cgroup v2), then
 those owned by the socket's uid, newest first. /proc/net tables are the fallback when netlink
 cannot be used. Every socket seen while searching is remembered (inode -> pid and fd), so a
-fan-out's queries read each process once. `NetInfo` (netinfo.py) is built on `SourceSide`.
+fan-out's queries read each process once. `SocketOwners` holds a `ProcReader` for /proc.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
+import time
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Final, Literal
 
-from callerid.agent import _sockdiag as sd
-from callerid.agent._procfs import MAX_DEPTH, NetinfoError, ProcessGone, ProcReader
+from callerid.agent.memo import Memo
+from callerid.agent.netinfo._codec import (
+    DiagSocket,
+    Proto,
+    SockDiagUnavailable,
+    best_match,
+    line_with,
+    parse_proc_net_line,
+    proc_net_needles,
+)
+from callerid.agent.netinfo._netlink import CgroupProcs, SockDiag
+from callerid.agent.netinfo._proc import MAX_DEPTH, NetinfoError, ProcessGone, ProcReader
 from callerid.bus.protocol import Endpoint
 
-__all__ = ["Owner", "SourceSide"]
+__all__ = ["Owner", "SocketOwners"]
 
-log = logging.getLogger("callerid.agent.netinfo")
-
-Proto = Literal["tcp", "udp"]
-_MAX_HOLDERS: Final = 1 << 16  # remembered socket holders
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,26 +46,34 @@ class Owner:
     comm: str
 
 
-class SourceSide(ProcReader):
-    """`socket_owner` and what it remembers (a sock_diag socket per thread, socket holders)."""
+class SocketOwners:
+    """`socket_owner` and what it keeps (a sock_diag socket per thread, socket holders)."""
 
     def __init__(
         self,
-        proc_root: Path = Path("/proc"),
+        procs: ProcReader,
         *,
         use_netlink: bool = True,
         use_cgroups: bool = True,
         netlink_timeout: float = 1.0,
+        max_holders: int = 65536,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(proc_root)
+        self._procs = procs
         self._use_netlink = use_netlink
         self._use_cgroups = use_cgroups
         self._netlink_timeout = netlink_timeout
         self._handlers: dict[str, bool] = {}
-        self._cgroups: sd.CgroupProcs | None = None
-        self._holders: dict[int, tuple[int, str]] = {}  # socket inode -> (pid, fd) seen holding it
+        self._cgroups: CgroupProcs | None = None
+        # Socket inode -> (pid, fd name) seen holding it. Not true for ever (the fd may be
+        # closed, its number reused), so every use checks it first with one readlink of that
+        # fd: a link to the same socket:[inode] is the fact itself, whatever its age.
+        self._holders: Memo[int, tuple[int, str]] = Memo(
+            max_entries=max_holders, ttl_s=None, clock=clock
+        )
+        self._lock = threading.Lock()
         self._local = threading.local()  # each thread's sock_diag socket
-        self._diags: list[sd.SockDiag] = []
+        self._diags: list[SockDiag] = []
         weakref.finalize(self, _close_all, self._diags)  # closed with the object if not before
 
     def close(self) -> None:
@@ -95,107 +109,87 @@ class SourceSide(ProcReader):
         pid, comm = holder
         if comm is None:
             try:
-                comm, _, _ = self._stat(pid)
+                comm, _, _ = self._procs.stat(pid)
             except ProcessGone:
                 return None
         return Owner(pid=pid, uid=found.uid, inode=found.inode, comm=comm)
 
-    def _find_socket(self, proto: Proto, src: Endpoint, dst: Endpoint) -> sd.DiagSocket | None:
+    def _find_socket(self, proto: Proto, src: Endpoint, dst: Endpoint) -> DiagSocket | None:
         if self._use_netlink:
             try:
                 return self._netlink_socket(proto, src, dst)
-            except sd.SockDiagUnavailable as exc:
+            except SockDiagUnavailable as exc:
                 with self._lock:
                     if self._use_netlink:
                         log.warning("sock_diag unusable, reading /proc/net instead: %s", exc)
                         self._use_netlink = False
         return self._proc_socket(proto, src, dst)
 
-    def _netlink_socket(self, proto: Proto, src: Endpoint, dst: Endpoint) -> sd.DiagSocket | None:
+    def _netlink_socket(self, proto: Proto, src: Endpoint, dst: Endpoint) -> DiagSocket | None:
         families = [socket.AF_INET6] if src.family == 6 else [socket.AF_INET, socket.AF_INET6]
-        fallback = None
         diag = self._diag()
         try:
             if proto not in self._handlers:
                 self._handlers[proto] = diag.handler_present(proto)
             if not self._handlers[proto]:
                 msg = f"the kernel has no sock_diag handler for {proto}"
-                raise sd.SockDiagUnavailable(msg)
-            for family in families:
-                got = diag.lookup(family, proto, (src.ip, src.port), (dst.ip, dst.port))
-                match = sd.match_tuple(proto, got, src, dst)
-                if match == "exact":
-                    return got
-                if match == "unconnected" and fallback is None:
-                    fallback = got
+                raise SockDiagUnavailable(msg)
+            local, remote = (src.ip, src.port), (dst.ip, dst.port)
+            found = (diag.lookup(family, proto, local, remote) for family in families)
+            return best_match(proto, found, src, dst)
         except BaseException:
             self._drop_diag(diag)  # a timed-out socket may still get a late answer: a new one
             raise
-        return fallback
 
-    def _diag(self) -> sd.SockDiag:
+    def _diag(self) -> SockDiag:
         """This thread's sock_diag socket, kept open (one socket per lookup cost 4 syscalls);
         requests carry increasing sequence numbers and answers to others are skipped."""
-        diag: sd.SockDiag | None = getattr(self._local, "diag", None)
+        diag: SockDiag | None = getattr(self._local, "diag", None)
         if diag is None:
-            diag = sd.SockDiag(self._netlink_timeout)
+            diag = SockDiag(self._netlink_timeout)
             self._local.diag = diag
             with self._lock:
                 self._diags.append(diag)
         return diag
 
-    def _drop_diag(self, diag: sd.SockDiag) -> None:
+    def _drop_diag(self, diag: SockDiag) -> None:
         self._local.diag = None
         with self._lock:
             if diag in self._diags:
                 self._diags.remove(diag)
         diag.close()
 
-    def _proc_socket(self, proto: Proto, src: Endpoint, dst: Endpoint) -> sd.DiagSocket | None:
-        fallback = None
+    def _proc_socket(self, proto: Proto, src: Endpoint, dst: Endpoint) -> DiagSocket | None:
+        return best_match(proto, self._proc_rows(proto, src, dst), src, dst)
+
+    def _proc_rows(self, proto: Proto, src: Endpoint, dst: Endpoint) -> Iterator[DiagSocket]:
+        """The /proc/net rows that may be the socket, best first (tables read as needed)."""
         for name, v6 in ((proto, False), (f"{proto}6", True)):
             if src.family == 6 and not v6:
                 continue
-            try:
-                text = (self._root / "net" / name).read_text()
-            except FileNotFoundError:
+            text = self._procs.own_net_table(name)
+            if text is None:
                 continue
-            for needle in sd.proc_net_needles(src, dst, v6=v6):
-                at = text.find(needle)
-                if at < 0:
-                    continue
-                end = text.find("\n", at)
-                line = text[text.rfind("\n", 0, at) + 1 : end if end >= 0 else None]
+            fam = socket.AF_INET6 if v6 else socket.AF_INET
+            for needle in proc_net_needles(src, dst, v6=v6):
+                line = line_with(text, needle)
                 try:
-                    row = sd.parse_proc_net_line(line)
+                    row = None if line is None else parse_proc_net_line(line)
                 except ValueError as exc:
                     msg = f"/proc/net/{name}: {exc}"
                     raise NetinfoError(msg) from exc
-                if row is None:
-                    continue
-                fam = socket.AF_INET6 if v6 else socket.AF_INET
-                got = sd.DiagSocket(fam, row.state, row.local, row.remote, row.uid, row.inode, None)
-                match = sd.match_tuple(proto, got, src, dst)
-                if match == "exact":
-                    return got
-                if match == "unconnected" and fallback is None:
-                    fallback = got
-        return fallback
+                if row is not None:
+                    yield DiagSocket(
+                        fam, row.state, row.local, row.remote, row.uid, row.inode, None
+                    )
 
-    def _cgroup2_mount(self) -> str | None:
-        try:
-            text = (self._root / "self" / "mountinfo").read_text()
-        except OSError:
-            return None
-        return next((ln.split()[4] for ln in text.splitlines() if " - cgroup2 " in ln), None)
-
-    def _cgroup_procs(self) -> sd.CgroupProcs:
+    def _cgroup_procs(self) -> CgroupProcs:
         with self._lock:
             if self._cgroups is None:
-                self._cgroups = sd.CgroupProcs(self._cgroup2_mount())
+                self._cgroups = CgroupProcs(self._procs.cgroup2_mount())
             return self._cgroups
 
-    def _find_holder(self, sock: sd.DiagSocket) -> tuple[int, str | None] | None:
+    def _find_holder(self, sock: DiagSocket) -> tuple[int, str | None] | None:
         """Search only candidates for ``socket:[inode]``: the socket's cgroup, then its uid.
 
         A holder that changed uid after creating the socket is not found (by design: never
@@ -203,7 +197,7 @@ class SourceSide(ProcReader):
         """
         target = f"socket:[{sock.inode}]"
         known = self._holders.get(sock.inode)
-        if known is not None and self._link(*known) == target:
+        if known is not None and self._procs.fd_link(*known) == target:
             return self._topmost(known[0], target)
         scanned: set[int] = set()
         if self._use_cgroups and sock.cgroup_id is not None:
@@ -211,29 +205,22 @@ class SourceSide(ProcReader):
                 scanned.add(pid)
                 if self._scan(pid, target):
                     return self._topmost(pid, target)
-        procfd = os.open(self._rs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            pids = sorted(self._pids(procfd), reverse=True)  # newest first: ssh just started
-            for pid in pids:
-                if pid not in scanned and self.owner_uid(pid, procfd) == sock.uid:
-                    scanned.add(pid)
-                    if self._scan(pid, target):
-                        return self._topmost(pid, target)
-        finally:
-            os.close(procfd)
+        for pid in self._procs.pids_of_uid(sock.uid, skip=scanned):  # newest: ssh just started
+            if self._scan(pid, target):
+                return self._topmost(pid, target)
         log.debug("inode %d: no holder among uid %d processes", sock.inode, sock.uid)
         return None
 
     def _topmost(self, pid: int, target: str) -> tuple[int, str | None]:
         """Climb from a holder while its parent (of the same uid) holds the same socket too;
         the topmost holder and its comm (None if it could not be read)."""
-        uid = self.owner_uid(pid)
+        uid = self._procs.owner_uid(pid)
         for _ in range(MAX_DEPTH):
             try:
-                comm, ppid, _ = self._stat(pid)
+                comm, ppid, _ = self._procs.stat(pid)
             except NetinfoError:
                 return pid, None
-            if ppid <= 1 or self.owner_uid(ppid) != uid or not self._holds(ppid, target):
+            if ppid <= 1 or self._procs.owner_uid(ppid) != uid or not self._holds(ppid, target):
                 return pid, comm
             pid = ppid
         return pid, None
@@ -247,41 +234,23 @@ class SourceSide(ProcReader):
         """
         found = False
         try:
-            dirfd = self._fd_dir(pid)
-        except NetinfoError:  # ProcessGone included
-            return False
-        try:
-            for name in os.listdir(dirfd):
-                try:
-                    link = os.readlink(name, dir_fd=dirfd)
-                except OSError:
-                    continue
+            for name, link in self._procs.fd_links(pid):
                 if link.startswith("socket:["):
-                    self._holders[int(link[8:-1])] = (pid, name)
+                    self._holders.put(int(link[8:-1]), (pid, name))
                     found = found or link == target
-        except (OSError, ValueError):
+        except (OSError, ValueError, NetinfoError):  # ProcessGone included
             return False
-        finally:
-            os.close(dirfd)
-        if len(self._holders) > _MAX_HOLDERS:
-            self._holders.clear()  # a crude bound: the memo refills from the next scans
         return found
-
-    def _link(self, pid: int, fd: str) -> str | None:
-        try:
-            return os.readlink(f"{self._rs}/{pid}/fd/{fd}")
-        except OSError:
-            return None
 
     def _holds(self, pid: int, target: str) -> bool:
         """Whether ``pid`` has an fd linking to ``target``; False if it vanished."""
         try:
-            return any(link == target for link in self._fd_links(pid))
+            return any(link == target for _, link in self._procs.fd_links(pid))
         except (OSError, NetinfoError):
             return False
 
 
-def _close_all(diags: list[sd.SockDiag]) -> None:
+def _close_all(diags: list[SockDiag]) -> None:
     for diag in diags:
         diag.close()
     diags.clear()

@@ -9,16 +9,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
-import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from callerid.agent._ctl_inspect import InspectError, mesh_identity
+from callerid.agent.backends import make_backend
 from callerid.agent.backends.base import BackendError
 from callerid.agent.config import Config
-from callerid.agent.daemon import make_backend, node_name
-from callerid.bus.peers import PeerTable
+from callerid.agent.ctl._common import CtlError, agent_line, mesh_identity
+from callerid.bus.peers import PeerTable, local_node_name
 from callerid.bus.transport import MeshClient, load_keypair
 
 __all__ = ["cmd_doctor", "doctor_args"]
@@ -49,7 +48,7 @@ def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _keys(args: argparse.Namespace, cfg: Config) -> Iterator[Check]:
-    node = node_name(cfg)
+    node = local_node_name(cfg.node_name)
     yield "ok", f"config: node {node}, backend {cfg.backend.type}, mesh port {cfg.port}", ""
     secret = cfg.keys.dir / f"{node}.key_secret"
     try:
@@ -80,7 +79,7 @@ def _keys(args: argparse.Namespace, cfg: Config) -> Iterator[Check]:
 
 def _backend(args: argparse.Namespace, cfg: Config) -> Iterator[Check]:
     try:
-        backend = make_backend(cfg, Path("/proc"))
+        backend = make_backend(cfg.backend)
     except (BackendError, OSError) as exc:
         yield "FAIL", f"{cfg.backend.type} backend: {exc}", "check backend.* in the config"
         return
@@ -106,11 +105,7 @@ def _agent(args: argparse.Namespace, cfg: Config) -> Iterator[Check]:
             "the agent makes it 0600 root",
         )
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(cfg.pam_timeout_ms / 1000)
-            s.connect(str(path))
-            s.sendall(b"CALLERID/1 op=account user=root service=calleridctl-doctor\n")
-            reply = s.makefile("rb").readline().decode(errors="replace").strip()
+        reply = agent_line(cfg, b"CALLERID/1 op=account user=root service=calleridctl-doctor\n")
     except OSError as exc:
         yield "FAIL", f"agent at {path} does not answer: {exc}", "see journalctl -u callerid-agent"
         return
@@ -172,7 +167,7 @@ def _peers(args: argparse.Namespace, cfg: Config) -> Iterator[Check]:
         return
     try:
         keypair, peers = mesh_identity(cfg)
-    except InspectError:
+    except CtlError:
         return  # reported by _keys
     targets = sorted((name, ip) for ip, name in peers.addresses().items())
 

@@ -1,60 +1,60 @@
-"""One login, decided and carried out: the destination-side flow of DESIGN.md.
+"""One login, decided and carried out: the destination-side flow of DESIGN.md, in one place.
 
-`Adopter.account()` gathers the facts `policy.decide` asks for (user, local jobs, the source
-agent's answer), adopts the sshd session process into the chosen job, and returns the PAM
-reply together with the journal record. `Adopter.answer()` is the source side: which job owns
-this connection, told only when the job belongs to the uid in the query.
+`LoginFlow.account()` gathers the facts `policy.decide` asks for, in its order (the user, the
+user's local jobs, the session connection and the source agent's answer), adopts the sshd
+session process into the chosen job, and returns the PAM reply with the journal record. The
+agent runs it for every login; `calleridctl explain` runs the same flow with a backend whose
+adoption does nothing (`backends.DryRun`), so the two cannot disagree.
 
-Where the work runs: reading /proc and sock_diag, and a non-blocking backend's (cgroup) calls,
-are done right on the event loop: they are quick reads and writes of the kernel's files, a
-thread hop costs more than they do, and under a login storm threads mostly fight over the GIL
-(measured: 2.5x the CPU per decision with 8 worker threads). What may wait on another process
-runs in the executor passed in: NSS look-ups (sssd/LDAP; answers are then remembered for
-``USER_TTL_S``) and a blocking backend's calls (slurmstepd RPCs). Nothing here reads the clock
-except through the injected ``clock``.
+Each fact comes from a piece passed in: `UserSource` (NSS), the `Backend` (jobs, adoption),
+`SessionFinder` (netinfo: which connection the sshd process serves) and `AskSource` (the
+source agent, or this node: `ask.SourceAsker`). Nothing here reads the clock except through
+the injected ``clock``. Where the work runs: see `_offload`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import grp
 import logging
-import os
-import pwd
 import random
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from callerid.agent import policy
+from callerid.agent._offload import backend_call
 from callerid.agent.backends.base import Backend, BackendError, Job
-from callerid.agent.config import Config
+from callerid.agent.config import PolicyConfig
 from callerid.agent.journal import DecisionRecord
-from callerid.agent.netinfo import Connection, NetInfo, NetinfoError, Owner
+from callerid.agent.memo import Memo
+from callerid.agent.netinfo import Connection, NetinfoError, Proc
 from callerid.agent.pamproto import PamReply, PamRequest
-from callerid.bus.protocol import CallerIdQuery, CallerIdReply, ErrorCode, error_reply
 
-__all__ = ["Adopter", "Outcome", "PeerAsk"]
+__all__ = ["AskSource", "LoginFlow", "Outcome", "SessionFinder", "UserSource"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 SESSION_MEMORY = 4096  # adopted monitor pids remembered for open_session re-checks
-USER_TTL_S = 60.0  # how long a user's uid and groups are remembered (sssd keeps them longer)
-USER_MEMORY = 4096
 
 
-class PeerAsk(Protocol):
-    """Ask the agent at ``host`` a CallerIdQuery; returns (peer status, reply or None).
+class UserSource(Protocol):
+    def facts(self, user: str) -> Awaitable[policy.Facts]:
+        """The user's uid (None: no such user) and groups."""
+        ...
 
-    The asker sets the request id (it owns the connection the reply comes back on)."""
 
-    def __call__(
-        self, host: str, query: CallerIdQuery
-    ) -> Awaitable[tuple[str, CallerIdReply | None]]: ...
+class SessionFinder(Protocol):
+    def session_connection(self, pid: int, rhost: str | None = None) -> tuple[Proc, Connection]:
+        """The sshd session process (``pid`` or an ancestor) and the connection it serves;
+        NetinfoError when there is none."""
+        ...
+
+
+class AskSource(Protocol):
+    def __call__(self, conn: Connection, uid: int) -> Awaitable[tuple[str, str | None]]:
+        """(peer status, the job id the source named or None) for ``conn`` and ``uid``."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,42 +77,35 @@ class _Login:
     marks: list[tuple[str, float]] = dataclasses.field(default_factory=list)
 
 
-class Adopter:
+class LoginFlow:
+    """The destination side of a login: account, and the session phase's re-check."""
+
     def __init__(
         self,
-        cfg: Config,
+        cfg: PolicyConfig,
         *,
         node: str,
-        netinfo: NetInfo,
+        users: UserSource,
+        sessions: SessionFinder,
         backend: Backend,
-        ask_peer: PeerAsk,
-        is_local: Callable[[str], bool],
+        ask_source: AskSource,
         executor: Executor | None,
         clock: Callable[[], float],
         rng: random.Random | None = None,
+        max_sessions: int = SESSION_MEMORY,
     ) -> None:
         self.cfg = cfg
         self.node = node
-        self.netinfo = netinfo
+        self.users = users
+        self.sessions = sessions
         self.backend = backend
-        self.ask_peer = ask_peer
-        self.is_local = is_local
+        self.ask_source = ask_source
         self.executor = executor
         self.clock = clock
         self.rng = rng or random.Random()  # noqa: S311 - job choice, not crypto
-        self.sessions: OrderedDict[int, Job] = OrderedDict()
-        self._users: OrderedDict[str, tuple[float, policy.Facts]] = OrderedDict()
-
-    async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
-    # ------------------------------------------------------------------ destination side
-
-    async def _call(self, fn: Callable[..., T], *args: object) -> T:
-        """A backend call: on the loop when the backend never waits, else in a thread."""
-        if self.backend.blocking:
-            return await self._run(fn, *args)
-        return fn(*args)
+        # monitor pid -> the job it was adopted into, for open_session (no expiry: a session
+        # is forgotten at close_session, or when the bound pushes it out)
+        self.adopted: Memo[int, Job] = Memo(max_entries=max_sessions, ttl_s=None, clock=clock)
 
     async def account(
         self, req: PamRequest, caller_pid: int, received: float | None = None
@@ -126,22 +119,20 @@ class Adopter:
         """
         started = self.clock() if received is None else received
         login = _Login(req, caller_pid, started, policy.Facts(user=req.user, uid=None))
-        login.facts = await self._user(req.user)
+        login.facts = await self.users.facts(req.user)
         self._mark(login, "user")
-        step = await self._call(self._local_step, login)
+        step = await backend_call(self.backend, self.executor, self._local_step, login)
         if isinstance(step, Outcome):
             return step
         if step is policy.Need.CALLERID:
             await self._ask_source(login)
             self._mark(login, "source")
-            step = policy.decide(login.facts, self.cfg.policy, self.node, self.rng)
+            step = policy.decide(login.facts, self.cfg, self.node, self.rng)
             assert isinstance(step, policy.Decision)
-            step = await self._call(self._carry_out, login, step)
+            step = await backend_call(self.backend, self.executor, self._carry_out, login, step)
         assert isinstance(step, policy.Decision)
         if step.verdict == "adopt" and step.job is not None and login.target_pid is not None:
-            self.sessions[login.target_pid] = step.job
-            while len(self.sessions) > SESSION_MEMORY:
-                self.sessions.popitem(last=False)
+            self.adopted.put(login.target_pid, step.job)
         if log.isEnabledFor(logging.DEBUG):
             steps = " ".join(f"{k}={(t - login.started) * 1e3:.2f}" for k, t in login.marks)
             log.debug("pid %d timings (ms since request): %s", caller_pid, steps)
@@ -153,7 +144,7 @@ class Adopter:
     def _local_step(self, login: _Login) -> policy.Decision | policy.Need | Outcome:
         """Local jobs and the session connection, as the policy asks; a final adopt decision
         is carried out here too."""
-        step = policy.decide(login.facts, self.cfg.policy, self.node, self.rng)
+        step = policy.decide(login.facts, self.cfg, self.node, self.rng)
         if step is policy.Need.JOBS:
             assert login.facts.uid is not None
             try:
@@ -163,7 +154,7 @@ class Adopter:
                 return self._error(login, "backend_error", f"cannot list jobs: {exc}")
             login.facts = login.facts.with_jobs(tuple(jobs))
             self._mark(login, "jobs")
-            step = policy.decide(login.facts, self.cfg.policy, self.node, self.rng)
+            step = policy.decide(login.facts, self.cfg, self.node, self.rng)
         if step is policy.Need.CALLERID:
             self._find_session(login)
         elif isinstance(step, policy.Decision) and step.verdict == "adopt":
@@ -171,40 +162,10 @@ class Adopter:
             step = self._carry_out(login, step)
         return step
 
-    async def _user(self, user: str) -> policy.Facts:
-        """The user's uid and groups: remembered for USER_TTL_S, else asked of NSS in a thread
-        (with sssd or LDAP a look-up may wait on the network). Unknown users are not
-        remembered: they may be created any moment."""
-        now = self.clock()
-        hit = self._users.get(user)
-        if hit is not None and now - hit[0] < USER_TTL_S:
-            return hit[1]
-        facts = await self._run(self._user_facts, user)
-        if facts.uid is not None:
-            self._users[user] = (now, facts)
-            self._users.move_to_end(user)
-            while len(self._users) > USER_MEMORY:
-                self._users.popitem(last=False)
-        return facts
-
-    def forget_users(self) -> None:
-        """Drop the remembered users (SIGHUP: the policy's groups may have changed, or NSS)."""
-        self._users.clear()
-
-    def _user_facts(self, user: str) -> policy.Facts:
-        try:
-            pw = pwd.getpwnam(user)
-        except KeyError:
-            return policy.Facts(user=user, uid=None)
-        groups: frozenset[str] = frozenset()
-        if self.cfg.policy.exempt_groups and not (self.cfg.policy.ignore_root and pw.pw_uid == 0):
-            groups = _group_names(user, pw.pw_gid)
-        return policy.Facts(user=user, uid=pw.pw_uid, groups=groups)
-
     def _find_session(self, login: _Login) -> None:
         """The process to adopt: the sshd monitor holding the connection (or the caller)."""
         try:
-            holder, conn = self.netinfo.session_connection(
+            holder, conn = self.sessions.session_connection(
                 login.caller_pid, login.req.rhost or None
             )
         except NetinfoError as exc:
@@ -219,22 +180,10 @@ class Adopter:
         self._mark(login, "session")
 
     async def _ask_source(self, login: _Login) -> None:
-        conn = login.conn
-        if conn is None or login.facts.uid is None:
+        if login.conn is None or login.facts.uid is None:
             login.facts = login.facts.with_callerid()
             return
-        query = CallerIdQuery(  # id 0: the mesh client gives the real one (ask_peer)
-            id=0, proto=conn.proto, src=conn.remote, dst=conn.local, uid=login.facts.uid
-        )
-        reply: CallerIdReply | None
-        if self.is_local(conn.remote.ip):
-            reply = await self.answer(query, peer="local")
-            status = "local" if reply.status == "found" else f"local_{reply.status}"
-        else:
-            status, reply = await self.ask_peer(conn.remote.ip, query)
-            if reply is not None and status == "ok":
-                status = reply.status  # found | not_found | error
-        job = reply.job if reply is not None and reply.status == "found" else None
+        status, job = await self.ask_source(login.conn, login.facts.uid)
         login.peer_status = status
         login.facts = login.facts.with_callerid(job, status)
 
@@ -249,7 +198,7 @@ class Adopter:
             log.warning(
                 "adopting pid %d into job %s failed: %s", login.target_pid, decision.job.id, exc
             )
-            return policy.after_adopt_failure(decision, self.cfg.policy, self.node)
+            return policy.after_adopt_failure(decision, self.cfg, self.node)
         finally:
             self._mark(login, "adopt")
         return decision
@@ -303,14 +252,15 @@ class Adopter:
         Something between the account and session phases (a misplaced pam_systemd) may have
         moved the monitor out of the job; it is put back.
         """
-        job = self.sessions.get(caller_pid)
+        job = self.adopted.get(caller_pid)
         if job is None:
             return PamReply("allow", "not_adopted")
-        current = await self._call(self.backend.job_of_pid, caller_pid)
+        backend = self.backend
+        current = await backend_call(backend, self.executor, backend.job_of_pid, caller_pid)
         if current is not None and current.id == job.id:
             return PamReply("adopt", "still_in_job", job.id)
         try:
-            await self._call(self.backend.adopt, caller_pid, job)
+            await backend_call(backend, self.executor, backend.adopt, caller_pid, job)
         except BackendError as exc:
             log.warning("re-adopting pid %d into job %s failed: %s", caller_pid, job.id, exc)
             return PamReply("error", "readopt_failed")
@@ -320,55 +270,5 @@ class Adopter:
         return PamReply("adopt", "readopted", job.id)
 
     def close_session(self, caller_pid: int) -> PamReply:
-        self.sessions.pop(caller_pid, None)
+        self.adopted.pop(caller_pid)
         return PamReply("allow", "closed")
-
-    # ------------------------------------------------------------------ source side
-
-    async def answer(self, query: CallerIdQuery, peer: str) -> CallerIdReply:
-        """Which job owns src -> dst on this node? Told only if it belongs to query.uid."""
-        t0 = self.clock()
-        try:
-            owner, job = await self._call(self._owner_and_job, query)
-        except (BackendError, NetinfoError) as exc:
-            log.warning("query %d from %s: lookup failed: %s", query.id, peer, exc)
-            return error_reply(query.id, self.node, ErrorCode.BACKEND, "lookup failed")
-        if owner is None:
-            reason = "no such connection"
-        elif job is None:
-            reason = "connection not in a job"
-        elif job.uid != query.uid:
-            log.info(
-                "query %d from %s: %s -> %s is in job %s of uid %d, not uid %d: not told",
-                query.id,
-                peer,
-                query.src,
-                query.dst,
-                job.id,
-                job.uid,
-                query.uid,
-            )
-            reason = "no such connection"  # the same words: never reveal another user's job
-        else:
-            log.debug("query %d from %s: job %s (%.2f ms)", query.id, peer, job.id, self._ms(t0))
-            return CallerIdReply(id=query.id, status="found", node=self.node, job=job.id)
-        log.debug("query %d from %s: %s (%.2f ms)", query.id, peer, reason, self._ms(t0))
-        return CallerIdReply(id=query.id, status="not_found", node=self.node, reason=reason)
-
-    def _owner_and_job(self, query: CallerIdQuery) -> tuple[Owner | None, Job | None]:
-        """The socket's owner process and its job (in one worker-thread hop if blocking)."""
-        owner = self.netinfo.socket_owner(query.proto, query.src, query.dst, uid=query.uid)
-        return owner, (self.backend.job_of_pid(owner.pid) if owner else None)
-
-    def _ms(self, since: float) -> float:
-        return (self.clock() - since) * 1e3
-
-
-def _group_names(user: str, gid: int) -> frozenset[str]:
-    names = set()
-    for g in os.getgrouplist(user, gid):
-        try:
-            names.add(grp.getgrgid(g).gr_name)
-        except KeyError:
-            continue
-    return frozenset(names)

@@ -1,16 +1,13 @@
-"""One handler per request type, each with its wire schema; and the PAM unix-socket server.
+"""The PAM socket server: one line in, one line out, for pam_callerid.so and calleridctl.
 
-PAM socket (stream, mode 0600, root only): one line in, one line out (see pamproto.py).
+The socket is a unix stream socket, mode 0600, root only; the line format is pamproto.py's.
+One handler per op (`PamServer._dispatch`):
 
     account        CALLERID/1 op=account user=U service=S rhost=R tty=T
                    -> CALLERID/1 verdict=adopt|allow|deny|error reason=W [job=J] msg=M
     open_session   same fields -> verdict=adopt|allow|error (re-adopts a moved session)
     close_session  same fields -> verdict=allow
     status         (calleridctl) -> verdict=allow reason=status msg=<the agent's counters, JSON>
-
-Mesh (see callerid.bus.protocol):
-
-    CallerIdQuery {id, proto, src, dst, uid} -> CallerIdReply {status found|not_found|error, job}
 
 The server takes the caller's pid and uid from SO_PEERCRED, refuses any uid but 0, reads at
 most one bounded line, and always answers within ``pam_timeout_ms``: when the decision is not
@@ -24,14 +21,15 @@ import collections
 import contextlib
 import json
 import logging
-import os
 import socket
-import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
-from callerid.agent.adoption import Adopter, Outcome
-from callerid.agent.journal import Journal
+from callerid.agent._pamturns import Turns, Waiter
+from callerid.agent._unixsock import bind_unix, peer_cred
+from callerid.agent.journal import DecisionRecord
+from callerid.agent.login import Outcome
 from callerid.agent.pamproto import (
     MAX_LINE,
     PamProtocolError,
@@ -41,71 +39,44 @@ from callerid.agent.pamproto import (
     parse_request,
 )
 
-__all__ = [
-    "PamServer",
-    "handle_account",
-    "handle_close_session",
-    "handle_open_session",
-    "handle_status",
-]
+__all__ = ["LoginHandler", "PamServer", "RecordSink"]
 
 log = logging.getLogger(__name__)
 
-_UCRED = struct.Struct("3i")  # pid, uid, gid
 DISCARD_MAX = 64 * 1024
 DISCARD_TIMEOUT_S = 0.05
-MAX_ACTIVE = 64  # decisions worked on at once; later requests wait their turn in order
+MAX_ACTIVE = 64  # default bound of decisions worked on at once; later ones wait in order
 ACCEPT_BATCH = 64  # connections accepted per wake-up of the listening socket
 ACCEPT_RETRY_S = 0.1  # pause after accept() failed (out of fds or memory)
 RECV_SIZE = MAX_LINE + 1
 
 
-async def handle_account(
-    adopter: Adopter, req: PamRequest, pid: int, received: float | None = None
-) -> Outcome:
-    """op=account -> the decision for this login (adopt | allow | deny)."""
-    return await adopter.account(req, pid, received)
+class LoginHandler(Protocol):
+    """What the server asks of the login flow (`login.LoginFlow`)."""
+
+    def account(self, req: PamRequest, pid: int, received: float | None) -> Awaitable[Outcome]:
+        """op=account -> the decision for this login (adopt | allow | deny | error)."""
+        ...
+
+    def open_session(self, req: PamRequest, pid: int) -> Awaitable[PamReply]:
+        """op=open_session -> adopt (still / again in its job) | allow (nothing to do)."""
+        ...
+
+    def close_session(self, pid: int) -> PamReply:
+        """op=close_session -> allow (the session is forgotten)."""
+        ...
+
+    def error_record(
+        self, req: PamRequest, pid: int, started: float, reason: str, text: str
+    ) -> DecisionRecord:
+        """The record of a login the server answered with verdict=error itself."""
+        ...
 
 
-async def handle_open_session(adopter: Adopter, req: PamRequest, pid: int) -> PamReply:
-    """op=open_session -> adopt (still / again in its job) | allow (nothing to do) | error."""
-    return await adopter.open_session(req, pid)
+class RecordSink(Protocol):
+    """Where decision records go (`journal.Journal`)."""
 
-
-def handle_close_session(adopter: Adopter, pid: int) -> PamReply:
-    """op=close_session -> allow (forgets the session)."""
-    return adopter.close_session(pid)
-
-
-def handle_status(status: Callable[[], dict[str, object]] | None) -> PamReply:
-    """op=status -> allow, msg = the agent's counters as compact JSON (for calleridctl)."""
-    body = status() if status is not None else {}
-    return PamReply("allow", "status", None, json.dumps(body, separators=(",", ":")))
-
-
-def peer_cred(sock: socket.socket) -> tuple[int, int]:
-    """(pid, uid) of the process at the other end of a unix socket (SO_PEERCRED)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    pid, uid, _gid = _UCRED.unpack(raw)
-    return pid, uid
-
-
-def bind_unix(path: Path) -> socket.socket:
-    """A listening unix stream socket at ``path``, mode 0600 from birth (no chmod race)."""
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        if path.is_socket():
-            path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-    sock.listen(512)
-    sock.setblocking(False)
-    return sock
+    def record(self, rec: DecisionRecord) -> None: ...
 
 
 class PamServer:
@@ -114,21 +85,22 @@ class PamServer:
     A login is one short connection carrying one line each way, so connections are accepted
     in batches and read at once (the line is nearly always there already), without asyncio
     transports: per connection this costs one object and one task, and a reader only when the
-    line is late. Deadlines all have the same length, so they expire in arrival order: one
-    queue and one timer for all of them (`_sweep`), not a timer per connection.
-    `_PamConnection` holds one client's state.
+    line is late. Deadlines and turns are kept by `_pamturns.Turns`; `_PamConnection` holds
+    one client's state.
     """
 
     def __init__(
         self,
-        adopter: Adopter,
-        journal: Journal,
+        flow: LoginHandler,
+        journal: RecordSink,
         *,
         timeout_s: float,
         clock: Callable[[], float],
         allowed_uid: int = 0,
+        max_active: int = MAX_ACTIVE,
     ) -> None:
-        self.adopter = adopter
+        self.flow = flow
+        self.turns = Turns(max_active)
         self.journal = journal
         self.timeout_s = timeout_s
         self.clock = clock
@@ -137,12 +109,7 @@ class PamServer:
         self.refused = 0
         self.malformed = 0
         self.accept_errors = 0
-        self.abandoned = 0  # queued requests whose client left before their turn
         self.status: Callable[[], dict[str, object]] | None = None  # set by the daemon
-        self.active = 0
-        self.queued: collections.deque[_PamConnection] = collections.deque()
-        self._deadlines: collections.deque[_PamConnection] = collections.deque()
-        self._sweeper: asyncio.TimerHandle | None = None
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle = asyncio.Event()
@@ -187,57 +154,21 @@ class PamServer:
                 return
             _PamConnection(self, conn, self._loop).begin()
 
-    def _watch(self, conn: _PamConnection) -> None:
-        """Expire ``conn`` at its deadline (unless it is done by then)."""
-        self._deadlines.append(conn)
-        if self._sweeper is None:
-            assert self._loop is not None
-            self._sweeper = self._loop.call_at(conn.deadline, self._sweep)
-
-    def _sweep(self) -> None:
-        assert self._loop is not None
-        self._sweeper = None
-        now = self._loop.time()
-        while self._deadlines:
-            head = self._deadlines[0]
-            if head.state != "done" and head.deadline > now:
-                self._sweeper = self._loop.call_at(head.deadline, self._sweep)
-                return
-            self._deadlines.popleft()
-            if head.state != "done":
-                head._expired()
-
     def _resume_accept(self, fd: int) -> None:
         if self._sock is not None and self._sock.fileno() == fd and self._loop is not None:
             self._loop.add_reader(fd, self._accept)
 
-    def _admit(self, conn: _PamConnection) -> None:
-        """Start deciding for ``conn`` now, or queue it behind the MAX_ACTIVE decisions in
-        progress. Under a login storm this keeps each decision short (its peer query is not
-        stuck behind a thousand others in this loop) and the rest wait at no cost; every
-        request stays bounded by its own deadline."""
-        if self.active < MAX_ACTIVE:
-            self.active += 1
-            conn.start()
-        else:
-            self.queued.append(conn)
+    @property
+    def active(self) -> int:
+        return self.turns.active
 
-    def _release(self) -> None:
-        """A decision ended: start the next queued one still waiting (one whose client has
-        gone meanwhile, having given up on its own deadline, is dropped undecided: under
-        overload, work nobody waits for would only make the queue longer)."""
-        self.active -= 1
-        while self.queued and self.active < MAX_ACTIVE:
-            conn = self.queued.popleft()
-            if conn.state != "queued":
-                continue
-            if conn.client_gone():
-                self.abandoned += 1
-                log.debug("pid %d gave up before its turn; not decided", conn.pid)
-                conn._finish(None)
-                continue
-            self.active += 1
-            conn.start()
+    @property
+    def queued(self) -> collections.deque[Waiter]:
+        return self.turns.queued
+
+    @property
+    def abandoned(self) -> int:
+        return self.turns.abandoned
 
     def _begin(self) -> None:
         self.in_flight += 1
@@ -257,29 +188,31 @@ class PamServer:
             return PamReply("error", "agent_error")
 
     async def _dispatch(self, req: PamRequest, pid: int, started: float) -> PamReply:
+        """One handler per op; the wire schema of each is in the module docstring."""
         if req.op == "account":
-            outcome = await handle_account(self.adopter, req, pid, started)
+            outcome = await self.flow.account(req, pid, started)
             self.journal.record(outcome.record)
             return outcome.reply
         if req.op == "open_session":
-            return await handle_open_session(self.adopter, req, pid)
+            return await self.flow.open_session(req, pid)
         if req.op == "status":
-            return handle_status(self.status)
-        return handle_close_session(self.adopter, pid)
+            body = self.status() if self.status is not None else {}
+            return PamReply("allow", "status", None, json.dumps(body, separators=(",", ":")))
+        return self.flow.close_session(pid)
 
     def _journal_error(
         self, req: PamRequest, pid: int, started: float, reason: str, text: str
     ) -> None:
         if req.op != "account":
             return
-        self.journal.record(self.adopter.error_record(req, pid, started, reason, text))
+        self.journal.record(self.flow.error_record(req, pid, started, reason, text))
 
 
 class _PamConnection:
     """One client: read one bounded line, decide, write one line, close.
 
     States: ``read`` (collecting the line), ``queued`` (waiting for a free decision slot,
-    see `PamServer._admit`), ``busy`` (deciding), ``discard`` (a refused or malformed client:
+    see `_pamturns.Turns`), ``busy`` (deciding), ``discard`` (a refused or malformed client:
     what it sends is read and dropped, bounded in size and time, before the answer, because
     closing a unix socket with unread data resets it and the client would lose the answer),
     ``done``. The deadline (``timeout_s`` from the accept) bounds all of it: a line not
@@ -326,7 +259,7 @@ class _PamConnection:
     def begin(self) -> None:
         srv = self.server
         srv._begin()
-        srv._watch(self)
+        srv.turns.watch(self, self.loop)
         try:
             self.sock.setblocking(False)
             self.pid, uid = peer_cred(self.sock)
@@ -384,7 +317,7 @@ class _PamConnection:
             return
         self.state = "queued"
         self.req = req
-        self.server._admit(self)
+        self.server.turns.admit(self)
 
     def _eof(self) -> None:
         if self.state == "read":
@@ -405,6 +338,9 @@ class _PamConnection:
             return False  # still there, waiting for its answer
         except OSError:
             return True  # reset
+
+    def abandon(self) -> None:
+        self._finish(None)
 
     def start(self) -> None:
         assert self.req is not None
@@ -427,15 +363,15 @@ class _PamConnection:
         self.left = DISCARD_MAX
         self.buf = b""
         # the discarding is bounded by its own short time (and still by the deadline)
-        self.timer = self.loop.call_later(DISCARD_TIMEOUT_S, self._expired)
+        self.timer = self.loop.call_later(DISCARD_TIMEOUT_S, self.expire)
 
     def _decided(self, task: asyncio.Task[PamReply]) -> None:
-        self.server._release()
+        self.server.turns.release()
         if self.state != "busy" or task.cancelled():
             return
         self._finish(task.result())
 
-    def _expired(self) -> None:
+    def expire(self) -> None:
         if self.state in ("busy", "queued"):
             assert self.req is not None
             if self.task is not None:

@@ -25,13 +25,11 @@ import socket
 from dataclasses import dataclass
 from typing import Final
 
+from callerid.agent.netinfo._codec import TCP_STATES
+
 __all__ = ["SockFacts", "Unsupported", "inet_fds", "socket_facts"]
 
 _SYS_PIDFD_GETFD: Final = 438  # the same number on every architecture (asm-generic)
-_TCP_STATES: Final = {
-    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
-    6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING",
-}  # fmt: skip
 _KINDS: Final = (socket.SOCK_STREAM, socket.SOCK_DGRAM)
 _INET_PROTOS: Final = frozenset({b"TCP", b"TCPv6", b"UDP", b"UDPv6"})
 _NO_XATTR_ERRNOS: Final = frozenset({errno.ENOTSUP, errno.ENODATA, errno.EPERM, errno.EACCES})
@@ -82,7 +80,7 @@ def _facts(dup: int) -> SockFacts | None:
             state = "ESTABLISHED" if remote[1] else "UNCONN"
             return SockFacts("udp", local, remote, st.st_ino, st.st_uid, state)
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
-        state = _TCP_STATES.get(info[0], "UNKNOWN")
+        state = TCP_STATES.get(info[0], "UNKNOWN")
         remote = unset if state == "LISTEN" else _peer(sock, unset)
         return SockFacts("tcp", local, remote, st.st_ino, st.st_uid, state)
 

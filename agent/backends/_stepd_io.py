@@ -1,0 +1,177 @@
+"""The slurmstepd socket adapter: non-blocking connections driven by one selector.
+
+`StepdConnection` queues `stepd.Exchange` requests on one unix-socket connection and decodes
+the replies in order; `drive` exchanges bytes on any number of them until each is settled or
+one deadline passes (Slurm sets no timeout on these sockets, so we bound every call). The
+codec itself is `stepd` (sans-IO); the backend that uses this is `slurm`.
+"""
+
+from __future__ import annotations
+
+import errno
+import selectors
+import socket
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from callerid.agent.backends import stepd
+from callerid.agent.backends.base import BackendError, JobVanished
+
+__all__ = ["StaleSocket", "StepdClosed", "StepdConnection", "StepdTimeout", "drive", "outcome"]
+
+T = TypeVar("T")
+
+_STALE_ERRNOS = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR})
+_CLOSED_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET})
+_RECV_SIZE = 65536
+
+
+class StaleSocket(JobVanished):
+    """The stepd socket file is gone, or nothing listens on it any more (the step ended)."""
+
+
+class StepdClosed(BackendError):
+    """The stepd closed the connection before answering (a 26.05 refusal, or it is exiting)."""
+
+    def __init__(self, message: str, waiting_for: str) -> None:
+        super().__init__(message)
+        self.waiting_for = waiting_for
+
+
+class StepdTimeout(BackendError):
+    """The stepd did not answer before the deadline."""
+
+
+class StepdConnection:
+    """A non-blocking connection to one slurmstepd: queued requests, replies decoded in order.
+
+    `queue()` adds a request and returns its reply `Reader`; `drive()` does the I/O. Failures
+    are kept in `error` (the connection is then settled).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.error: BackendError | None = None
+        self._out = bytearray()
+        self._readers: list[tuple[str, stepd.Reader[Any]]] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.setblocking(False)
+        try:
+            self.sock.connect(str(path))
+        except OSError as exc:
+            self.sock.close()
+            if exc.errno in _STALE_ERRNOS:
+                msg = f"stale slurmstepd socket {path}: {exc.strerror}"
+                raise StaleSocket(msg) from exc
+            if exc.errno == errno.EAGAIN:
+                msg = f"slurmstepd {path} is busy (its listen queue is full)"
+                raise BackendError(msg) from exc
+            msg = f"cannot connect to slurmstepd {path}: {exc.strerror or exc}"
+            raise BackendError(msg) from exc
+
+    def queue(self, exchange: stepd.Exchange[T]) -> stepd.Reader[T]:
+        """Send ``exchange`` after what is queued already; its reply comes in that order."""
+        reader = exchange.reader()
+        self._out += exchange.data
+        self._readers.append((exchange.name, reader))
+        return reader
+
+    @property
+    def waiting_for(self) -> str | None:
+        """The name of the first request still without a complete reply."""
+        return next((name for name, r in self._readers if not r.done), None)
+
+    @property
+    def settled(self) -> bool:
+        return self.error is not None or (not self._out and self.waiting_for is None)
+
+    @property
+    def events(self) -> int:
+        ev = selectors.EVENT_WRITE if self._out else 0
+        return ev | (selectors.EVENT_READ if self.waiting_for is not None else 0)
+
+    def fail(self, error: BackendError) -> None:
+        if self.error is None:
+            self.error = error
+
+    def on_ready(self, mask: int) -> None:
+        """Do the I/O the selector reported ready; failures go to `error`."""
+        try:
+            if mask & selectors.EVENT_WRITE and self._out:
+                sent = self.sock.send(self._out)
+                del self._out[:sent]
+            if mask & selectors.EVENT_READ and self.waiting_for is not None:
+                self._receive()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if exc.errno in _CLOSED_ERRNOS:
+                self._closed()
+            else:
+                self.fail(BackendError(f"slurmstepd {self.path}: {exc.strerror}"))
+        except stepd.StepdProtocolError as exc:
+            self.fail(BackendError(f"slurmstepd {self.path} sent garbage: {exc}"))
+
+    def _receive(self) -> None:
+        data = self.sock.recv(_RECV_SIZE)
+        if not data:
+            self._closed()
+            return
+        for _name, reader in self._readers:
+            if data and not reader.done:
+                data = data[reader.feed(data) :]
+        if data:
+            msg = f"slurmstepd {self.path} sent {len(data)} bytes nobody asked for"
+            raise stepd.StepdProtocolError(msg)
+
+    def _closed(self) -> None:
+        waiting = self.waiting_for or "a reply"
+        msg = f"slurmstepd {self.path} closed the connection instead of answering {waiting}"
+        self.fail(StepdClosed(msg, waiting))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def drive(conns: Iterable[StepdConnection], deadline: float, clock: Callable[[], float]) -> None:
+    """Exchange bytes on every connection until each is settled or ``deadline`` passes.
+
+    ``deadline`` is a ``clock()`` value; ``clock`` counts seconds as `time.monotonic` does (the
+    selector waits in real seconds). A connection still waiting then fails with
+    `StepdTimeout`; the others are unaffected.
+    """
+    pending = [c for c in conns if not c.settled]
+    with selectors.DefaultSelector() as sel:
+        for conn in pending:
+            sel.register(conn.sock, conn.events, conn)
+        while pending:
+            remaining = deadline - clock()
+            if remaining <= 0:
+                for conn in pending:
+                    what = conn.waiting_for or "the connection"
+                    conn.fail(StepdTimeout(f"slurmstepd {conn.path}: no answer to {what} in time"))
+                return
+            for key, mask in sel.select(remaining):
+                conn = key.data
+                conn.on_ready(mask)
+                if conn.settled:
+                    sel.unregister(conn.sock)
+                elif conn.events != key.events:
+                    sel.modify(conn.sock, conn.events, conn)
+            pending = [c for c in pending if not c.settled]
+
+
+def outcome(
+    conn: StepdConnection, greeting: stepd.Reader[int], reader: stepd.Reader[T], version: int
+) -> T:
+    """The value of ``reader``, or the most telling error (a refused handshake first)."""
+    if greeting.done and greeting.value < 0:
+        msg = (
+            f"slurmstepd {conn.path} refused our protocol version {version} "
+            f"({stepd.version_name(version)}); set backend.slurm.protocol_version"
+        )
+        raise BackendError(msg)
+    if conn.error is not None:
+        raise conn.error
+    return reader.value

@@ -1,0 +1,100 @@
+"""calleridctl commands that read what the agent did: status (its counters, over its
+root-only socket) and audit (its decision records, from the journal)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import time
+from urllib.parse import unquote
+
+from callerid.agent.config import Config
+from callerid.agent.ctl._common import CtlError, agent_line
+
+__all__ = ["audit_args", "cmd_audit", "cmd_status", "status_args"]
+
+
+def status_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the agent's answer as JSON")
+
+
+def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
+    """Ask the running agent (over its root-only socket) for its state and counters."""
+    try:
+        line = agent_line(cfg, b"CALLERID/1 op=status user=root service=calleridctl\n")
+    except OSError as exc:
+        msg = f"no agent answers on {cfg.pam_socket}: {exc.strerror or exc}"
+        raise CtlError(msg) from exc
+    fields = dict(f.split("=", 1) for f in line.split(" ")[1:] if "=" in f)
+    if fields.get("reason") != "status":
+        msg = f"unexpected answer from the agent: {line[:200]!r}"
+        raise CtlError(msg)
+    body = json.loads(unquote(fields.get("msg", ""), errors="strict"))
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    print(f"callerid-agent {body['version']} on {body['node']}, pid {body['pid']}, "
+          f"up {body['uptime_s']:.0f} s, backend {body['backend']}")  # fmt: skip
+    print(f"mesh: {' '.join(body['mesh'])}; {body['peers']} authorized peers, "
+          f"{body['pooled']} connections open to peers")  # fmt: skip
+    served, asked, pam = body["served"], body["asked"], body["pam"]
+    print(f"served: {served['answered']} answered, {served['malformed']} malformed, "
+          f"{served['unauthorized']} unauthorized, {served['internal_errors']} internal "
+          "errors")  # fmt: skip
+    print(f"asked: {asked['sockets_opened']} connections opened, "
+          f"{asked['negative_cache_hits']} skipped (no agent there)")  # fmt: skip
+    journald = "on" if body["journald"] else "OFF"
+    print(f"PAM socket: {pam['in_flight']} in flight ({pam['waiting']} waiting their turn), "
+          f"{pam['refused']} refused, {pam['malformed']} malformed, {pam['abandoned']} given "
+          f"up by the client before their turn, {pam['accept_errors']} accept errors; "
+          f"journald {journald}")  # fmt: skip
+    return 0
+
+
+def audit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decision", choices=["adopt", "allow", "deny", "error"])
+    p.add_argument("--user")
+    p.add_argument("--job")
+    p.add_argument("--since", help="passed to journalctl --since (e.g. '1 hour ago')")
+    p.add_argument("--json", action="store_true", help="one JSON record per line")
+
+
+def cmd_audit(args: argparse.Namespace, cfg: Config) -> int:
+    """List decision records from the journal (journalctl with CALLERID_* matches)."""
+    if shutil.which("journalctl") is None:
+        msg = "journalctl is not installed"
+        raise CtlError(msg)
+    argv = ["journalctl", "--no-pager", "-o", "json", "SYSLOG_IDENTIFIER=callerid-agent"]
+    for field, value in (
+        ("CALLERID_DECISION", args.decision),
+        ("CALLERID_USER", args.user),
+        ("CALLERID_JOB_ID", args.job),
+    ):
+        if value:
+            argv.append(f"{field}={value}")
+    if args.since:
+        argv += ["--since", args.since]
+    out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+    if out.returncode != 0:
+        raise CtlError(out.stderr.strip() or "journalctl failed")
+    for line in out.stdout.splitlines():
+        rec = json.loads(line)
+        if "CALLERID_DECISION" not in rec:
+            continue
+        if args.json:
+            print(
+                json.dumps({k: v for k, v in rec.items() if k.startswith(("CALLERID_", "MESSAGE"))})
+            )
+            continue
+        when = time.strftime(
+            "%Y-%m-%d %H:%M:%S", time.localtime(int(rec["__REALTIME_TIMESTAMP"]) / 1e6)
+        )
+        print(
+            f"{when} {rec.get('CALLERID_NODE', '-')} {rec['CALLERID_DECISION']:6} "
+            f"{rec.get('CALLERID_REASON', '-'):16} {rec.get('CALLERID_USER', '-')} "
+            f"job={rec.get('CALLERID_JOB_ID', '-')} src={rec.get('CALLERID_SRC', '-')} "
+            f"peer={rec.get('CALLERID_PEER_STATUS', '-')} {rec.get('CALLERID_LATENCY_US', '?')}us"
+        )
+    return 0
