@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable
 from typing import Generic, TypeVar
 
 __all__ = ["Memo"]
@@ -54,12 +54,20 @@ class Memo(Generic[K, V]):
 
     def put(self, key: K, value: V) -> None:
         """Remember ``value`` for ``key`` from now on (for ``ttl_s``)."""
+        self.put_many(((key, value),))
+
+    def put_many(self, items: Iterable[tuple[K, V]]) -> None:
+        """Remember each (key, value) of ``items``, all from now on: one clock read and one
+        lock for all (a source-side scan remembers every socket of a process at once)."""
         expires = math.inf if self.ttl_s is None else self._clock() + self.ttl_s
         with self._lock:
-            self._entries[key] = (expires, value)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            entries = self._entries
+            for key, value in items:
+                if key in entries:
+                    entries.move_to_end(key)
+                entries[key] = (expires, value)
+            while len(entries) > self.max_entries:
+                entries.popitem(last=False)
 
     def pop(self, key: K) -> V | None:
         """Forget ``key``; the value it had (even if expired), or None."""
@@ -70,11 +78,3 @@ class Memo(Generic[K, V]):
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __iter__(self) -> Iterator[K]:
-        """The keys, least recently used first (expired ones included until looked at)."""
-        with self._lock:
-            return iter(list(self._entries))

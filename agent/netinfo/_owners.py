@@ -232,15 +232,17 @@ class SocketOwners:
         processes in one job cgroup, one after another; a process read once answers the
         next queries for its other sockets from memory (checked with one readlink).
         """
-        found = False
+        want = int(target[8:-1])
         try:
-            for name, link in self._procs.fd_links(pid):
-                if link.startswith("socket:["):
-                    self._holders.put(int(link[8:-1]), (pid, name))
-                    found = found or link == target
+            seen = [
+                (int(link[8:-1]), (pid, name))
+                for name, link in self._procs.fd_links(pid)
+                if link.startswith("socket:[")
+            ]
         except (OSError, ValueError, NetinfoError):  # ProcessGone included
             return False
-        return found
+        self._holders.put_many(seen)
+        return any(inode == want for inode, _ in seen)
 
     def _holds(self, pid: int, target: str) -> bool:
         """Whether ``pid`` has an fd linking to ``target``; False if it vanished."""

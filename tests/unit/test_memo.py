@@ -16,7 +16,7 @@ def test_a_value_lives_for_its_ttl() -> None:
     assert memo.get("a") == 1
     clock.advance(0.1)
     assert memo.get("a") is None
-    assert len(memo) == 0
+    assert memo.pop("a") is None  # an expired entry is dropped when looked at
 
 
 def test_without_ttl_only_the_bound_forgets() -> None:
@@ -27,8 +27,21 @@ def test_without_ttl_only_the_bound_forgets() -> None:
     clock.advance(1e9)
     assert memo.get(1) == "1"  # used: now the most recent
     memo.put(4, "4")
-    assert list(memo) == [3, 1, 4]  # 2 was the least recently used
-    assert memo.get(2) is None
+    assert memo.get(2) is None  # 2 was the least recently used
+    assert [memo.get(k) for k in (3, 1, 4)] == ["3", "1", "4"]
+
+
+def test_put_many_remembers_all_at_one_time_and_keeps_the_bound() -> None:
+    clock = FakeClock()
+    memo: Memo[int, int] = Memo(max_entries=3, ttl_s=2.0, clock=clock)
+    memo.put(9, 9)
+    clock.advance(1.0)
+    memo.put_many((k, k * 10) for k in (1, 2, 3))
+    assert memo.get(9) is None  # pushed out by the bound
+    clock.advance(1.9)
+    assert [memo.get(k) for k in (1, 2, 3)] == [10, 20, 30]
+    clock.advance(0.1)
+    assert memo.get(1) is None
 
 
 def test_pop_and_clear() -> None:
