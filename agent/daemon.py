@@ -152,6 +152,7 @@ def build(
         node=node,
         users=users,
         sessions=sessions,
+        procs=procs,
         backend=backend,
         ask_source=ask_source,
         executor=executor,

@@ -31,7 +31,15 @@ from callerid.agent.memo import Memo
 from callerid.agent.netinfo import Connection, NetinfoError, Proc
 from callerid.agent.pamproto import PamReply, PamRequest
 
-__all__ = ["AskSource", "LoginFlow", "Outcome", "SessionFinder", "UserSource"]
+__all__ = [
+    "AskSource",
+    "Held",
+    "LoginFlow",
+    "Outcome",
+    "Processes",
+    "SessionFinder",
+    "UserSource",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,25 @@ class SessionFinder(Protocol):
     def session_connection(self, pid: int, rhost: str | None = None) -> tuple[Proc, Connection]:
         """The sshd session process (``pid`` or an ancestor) and the connection it serves;
         NetinfoError when there is none."""
+        ...
+
+
+class Held(Protocol):
+    """A process pinned by its identity (`netinfo.Pin`)."""
+
+    def exited(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class Processes(Protocol):
+    """Process identity (`netinfo.ProcReader`): start times, and pins for adoption."""
+
+    def start_time(self, pid: int) -> float | None: ...
+
+    def pin(self, pid: int, start_time: float | None) -> Held:
+        """Hold ``pid`` if it is still the process started at ``start_time``; ProcessGone
+        (a NetinfoError) when it is not."""
         ...
 
 
@@ -72,6 +99,7 @@ class _Login:
     started: float
     facts: policy.Facts
     target_pid: int | None = None
+    target_start: float | None = None  # the target's start time: its identity with the pid
     conn: Connection | None = None
     peer_status: str = "skipped"
     marks: list[tuple[str, float]] = dataclasses.field(default_factory=list)
@@ -87,6 +115,7 @@ class LoginFlow:
         node: str,
         users: UserSource,
         sessions: SessionFinder,
+        procs: Processes,
         backend: Backend,
         ask_source: AskSource,
         executor: Executor | None,
@@ -98,14 +127,19 @@ class LoginFlow:
         self.node = node
         self.users = users
         self.sessions = sessions
+        self.procs = procs
         self.backend = backend
         self.ask_source = ask_source
         self.executor = executor
         self.clock = clock
         self.rng = rng or random.Random()  # noqa: S311 - job choice, not crypto
-        # monitor pid -> the job it was adopted into, for open_session (no expiry: a session
-        # is forgotten at close_session, or when the bound pushes it out)
-        self.adopted: Memo[int, Job] = Memo(max_entries=max_sessions, ttl_s=None, clock=clock)
+        # monitor pid -> (its start time, the job it was adopted into), for open_session. True
+        # only for that very process: open_session checks the start time (a pid is reused
+        # once its process is gone) and the job's owner against the session's user; a later
+        # login on the pid decided otherwise forgets it; so do close_session and the bound.
+        self.adopted: Memo[int, tuple[float | None, Job]] = Memo(
+            max_entries=max_sessions, ttl_s=None, clock=clock
+        )
 
     async def account(
         self, req: PamRequest, caller_pid: int, received: float | None = None
@@ -132,7 +166,11 @@ class LoginFlow:
             step = await backend_call(self.backend, self.executor, self._carry_out, login, step)
         assert isinstance(step, policy.Decision)
         if step.verdict == "adopt" and step.job is not None and login.target_pid is not None:
-            self.adopted.put(login.target_pid, step.job)
+            self.adopted.put(login.target_pid, (login.target_start, step.job))
+        else:
+            self.adopted.pop(caller_pid)
+            if login.target_pid is not None:
+                self.adopted.pop(login.target_pid)
         if log.isEnabledFor(logging.DEBUG):
             steps = " ".join(f"{k}={(t - login.started) * 1e3:.2f}" for k, t in login.marks)
             log.debug("pid %d timings (ms since request): %s", caller_pid, steps)
@@ -173,9 +211,11 @@ class LoginFlow:
                 "pid %d: no session connection (%s); adopting the caller", login.caller_pid, exc
             )
             login.target_pid = login.caller_pid
+            login.target_start = self.procs.start_time(login.caller_pid)
             login.peer_status = "no_connection"
             return
         login.target_pid = holder.pid
+        login.target_start = holder.start_time
         login.conn = conn
         self._mark(login, "session")
 
@@ -193,8 +233,8 @@ class LoginFlow:
             return decision
         assert decision.job is not None and login.target_pid is not None
         try:
-            self.backend.adopt(login.target_pid, decision.job)
-        except BackendError as exc:
+            self._adopt(login.target_pid, login.target_start, decision.job)
+        except (BackendError, NetinfoError) as exc:
             log.warning(
                 "adopting pid %d into job %s failed: %s", login.target_pid, decision.job.id, exc
             )
@@ -202,6 +242,18 @@ class LoginFlow:
         finally:
             self._mark(login, "adopt")
         return decision
+
+    def _adopt(self, pid: int, start: float | None, job: Job) -> None:
+        """Adopt the process ``pid`` started at ``start`` into ``job``, and only that process
+        (see `netinfo.Pin`): NetinfoError if it is gone, BackendError if it exits meanwhile."""
+        held = self.procs.pin(pid, start)
+        try:
+            self.backend.adopt(pid, job)
+            if held.exited():
+                msg = f"process {pid} exited while it was being adopted"
+                raise BackendError(msg)
+        finally:
+            held.close()
 
     def _outcome(self, login: _Login, d: policy.Decision) -> Outcome:
         job = d.job.id if d.job else None
@@ -250,18 +302,28 @@ class LoginFlow:
         """Session phase: make sure a session adopted at account time is still in its job.
 
         Something between the account and session phases (a misplaced pam_systemd) may have
-        moved the monitor out of the job; it is put back.
+        moved the monitor out of the job; it is put back, but only the very process adopted
+        at account time (same pid and start time) and only into a job of the session's user.
         """
-        job = self.adopted.get(caller_pid)
-        if job is None:
+        hit = self.adopted.get(caller_pid)
+        if hit is None:
+            return PamReply("allow", "not_adopted")
+        start, job = hit
+        facts = await self.users.facts(req.user)
+        if facts.uid != job.uid or self.procs.start_time(caller_pid) != start:
+            self.adopted.pop(caller_pid)
+            log.warning(
+                "pid %d: session of %s (uid %s) is not the one adopted into job %s (uid %d) "
+                "at account time; not touched", caller_pid, req.user, facts.uid, job.id, job.uid,
+            )  # fmt: skip
             return PamReply("allow", "not_adopted")
         backend = self.backend
         current = await backend_call(backend, self.executor, backend.job_of_pid, caller_pid)
         if current is not None and current.id == job.id:
             return PamReply("adopt", "still_in_job", job.id)
         try:
-            await backend_call(backend, self.executor, backend.adopt, caller_pid, job)
-        except BackendError as exc:
+            await backend_call(backend, self.executor, self._adopt, caller_pid, start, job)
+        except (BackendError, NetinfoError) as exc:
             log.warning("re-adopting pid %d into job %s failed: %s", caller_pid, job.id, exc)
             return PamReply("error", "readopt_failed")
         log.warning(

@@ -1,9 +1,10 @@
 """Fakes for the centre of the agent: real classes that record their calls (no mock.patch).
 
 `FakeClock` (a monotonic clock the test moves), `FakeUsers` (NSS), `FakeBackend` (jobs and
-adoptions in memory), `FakeSessions` (the session connection of a pid), `FakePeers` (the
-source agents' answers over the mesh), `FakeOwners` (this node's sockets, for the source
-side), `FakeJournal` (the records). Each stands where the composition root puts the real one.
+adoptions in memory), `FakeSessions` (the session connection of a pid), `FakeProcs` (process
+identities and pins), `FakePeers` (the source agents' answers over the mesh), `FakeOwners`
+(this node's sockets, for the source side), `FakeJournal` (the records). Each stands where
+the composition root puts the real one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Literal
 from callerid.agent import policy
 from callerid.agent.backends.base import Job
 from callerid.agent.journal import DecisionRecord
-from callerid.agent.netinfo import Connection, NetinfoError, Owner, Proc
+from callerid.agent.netinfo import Connection, NetinfoError, Owner, Proc, ProcessGone
 from callerid.bus.protocol import CallerIdQuery, CallerIdReply, Endpoint
 
 
@@ -93,9 +94,10 @@ class FakeSessions:
     """The session connection of every caller: ``conn`` held by ``holder`` (None: there is
     none, as for a caller without an inet connection)."""
 
-    def __init__(self, conn: Connection | None, holder: int = 4242) -> None:
+    def __init__(self, conn: Connection | None, holder: int = 4242, start: float = 0.0) -> None:
         self.conn = conn
         self.holder = holder
+        self.start = start
         self.asked: list[tuple[int, str | None]] = []
 
     def session_connection(self, pid: int, rhost: str | None = None) -> tuple[Proc, Connection]:
@@ -103,7 +105,42 @@ class FakeSessions:
         if self.conn is None:
             msg = f"no connection served by an ancestor's listener for pid {pid}"
             raise NetinfoError(msg)
-        return Proc(pid=self.holder, ppid=1, comm="sshd", start_time=0.0), self.conn
+        return Proc(pid=self.holder, ppid=1, comm="sshd", start_time=self.start), self.conn
+
+
+class FakePin:
+    def __init__(self, procs: FakeProcs, pid: int) -> None:
+        self.procs = procs
+        self.pid = pid
+
+    def exited(self) -> bool:
+        return self.pid in self.procs.exiting
+
+    def close(self) -> None:
+        self.procs.open_pins.remove(self.pid)
+
+
+class FakeProcs:
+    """Process identities: every pid started at ``default_start`` unless ``starts`` says
+    otherwise (None: gone); a pid in ``exiting`` exits while it is being adopted."""
+
+    def __init__(
+        self, starts: dict[int, float | None] | None = None, *, default_start: float = 0.0
+    ) -> None:
+        self.starts = starts or {}
+        self.default_start = default_start
+        self.exiting: set[int] = set()
+        self.open_pins: list[int] = []
+
+    def start_time(self, pid: int) -> float | None:
+        return self.starts.get(pid, self.default_start)
+
+    def pin(self, pid: int, start_time: float | None) -> FakePin:
+        now = self.start_time(pid)
+        if now is None or (start_time is not None and now != start_time):
+            raise ProcessGone(pid)
+        self.open_pins.append(pid)
+        return FakePin(self, pid)
 
 
 class FakePeers:

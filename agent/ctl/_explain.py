@@ -43,16 +43,18 @@ def explain_args(p: argparse.ArgumentParser) -> None:
 
 
 class GivenSession:
-    """A `SessionFinder` that knows one connection, the one given on the command line."""
+    """A `SessionFinder` that knows one connection, the one given on the command line, held
+    by the caller (calleridctl itself: nothing is adopted)."""
 
-    def __init__(self, conn: Connection | None) -> None:
+    def __init__(self, conn: Connection | None, procs: ProcReader) -> None:
         self.conn = conn
+        self.procs = procs
 
     def session_connection(self, pid: int, rhost: str | None = None) -> tuple[Proc, Connection]:
         if self.conn is None:
             msg = "no --from given"
             raise NetinfoError(msg)
-        return Proc(pid=pid, ppid=0, comm="calleridctl", start_time=0.0), self.conn
+        return self.procs.proc(pid), self.conn
 
 
 class NarratedDryRun(DryRun):
@@ -94,7 +96,8 @@ async def _explain(
     node = local_node_name(cfg.node_name)
     clock = time.monotonic
     backend = NarratedDryRun(make_backend(cfg.backend, clock=clock), say)
-    owners = SocketOwners(ProcReader())
+    procs = ProcReader()
+    owners = SocketOwners(procs)
     keypair, peers = mesh_identity(cfg)
     try:
         async with MeshClient(keypair, peers, cfg.peer, port=cfg.port) as client:
@@ -116,7 +119,8 @@ async def _explain(
                 cfg.policy,
                 node=node,
                 users=Users(cfg.policy, executor=None, clock=clock),
-                sessions=GivenSession(conn),
+                sessions=GivenSession(conn, procs),
+                procs=procs,
                 backend=backend,
                 ask_source=ask_source,
                 executor=None,

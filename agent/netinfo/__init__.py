@@ -20,13 +20,21 @@ and `_owners` (the two sides).
 """
 
 from callerid.agent.netinfo._owners import Owner, SocketOwners
-from callerid.agent.netinfo._proc import NetinfoError, Proc, ProcessGone, ProcReader, read_proc
+from callerid.agent.netinfo._proc import (
+    NetinfoError,
+    Pin,
+    Proc,
+    ProcessGone,
+    ProcReader,
+    read_proc,
+)
 from callerid.agent.netinfo._session import Connection, SessionFinder
 
 __all__ = [
     "Connection",
     "NetinfoError",
     "Owner",
+    "Pin",
     "Proc",
     "ProcReader",
     "ProcessGone",

@@ -2,13 +2,16 @@
 
 `ProcReader` reads one process's facts (stat, cgroup, owner, network namespace and its socket
 tables) with raw os calls, lists pids, and walks a process's fds (`fd_links`: the one fd walk
-of the agent). The session side, the source side and the backends all hold one. The text it
+of the agent), and pins a process by its identity (`Pin`). The session side, the source
+side, the login flow and the backends all hold one. The text it
 reads is decoded by `_codec`.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +19,7 @@ from typing import Final
 
 from callerid.agent.netinfo._codec import parse_stat
 
-__all__ = ["MAX_DEPTH", "NetinfoError", "Proc", "ProcReader", "ProcessGone", "read_proc"]
+__all__ = ["MAX_DEPTH", "NetinfoError", "Pin", "Proc", "ProcReader", "ProcessGone", "read_proc"]
 
 MAX_DEPTH: Final = 512  # bound on ancestor walks (a pid chain cannot really be this long)
 _READ_CHUNK: Final = 8192
@@ -126,6 +129,22 @@ class ProcReader:
         except NetinfoError:
             return None
 
+    def pin(self, pid: int, start_time: float | None) -> Pin:
+        """Hold ``pid`` if it is still the process that started at ``start_time`` (None:
+        whatever process has the pid now); ProcessGone when it is not. See `Pin`."""
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError as exc:
+            if exc.errno in (errno.ESRCH, errno.EINVAL):
+                raise ProcessGone(pid) from exc
+            msg = f"cannot open a pidfd on {pid}: {exc.strerror}"
+            raise NetinfoError(msg) from exc
+        held = Pin(pid, fd)
+        if start_time is not None and self.start_time(pid) != start_time:
+            held.close()
+            raise ProcessGone(pid)
+        return held
+
     def owner_uid(self, pid: int, dirfd: int | None = None) -> int | None:
         """Owner of /proc/<pid>: the effective uid; ``dirfd`` (open /proc) saves a path walk."""
         try:
@@ -221,3 +240,32 @@ class ProcReader:
         except OSError:
             return None
         return next((ln.split()[4] for ln in text.splitlines() if " - cgroup2 " in ln), None)
+
+
+class Pin:
+    """A process held by its identity while something is done to it by pid.
+
+    A cgroup write (``cgroup.procs``) and slurmstepd's ADD_EXTERN_PID name a process by its
+    pid, and a pid is reused once its process has exited and been reaped. The login flow
+    identified the sshd process by pid *and* start time; `ProcReader.pin` opens a pidfd on the
+    pid and then checks the start time again: if it still matches, the pidfd refers to that
+    very process (it held the pid all along: a pid belongs to one process until that one is
+    reaped). After the adoption `exited()` polls the pidfd: a process still alive after the
+    write was alive during it, so the pid named it and no other. Only a process that exited
+    meanwhile leaves the question open; the adoption is then reported as failed.
+    """
+
+    __slots__ = ("fd", "pid")
+
+    def __init__(self, pid: int, fd: int) -> None:
+        self.pid = pid
+        self.fd = fd
+
+    def exited(self) -> bool:
+        """Whether the process has exited since it was pinned (its pidfd polls readable)."""
+        return bool(select.select([self.fd], [], [], 0)[0])
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -34,6 +34,7 @@ from tests.fakes import (
     FakeJournal,
     FakeOwners,
     FakePeers,
+    FakeProcs,
     FakeSessions,
     FakeUsers,
 )
@@ -143,6 +144,7 @@ def build(row: Row, journal: FakeJournal) -> tuple[PamServer, FakeBackend]:
         node="b",
         users=FakeUsers(USERS),
         sessions=FakeSessions(row.conn, holder=HOLDER),
+        procs=FakeProcs(),
         backend=backend,
         ask_source=asker,
         executor=None,
