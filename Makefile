@@ -8,7 +8,8 @@ STAMP := $(VENV)/.stamp
 APT_STAMP := .apt.stamp
 APT_PACKAGES := gcc make pkg-config libsystemd-dev libpam0g-dev pamtester \
 	openssh-server openssh-client sshpass iproute2 systemd procps psmisc python3-venv \
-	slurmd slurmctld slurm-client munge
+	slurmd slurmctld slurm-client munge \
+	clang libclang-rt-14-dev llvm faketime
 # Only for `make deb`, `make rpm` and `make test-packages` (packaging/build.sh): build tools,
 # linters, and the distribution's Python packages the .deb depends on.
 PKG_APT_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
@@ -16,13 +17,15 @@ PKG_APT_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all pyt
 	python3-zmq python3-msgpack python3-psutil python3-yaml python3-systemd
 PKG_APT_STAMP := build/.pkg-apt.stamp
 
-.PHONY: all deps apt venv pam test test-unit lint typecheck demo bench clean deb rpm test-packages
+.PHONY: all deps apt venv pam test test-unit lint typecheck demo bench clean deb rpm test-packages \
+	fuzz chaos
 
 all: pam venv
 
 deps: apt venv
 
-$(APT_STAMP):
+# Re-checked when the Makefile (the package list) changes; apt-install.sh installs only what is missing.
+$(APT_STAMP): Makefile
 	scripts/apt-install.sh $(APT_PACKAGES)
 	@touch $@
 
@@ -49,6 +52,13 @@ typecheck: venv
 test: deps pam lint typecheck
 	$(PY) -m pytest tests
 
+# libFuzzer + ASan/UBSan harnesses of pam/codec.c, each for FUZZ_SECONDS (default 300); what
+# they learn and any crash stay in pam/fuzz/build/. `make test` runs each for 10 s
+# (tests/integration/test_fuzz_codec.py; CALLERID_FUZZ_SECONDS changes that).
+FUZZ_SECONDS ?= 300
+fuzz: $(APT_STAMP)
+	$(MAKE) -C pam fuzz FUZZ_SECONDS=$(FUZZ_SECONDS)
+
 test-unit: venv
 	$(PY) -m pytest tests/unit
 
@@ -57,6 +67,10 @@ demo: deps pam
 
 bench: deps pam
 	$(PY) -m bench.run
+
+# Faults during a 1,000-login storm (bench/chaos.py; docs/reliability.md, "Faults").
+chaos: deps pam
+	$(PY) -m bench.chaos
 
 $(PKG_APT_STAMP):
 	scripts/apt-install.sh $(PKG_APT_PACKAGES)

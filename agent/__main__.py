@@ -10,7 +10,8 @@ from pathlib import Path
 from callerid.agent import __version__
 from callerid.agent.config import DEFAULT_PATH, ConfigError
 
-EXIT_CONFIG = 78  # EX_CONFIG: systemd shows it as "configuration error"
+EXIT_CONFIG = 78  # EX_CONFIG: systemd shows it as "configuration error" (and, with
+# RestartPreventExitStatus=78, does not restart): every problem of the file or what it names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,11 +33,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return daemon.run(args.config)
-    except ConfigError as exc:
-        print(f"callerid-agent: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except FileNotFoundError as exc:
-        print(f"callerid-agent: {exc}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError) as exc:  # a file the config names is missing
+        one_line = " ".join(str(exc).split())
+        print(f"callerid-agent: configuration error: {one_line}", file=sys.stderr)
         return EXIT_CONFIG
 
 

@@ -10,7 +10,9 @@ the source named (or None):
 
 The network question goes through a `PeerAsk` (the mesh client in the daemon, a fake in unit
 tests); a source address of this node's own (`LocalAddresses`) is answered by this node's
-`SourceAnswer` directly.
+`SourceAnswer` directly. A link-local source is asked at ``fe80::...%<scope>``: the address
+with the interface the connection came in on (`Connection.remote_host`); the query itself
+carries no scope.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class SourceAsker:
             reply = await self.local.answer(query, peer="local")
             status = "local" if reply.status == "found" else f"local_{reply.status}"
         else:
-            status, reply = await self.ask_peer(conn.remote.ip, query)
+            status, reply = await self.ask_peer(conn.remote_host, query)  # link-local: ip%scope
             if reply is not None and status == "ok":
                 status = reply.status  # found | not_found | error
         job = reply.job if reply is not None and reply.status == "found" else None

@@ -1,10 +1,13 @@
 """Agent configuration: one typed, frozen `Config`, validated once at the edge.
 
-Every option is declared once, here, as a dataclass field carrying its default, its type and
-its help text (``metadata["help"]``). `load()` reads a YAML file, rejects unknown keys and bad
-values with an error that names the key and the file, and returns a frozen `Config`.
+Every option is declared once, here, as a dataclass field carrying its default, its type, its
+help text and its bounds (``metadata``: ``min``/``max`` for numbers, ``text`` (a character
+rule of `TEXT_RULES`) and ``max_len`` for text and paths, ``absolute`` for paths, ``max_items``
+for lists, ``check`` for a validator of its own). `load()` reads a YAML file, rejects unknown
+keys and bad values with a one-line error that names the key and the file, and returns a frozen
+`Config`; whatever the file holds, it raises nothing but `ConfigError`.
 `render_default_yaml()` produces the documented ``config/agent.yaml`` from these declarations,
-so the shipped file and the code cannot drift apart (a unit test compares them).
+bounds included, so the shipped file and the code cannot drift apart (a unit test compares).
 
 This module does no I/O except reading the one file passed to `load()`.
 """
@@ -13,16 +16,22 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import types
+import textwrap
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import yaml
 
+from callerid.agent._configcheck import TEXT_RULES, ConfigError, build, describe, yaml_problem
+from callerid.bus.peers import check_node_name
+
 __all__ = [
+    "MAX_FILE_SIZE",
+    "MAX_TIMEOUT_MS",
+    "TEXT_RULES",
     "BackendConfig",
     "CgroupBackendConfig",
     "Config",
@@ -37,6 +46,13 @@ __all__ = [
 ]
 
 DEFAULT_PATH = Path("/etc/callerid/agent.yaml")
+MAX_FILE_SIZE: Final = 1024 * 1024  # bytes of a config file (the default one is ~3 KiB)
+MAX_TIMEOUT_MS: Final = 120_000  # every ms timeout: sshd's own LoginGraceTime is 120 s
+MAX_PATH: Final = 4096  # PATH_MAX, in bytes
+MAX_SOCKET_PATH: Final = 107  # sun_path holds 108 bytes with the final NUL
+MAX_NAMES: Final = 1024  # entries of an exempt list
+MAX_NAME: Final = 256  # a user or group name (the PAM protocol's bound on user=)
+MAX_MESSAGE: Final = 256  # characters of deny_message: one line, ~3 KiB encoded at most
 
 NoJobsAction = Literal["deny", "allow"]
 UnknownAction = Literal["newest", "oldest", "random", "deny", "allow"]
@@ -44,8 +60,10 @@ AdoptFailureAction = Literal["deny", "allow"]
 BackendType = Literal["cgroup", "slurm"]
 
 
-class ConfigError(ValueError):
-    """A configuration file or value is invalid; the message names the key and the file."""
+# the bounds several options share (each option still declares its own, in its metadata)
+_MS: Final = {"min": 1, "max": MAX_TIMEOUT_MS}
+_DIR: Final = {"text": "printable", "max_len": MAX_PATH, "absolute": True}
+_NAMES: Final = {"text": "name", "max_len": MAX_NAME, "max_items": MAX_NAMES}
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -61,31 +79,36 @@ class KeysConfig:
         Path("/etc/callerid/keys"),
         "Directory with this node's keypair: <node_name>.key and <node_name>.key_secret "
         "(zmq certificate files, as `calleridctl keygen` writes them).",
+        **_DIR,
     )
     authorized: Path = _opt(
         Path("/etc/callerid/keys/authorized"),
         "Directory with the public *.key file of every node allowed to query this agent "
         "(and whose agents this node may query). Reloaded on SIGHUP.",
+        **_DIR,
     )
 
 
 @dataclass(frozen=True)
 class PeerConfig:
-    timeout_ms: int = _opt(500, "Deadline of one query to a source agent, in ms.", min=1)
+    timeout_ms: int = _opt(500, "Deadline of one query to a source agent, in ms.", **_MS)
     connect_timeout_ms: int = _opt(
-        300, "TCP connect timeout towards a source agent (unanswered SYN), in ms.", min=1
+        300, "TCP connect timeout towards a source agent (unanswered SYN), in ms.", **_MS
     )
     unreachable_ttl_s: float = _opt(
-        30.0, "How long a host with no agent is skipped without a new attempt, in s.", min=0
+        30.0,
+        "How long a host with no agent is skipped without a new attempt, in s.",
+        min=0,
+        max=86400,
     )
-    pool_size: int = _opt(256, "Maximum number of open peer connections (LRU).", min=1)
+    pool_size: int = _opt(256, "Maximum number of open peer connections (LRU).", min=1, max=65536)
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
     ignore_root: bool = _opt(True, "Allow root at once, with no lookup at all.")
-    exempt_users: list[str] = _opt([], "Users always allowed, with no lookup at all.")
-    exempt_groups: list[str] = _opt([], "Members of these groups are always allowed.")
+    exempt_users: list[str] = _opt([], "Users always allowed, with no lookup at all.", **_NAMES)
+    exempt_groups: list[str] = _opt([], "Members of these groups are always allowed.", **_NAMES)
     no_jobs: NoJobsAction = _opt("deny", "What to do when the user has no job on this node.")
     single_job_shortcut: bool = _opt(
         True, "A user with exactly one job here is adopted into it without asking the source."
@@ -101,32 +124,46 @@ class PolicyConfig:
     deny_message: str = _opt(
         "Access denied by callerid: you have no active job on {node}",
         "Message shown to a denied user; {node} is replaced by this node's name.",
+        text="printable",
+        max_len=MAX_MESSAGE,
     )
 
 
 @dataclass(frozen=True)
 class CgroupBackendConfig:
-    root: Path = _opt(Path("/sys/fs/cgroup"), "Mount point of the cgroup hierarchy.")
+    root: Path = _opt(Path("/sys/fs/cgroup"), "Mount point of the cgroup hierarchy.", **_DIR)
     jobs: str = _opt(
         "slurm/uid_{uid}/job_{job}",
         "Glob (relative to root) of job cgroup directories; {job} is the job id (digits), "
         "{uid} the owner's uid (optional: without it the owner is read from the job's "
         "processes).",
+        text="printable",
+        max_len=MAX_PATH,
     )
-    extern: str = _opt("step_extern", "Name of the extern-step cgroup inside a job cgroup.")
+    extern: str = _opt(
+        "step_extern",
+        "Name of the extern-step cgroup inside a job cgroup.",
+        text="name",
+        max_len=255,
+    )
 
 
 @dataclass(frozen=True)
 class SlurmBackendConfig:
-    spool_dir: Path = _opt(Path("/var/spool/slurmd"), "SlurmdSpoolDir (stepd sockets).")
-    node_name: str | None = _opt(None, "Slurm NodeName of this node; default: guessed.")
+    spool_dir: Path = _opt(Path("/var/spool/slurmd"), "SlurmdSpoolDir (stepd sockets).", **_DIR)
+    node_name: str | None = _opt(
+        None, "Slurm NodeName of this node; default: guessed.", text="name", max_len=255
+    )
     protocol_version: int | None = _opt(
-        None, "Protocol version sent in the stepd handshake; default: the newest we know."
+        None,
+        "Protocol version sent in the stepd handshake; default: the newest we know.",
+        min=1,
+        max=65535,
     )
     timeout_ms: int = _opt(
         1000,
         "Bound of each slurm backend call (all its slurmstepd exchanges together), in ms.",
-        min=1,
+        **_MS,
     )
 
 
@@ -139,20 +176,32 @@ class BackendConfig:
 
 @dataclass(frozen=True)
 class Config:
-    node_name: str | None = _opt(None, "Name of this node; default: the short hostname.")
+    node_name: str | None = _opt(
+        None,
+        "Name of this node; default: the short hostname. Letters, digits, '_', '.', '-', "
+        "at most 64 characters.",
+        check=check_node_name,
+    )
     listen: list[str] = _opt(
-        ["0.0.0.0", "::"], "Addresses the mesh ROUTER binds (IPv4 and IPv6 literals)."
+        ["0.0.0.0", "::"],
+        "Addresses the mesh ROUTER binds (IPv4 and IPv6 literals).",
+        text="printable",
+        max_len=64,
+        max_items=64,
     )
     port: int = _opt(6820, "Mesh TCP port.", min=1, max=65535)
     keys: KeysConfig = field(default_factory=KeysConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
     pam_socket: Path = _opt(
-        Path("/run/callerid/agent.sock"), "Unix socket the PAM module talks to (mode 0600)."
+        Path("/run/callerid/agent.sock"),
+        "Unix socket the PAM module talks to (mode 0600).",
+        **{**_DIR, "max_len": MAX_SOCKET_PATH},
     )
     pam_timeout_ms: int = _opt(
         2000,
-        "The agent always replies to PAM within this many ms; keep it below the module's timeout=.",
-        min=1,
+        "The agent always replies to PAM within this many ms; keep it below the module's timeout=. "
+        "peer.timeout_ms must be below it.",
+        **_MS,
     )
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
@@ -179,107 +228,43 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(str(a) for a in typing.get_args(tp))
-    if origin in (types.UnionType, typing.Union):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(value: Any, tp: Any, key: str, meta: Mapping[str, Any]) -> Any:  # noqa: PLR0912
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise bad
-    if origin in (types.UnionType, typing.Union):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise bad
-        inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], key, meta)
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad
-        (item,) = typing.get_args(tp)
-        return [_convert(v, item, f"{key}[{i}]", {}) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            raise bad
-        return _build(tp, value, key + ".")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int or tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad
-        if tp is int and not isinstance(value, int):
-            raise bad
-        lo, hi = meta.get("min"), meta.get("max")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            msg = f"{key}: {value} is out of range [{lo}, {hi if hi is not None else 'inf'}]"
-            raise ConfigError(msg)
-        return tp(value)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    if tp is Path:
-        if isinstance(value, str) and value:
-            return Path(value)
-        raise bad
-    raise bad  # pragma: no cover - a declaration this loader does not know
-
-
-def _build(cls: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        known = ", ".join(sorted(fields))
-        msg = f"unknown key {prefix}{unknown[0]!s} (known here: {known})"
-        raise ConfigError(msg)
-    kwargs = {
-        name: _convert(value, hints[name], prefix + name, fields[name].metadata)
-        for name, value in data.items()
-    }
-    return cls(**kwargs)
-
-
 def parse(data: Mapping[str, Any] | None) -> Config:
-    """Validate a mapping (as loaded from YAML) into a `Config`."""
+    """Validate a mapping (as loaded from YAML) into a `Config`; any other input: ConfigError."""
     if data is None:
         return Config()
     if not isinstance(data, Mapping):
         msg = "the top level must be a mapping of keys"
         raise ConfigError(msg)
-    cfg: Config = _build(Config, data)
+    cfg: Config = build(Config, data)
     return cfg
 
 
 def load(path: Path) -> Config:
-    """Read and validate a YAML config file; errors name the file and the key."""
+    """Read and validate a YAML config file; errors name the file and the key.
+
+    Whatever the file holds, the only exception is `ConfigError`, with a one-line message.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_FILE_SIZE + 1)
     except OSError as exc:
-        msg = f"{path}: cannot read: {exc.strerror}"
+        msg = f"{path}: cannot read: {exc.strerror or exc}"
+        raise ConfigError(msg) from exc
+    if len(raw) > MAX_FILE_SIZE:
+        msg = f"{path}: larger than {MAX_FILE_SIZE} bytes"
+        raise ConfigError(msg)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        msg = f"{path}: not UTF-8 text (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})"
         raise ConfigError(msg) from exc
     try:
         data = yaml.safe_load(text)
-        return parse(data)
-    except yaml.YAMLError as exc:
-        msg = f"{path}: not valid YAML: {exc}"
+    except Exception as exc:  # YAMLError, and ValueError, RecursionError... for odd input
+        msg = f"{path}: not valid YAML: {yaml_problem(exc)}"
         raise ConfigError(msg) from exc
+    try:
+        return parse(data)
     except ConfigError as exc:
         msg = f"{path}: {exc}"
         raise ConfigError(msg) from exc
@@ -303,22 +288,19 @@ def _render(cls: Any, indent: int) -> list[str]:
     pad = "  " * indent
     lines: list[str] = []
     default = cls()
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         value = getattr(default, f.name)
         if dataclasses.is_dataclass(value):
             lines.append(f"{pad}{f.name}:")
             lines.extend(_render(type(value), indent + 1))
             continue
-        for help_line in _wrap(f.metadata["help"], 96 - len(pad)):
-            lines.append(f"{pad}# {help_line}")
+        for text in (f.metadata["help"], describe(hints[f.name], f.metadata)):
+            lines.extend(
+                f"{pad}# {line}" for line in textwrap.wrap(text or "", width=96 - len(pad))
+            )
         lines.append(f"{pad}{f.name}: {_yaml_value(value)}")
     return lines
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    import textwrap
-
-    return textwrap.wrap(text, width=width) or [""]
 
 
 def render_default_yaml() -> str:

@@ -27,7 +27,7 @@ from callerid.agent import __version__
 from callerid.agent import config as config_mod
 from callerid.agent.ask import LocalAddresses, SourceAsker, mesh_asker
 from callerid.agent.backends import make_backend
-from callerid.agent.backends.base import Backend
+from callerid.agent.backends.base import Backend, BackendError
 from callerid.agent.config import Config, ConfigError
 from callerid.agent.journal import Journal
 from callerid.agent.login import LoginFlow
@@ -84,37 +84,65 @@ class Agent:
             "asked": dataclasses.asdict(self.client.stats),
             "pam": {
                 "in_flight": self.pam.in_flight,
-                "waiting": len(self.pam.queued),
+                "waiting": len(self.pam.turns.queued),
                 "refused": self.pam.refused,
                 "malformed": self.pam.malformed,
-                "abandoned": self.pam.abandoned,
+                "abandoned": self.pam.turns.abandoned,
                 "accept_errors": self.pam.accept_errors,
             },
             "journald": self.journal.journald_running,
+            "journal_lost": self.journal.lost,  # records journald did not get
         }
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config file and the keys; keep the old ones on error."""
-        if self.cfg_path is not None:
-            try:
-                new = config_mod.load(self.cfg_path)
-            except ConfigError as exc:
-                log.error("reload refused, keeping the running config: %s", exc)
-                self.journal.event("config_error", f"reload refused: {exc}", node=self.node)
-                return
-            for key in ("listen", "port", "pam_socket", "keys", "backend", "node_name"):
-                if getattr(new, key) != getattr(self.cfg, key):
-                    log.warning("reload: %s changed; it takes effect at the next restart", key)
-            self.cfg = new
+        """SIGHUP: re-read the config file and the keys; keep the old ones on any error.
+
+        Never raises (it runs on the serve loop, where an exception would stop the agent): the
+        new config and its peer keys are both read before anything changes, and whatever
+        fails, the file (`config.load` raises only ConfigError) or the keys directory, the
+        reload is refused with one error line and a ``config_error`` record.
+        """
+        try:
+            new = config_mod.load(self.cfg_path) if self.cfg_path is not None else self.cfg
+        except Exception as exc:  # a reload must never stop the agent
+            self._refuse(exc)
+            return
+        try:
+            peers = PeerTable.load(new.keys.authorized)
+        except Exception as exc:  # a missing or unreadable directory: keep the old table
+            self._refuse(exc, "keys.authorized: ")
+            return
+        built_once = "node_name listen port keys.dir peer pam_socket pam_timeout_ms backend journal"
+        for key in built_once.split():  # what build() wired in: the policy and keys reload
+            if self._dotted(new, key) != self._dotted(self.cfg, key):
+                log.warning("reload: %s changed; it takes effect at the next restart", key)
+        try:
+            # exempt_groups, or the users' groups, may have changed: forget the remembered users
+            self.users.reconfigure(new.policy)
             self.flow.cfg = new.policy
-        # exempt_groups, or the users' groups, may have changed: forget the remembered users
-        self.users.reconfigure(self.cfg.policy)
-        self.peers = PeerTable.load(self.cfg.keys.authorized)
-        self.client.peers = self.peers
-        self.mesh.reload_keys(self.peers)
+            self.client.peers = peers
+            self.mesh.reload_keys(peers)
+        except Exception as exc:  # pragma: no cover - in-memory assignments; never stop
+            self._refuse(exc, "applying it: ")
+            return
+        self.cfg, self.peers = new, peers
         self.journal.event(
-            "reloaded", f"configuration and {len(self.peers)} peer keys reloaded", node=self.node
+            "reloaded", f"configuration and {len(peers)} peer keys reloaded", node=self.node
         )
+
+    @staticmethod
+    def _dotted(cfg: Config, key: str) -> object:
+        value: object = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        return value
+
+    def _refuse(self, exc: Exception, what: str = "") -> None:
+        known = isinstance(exc, ConfigError | OSError)
+        reason = str(exc) if known else f"{type(exc).__name__}: {exc}"
+        reason = " ".join(f"{what}{reason}".split())
+        log.error("reload refused, keeping the running config: %s", reason)
+        self.journal.event("config_error", f"reload refused: {reason}", node=self.node)
 
     def close(self) -> None:
         """Release what the pieces hold (after the servers have stopped)."""
@@ -163,8 +191,9 @@ def build(
         return await source.answer(query, peer.node or peer.public_key[:8])
 
     mesh = MeshServer(
-        keypair, on_query, peers=peers, addresses=cfg.listen, port=cfg.port, node=node
-    )
+        keypair, on_query, peers=peers, addresses=cfg.listen, port=cfg.port, node=node,
+        clock=clock,
+    )  # fmt: skip
     pam = PamServer(flow, journal, timeout_s=cfg.pam_timeout_ms / 1000, clock=clock)
     agent = Agent(
         cfg, cfg_path, node, journal, backend, users, flow, sessions, owners, pam, mesh,
@@ -243,9 +272,18 @@ async def _bounded(step: Awaitable[None], what: str) -> None:
 
 
 def run(cfg_path: Path) -> int:
-    """Load the config, build the agent and serve; the exit code for __main__."""
+    """Load the config, build the agent and serve; the exit code for __main__.
+
+    Raises ConfigError (__main__ exits 78, EX_CONFIG, which systemd does not restart) when
+    the file is refused or what it names cannot be used: this node's name, its keypair, the
+    authorized keys directory, the backend's tree.
+    """
     cfg = config_mod.load(cfg_path)
-    agent = build(cfg, cfg_path=cfg_path)
+    try:
+        agent = build(cfg, cfg_path=cfg_path)
+    except (OSError, ValueError, BackendError) as exc:
+        msg = f"{cfg_path}: {exc}"
+        raise ConfigError(msg) from exc
     asyncio.run(serve(agent))
     # A worker thread stuck in a hung read (/proc of a D-state process, a wedged slurmstepd)
     # would keep the interpreter from exiting: the answered logins are done, so exit anyway.

@@ -22,16 +22,28 @@ a job" are found by filtering `journalctl -o json` output (`"CALLERID_JOB_ID" no
 The MESSAGE_IDs are fixed 128-bit ids, generated once and documented for administrators in
 packaging/callerid.catalog (one catalog entry per id; a unit test keeps the two in step).
 
-Delivery: systemd-python's `journal.send`, imported lazily. libsystemd silently drops an
-entry when /run/systemd/journal/socket does not exist (no journald), so its existence is
-checked at construction and again (a cheap `os.path.exists`) at most every `recheck_s`
-seconds; while it is missing, records are written to `stream` (default stderr) as one line
+Delivery: journald's native protocol, written by `NativeSender` to its own non-blocking
+datagram socket (the same bytes libsystemd's sd_journal_send writes: one `FIELD=value` line
+per field, and the binary-safe form, name, newline, 64-bit little-endian length, value, for
+a value containing a newline). It never blocks the event loop for long: when journald does
+not read (hung, stopped, or too busy for its queue of `net.unix.max_dgram_qlen` datagrams)
+the send waits at most `SEND_GRACE_S` for room, and not at all while records are already
+being lost; a record that still does not fit is dropped and counted (`dropped`, and `lost`
+in `calleridctl status`). systemd-python's `journal.send` is a blocking sendmsg with no
+timeout: a hung journald would stall every login behind it.
+
+journald silently loses nothing it has not received, but there is no journald when
+/run/systemd/journal/socket does not exist, so its existence is checked at construction and
+again (a cheap `os.path.exists`) at most every `recheck_s` seconds; while it is missing,
+records are written to `stream` (default stderr) as one line
 
     callerid-agent: <MESSAGE> [CALLERID_DECISION=deny CALLERID_REASON=no_jobs ...]
 
 (only the CALLERID_* fields; values with blanks or quotes are JSON-quoted) and a warning
-says so once per change of state. `record()` never raises: an OSError from the sender is
-counted and the record goes to the stream instead. `Journal(enabled=False)` writes nothing.
+says so once per change of state. `record()` never raises: any other OSError from the sender
+is counted (`send_errors`, also in `lost`) and the record goes to the stream instead. One
+warning is logged when records start being lost and one when journald takes them again.
+`Journal(enabled=False)` writes nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +58,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol, TextIO
 
+from callerid.agent._journald import JOURNAL_SOCKET, NativeSender, encode_entry
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -55,12 +69,13 @@ __all__ = [
     "JOURNAL_SOCKET",
     "DecisionRecord",
     "Journal",
+    "NativeSender",
     "Sender",
     "decision_fields",
+    "encode_entry",
     "format_line",
 ]
 
-JOURNAL_SOCKET: Final = "/run/systemd/journal/socket"
 RECHECK_S: Final = 5.0
 """At most this often (seconds) the journald socket is looked for again."""
 
@@ -119,7 +134,8 @@ NO_JOURNALD_WARNING: Final = (
 
 
 class Sender(Protocol):
-    """What `systemd.journal.send` looks like to us."""
+    """What sends one entry: `NativeSender`, or a test's fake. BlockingIOError means journald
+    has no room for it now (dropped); any other OSError, that it could not be sent."""
 
     def __call__(self, message: str, /, **fields: str) -> object: ...
 
@@ -209,7 +225,9 @@ class Journal:
     """Writes decision records and lifecycle events to journald, or to `stream` without it.
 
     Counters for `calleridctl status` and tests: `sent` (handed to journald), `to_stream`
-    (written to the stream instead) and `send_errors` (OSErrors from the sender).
+    (written to the stream instead), `dropped` (journald had no room: lost), `send_errors`
+    (other OSErrors from the sender; the record went to the stream) and `lost` (the records
+    journald did not get while it was there: dropped + send errors).
     Not thread-safe: call it from the event loop.
     """
 
@@ -227,13 +245,18 @@ class Journal:
         self.enabled = enabled
         self.identifier = identifier
         self._stream = stream
-        self._sender = sender
+        self._native: NativeSender | None = None
+        if sender is None:
+            sender = self._native = NativeSender(socket_path)
+        self._sender: Sender = sender
         self._socket_path = socket_path
         self._clock = clock
         self._recheck_s = recheck_s
-        self._failing = False
+        self._losing = False
+        self._lost_at_start = 0
         self.sent = 0
         self.to_stream = 0
+        self.dropped = 0
         self.send_errors = 0
         self._up = enabled and os.path.exists(socket_path)
         self._checked_at = clock()
@@ -241,9 +264,19 @@ class Journal:
             log.warning(NO_JOURNALD_WARNING, socket_path)
 
     @property
+    def lost(self) -> int:
+        """Records journald did not get although it was there (dropped or failed sends)."""
+        return self.dropped + self.send_errors
+
+    @property
     def journald_running(self) -> bool:
         """Whether records currently go to journald (as of the last cheap check)."""
         return self.enabled and self._journald_up()
+
+    def close(self) -> None:
+        """Release the journald socket (a later record opens it again)."""
+        if self._native is not None:
+            self._native.close()
 
     def record(self, rec: DecisionRecord) -> None:
         """Journal one decision. Never raises."""
@@ -266,36 +299,42 @@ class Journal:
         self._emit(message, event_fields(kind, self.identifier, fields))
 
     def _emit(self, message: str, fields: dict[str, str]) -> None:
-        if self._journald_up():
-            sender = self._resolve_sender()
-            if sender is not None and self._send(sender, message, fields):
-                return
+        if self._journald_up() and self._send(message, fields):
+            return
         self._write_stream(format_line(self.identifier, message, fields))
 
-    def _send(self, sender: Sender, message: str, fields: dict[str, str]) -> bool:
+    def _send(self, message: str, fields: dict[str, str]) -> bool:
+        """True when the record is dealt with (sent, or dropped); False: use the stream."""
         try:
-            sender(message, **fields)
+            self._sender(message, **fields)
+        except BlockingIOError:
+            self.dropped += 1
+            self._start_losing("journald takes no records (its socket would block): dropping")
+            return True
         except OSError as exc:
             self.send_errors += 1
-            if not self._failing:
-                log.warning("journald send failed (%s): records go to stderr meanwhile", exc)
-            self._failing = True
+            self._start_losing(f"journald send failed ({exc}): records go to stderr")
             return False
-        self._failing = False
+        if self._losing:
+            self._set_losing(False)
+            log.warning(
+                "journald takes records again; %d lost meanwhile (%d in all)",
+                self.lost - self._lost_at_start,
+                self.lost,
+            )
         self.sent += 1
         return True
 
-    def _resolve_sender(self) -> Sender | None:
-        if self._sender is None:
-            try:
-                from systemd import journal
-            except ImportError:
-                log.warning("systemd-python is not installed: decision records go to stderr")
-                self._up = False
-                self._recheck_s = float("inf")
-                return None
-            self._sender = journal.send
-        return self._sender
+    def _start_losing(self, what: str) -> None:
+        if not self._losing:
+            self._lost_at_start = self.lost - 1
+            self._set_losing(True)
+            log.warning("%s meanwhile; counted as lost in calleridctl status", what)
+
+    def _set_losing(self, losing: bool) -> None:
+        self._losing = losing
+        if self._native is not None:
+            self._native.hurry = losing
 
     def _journald_up(self) -> bool:
         now = self._clock()
@@ -306,6 +345,7 @@ class Journal:
                 log.info("journald found (%s): records go to the journal", self._socket_path)
             elif self._up and not up:
                 log.warning(NO_JOURNALD_WARNING, self._socket_path)
+                self.close()
             self._up = up
         return self._up
 

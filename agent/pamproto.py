@@ -11,6 +11,25 @@ percent-encoded:
 status`, never from the PAM module: the reply's ``msg`` is the agent's counters as JSON).
 Unknown request keys are ignored (forward compatible); missing ``op`` or ``user`` is an
 error. ``verdict`` is adopt | allow | deny | error; ``msg`` is shown to the user on deny.
+
+What a request's values may hold, once percent-decoded (anything else is a `PamProtocolError`,
+which the server answers with ``bad_request`` and one log line, before any NSS look-up):
+
+- ``user``: a login name: 1 to MAX_USER (255) bytes of UTF-8 (LOGIN_NAME_MAX is 256 with its
+  NUL), every character printable (`str.isprintable`: no C0, DEL or C1 control, no format
+  character such as U+202E, nothing unassigned), no whitespace at all, no ``/`` or ``:``.
+  The PAM module sends PAM_USER as it is, so an impossible name comes only from a confused or
+  hostile client: it is refused here rather than reaching getpwnam (which raises on a NUL).
+- ``service``, ``rhost``, ``tty`` and every other value: at most MAX_VALUE (1024) bytes;
+  ``service``, ``rhost`` and ``tty`` must hold no control character (C0, DEL, C1: they end up
+  in logs and journal fields), other characters are allowed (a PAM_RHOST may be any text).
+  Values of unknown keys are decoded (a bad escape is an error) and otherwise ignored.
+
+A reply always fits the module's parser (pam/codec.c ``cid_parse_reply``): one ASCII line of at
+most MAX_LINE bytes, every value percent-encoded, no encoded NUL (a NUL in ``reason`` or
+``msg`` is sent as ``?``), ``job`` only when it is a job id the module accepts
+(``[A-Za-z0-9_.-]{1,64}``: any other is left out rather than turn a decision into garbage),
+``reason`` and ``msg`` cut at whole characters to fit.
 """
 
 from __future__ import annotations
@@ -34,6 +53,8 @@ __all__ = [
 MAGIC: Final = "CALLERID/1"
 MAX_LINE: Final = 4096
 MAX_VALUE: Final = 1024  # bytes of one decoded value
+MAX_USER: Final = 255  # bytes of a user name (LOGIN_NAME_MAX, 256, counts the NUL)
+MAX_REASON: Final = 256  # encoded bytes of a reply's reason (reasons are short tokens)
 OPS: Final = ("account", "open_session", "close_session", "status")
 
 Op = Literal["account", "open_session", "close_session", "status"]
@@ -45,7 +66,9 @@ _SAFE: Final = frozenset(
 _KEY_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _PLAIN: Final = re.compile(r"[\x21-\x24\x26-\x7e]*")  # printable ASCII but '%'
 _PLAIN_SAFE: Final = re.compile(r"[A-Za-z0-9\-_.:/@+,\[\]]*")  # all of _SAFE
-_USER_RE: Final = re.compile(r"[^\s/:]{1,256}")
+_USER_BAD: Final = re.compile(r"[\s/:]")
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL, C1
+_JOB_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # pam/client.h cid_valid_job
 
 
 class PamProtocolError(ValueError):
@@ -141,32 +164,45 @@ def parse_request(line: bytes) -> PamRequest:
         msg = f"missing or unknown op {op!r}"
         raise PamProtocolError(msg)
     user = fields.get("user", "")
-    if not _USER_RE.fullmatch(user):
+    if not _valid_user(user):
         msg = "missing or invalid user"
         raise PamProtocolError(msg)
-    return PamRequest(
-        op=op,  # type: ignore[arg-type]
-        user=user,
-        service=fields.get("service", ""),
-        rhost=fields.get("rhost", ""),
-        tty=fields.get("tty", ""),
-    )
+    service, rhost, tty = (fields.get(k, "") for k in ("service", "rhost", "tty"))
+    for key, value in (("service", service), ("rhost", rhost), ("tty", tty)):
+        if _CONTROL.search(value):
+            msg = f"control character in {key}"
+            raise PamProtocolError(msg)
+    return PamRequest(op=op, user=user, service=service, rhost=rhost, tty=tty)  # type: ignore[arg-type]
+
+
+def _valid_user(user: str) -> bool:
+    """A name that could be a login name (see the module docstring)."""
+    if not user or len(user) > MAX_USER or _USER_BAD.search(user) or not user.isprintable():
+        return False
+    return user.isascii() or len(user.encode("utf-8")) <= MAX_USER
 
 
 def format_reply(reply: PamReply) -> bytes:
-    """One reply line, newline-terminated, never longer than MAX_LINE."""
-    head = f"{MAGIC} verdict={reply.verdict} reason={pct_encode(reply.reason)}"
-    if reply.job is not None:
-        head += f" job={pct_encode(reply.job)}"
-    room = MAX_LINE - len(head) - len(" msg=") - 1
-    msg = pct_encode(reply.msg)
-    if len(msg) > room:  # cut whole characters, never inside one's escapes
-        parts: list[str] = []
-        for ch in reply.msg:
-            enc = pct_encode(ch)
-            if room < len(enc):
-                break
-            parts.append(enc)
-            room -= len(enc)
-        msg = "".join(parts)
+    """One reply line, newline-terminated, never longer than MAX_LINE, always one the PAM
+    module parses (see the module docstring)."""
+    head = f"{MAGIC} verdict={reply.verdict} reason={_encode_cut(reply.reason, MAX_REASON)}"
+    if reply.job is not None and _JOB_RE.fullmatch(reply.job):
+        head += f" job={reply.job}"
+    msg = _encode_cut(reply.msg, MAX_LINE - len(head) - len(" msg=") - 1)
     return f"{head} msg={msg}\n".encode("ascii")
+
+
+def _encode_cut(value: str, room: int) -> str:
+    """`pct_encode` of value with NUL as '?', cut at whole characters to at most room bytes."""
+    value = value.replace("\0", "?")
+    enc = pct_encode(value)
+    if len(enc) <= room:
+        return enc
+    parts: list[str] = []  # cut whole characters, never inside one's escapes
+    for ch in value:
+        one = pct_encode(ch)
+        if room < len(one):
+            break
+        parts.append(one)
+        room -= len(one)
+    return "".join(parts)

@@ -17,7 +17,6 @@ ready by then (a hung backend), the reply is verdict=error reason=timeout.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import logging
@@ -26,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
-from callerid.agent._pamturns import Turns, Waiter
+from callerid.agent._pamturns import Turns
 from callerid.agent._unixsock import bind_unix, peer_cred
 from callerid.agent.journal import DecisionRecord
 from callerid.agent.login import Outcome
@@ -38,6 +37,7 @@ from callerid.agent.pamproto import (
     format_reply,
     parse_request,
 )
+from callerid.bus.loglimit import LogBudget, QuietLog
 
 __all__ = ["LoginHandler", "PamServer", "RecordSink"]
 
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 DISCARD_MAX = 64 * 1024
 DISCARD_TIMEOUT_S = 0.05
 MAX_ACTIVE = 64  # default bound of decisions worked on at once; later ones wait in order
+MAX_CONNECTIONS = 4096  # open client connections; beyond, new ones wait in the backlog
 ACCEPT_BATCH = 64  # connections accepted per wake-up of the listening socket
 ACCEPT_RETRY_S = 0.1  # pause after accept() failed (out of fds or memory)
 RECV_SIZE = MAX_LINE + 1
@@ -98,9 +99,11 @@ class PamServer:
         clock: Callable[[], float],
         allowed_uid: int = 0,
         max_active: int = MAX_ACTIVE,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.flow = flow
         self.turns = Turns(max_active)
+        self.max_connections = max_connections
         self.journal = journal
         self.timeout_s = timeout_s
         self.clock = clock
@@ -110,6 +113,11 @@ class PamServer:
         self.malformed = 0
         self.accept_errors = 0
         self.status: Callable[[], dict[str, object]] | None = None  # set by the daemon
+        # anyone with root can send garbage: such lines are logged within a budget
+        self.noisy = QuietLog(
+            log, logging.WARNING, "refused or malformed PAM socket requests", LogBudget(clock)
+        )
+        self._paused = False  # not accepting: max_connections are open
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle = asyncio.Event()
@@ -130,6 +138,7 @@ class PamServer:
             self._sock = None
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+        self.noisy.close()
 
     async def drain(self, deadline_s: float) -> None:
         """Wait (at most ``deadline_s``) until every request in flight has been answered."""
@@ -141,13 +150,17 @@ class PamServer:
     def _accept(self) -> None:
         assert self._sock is not None and self._loop is not None
         for _ in range(ACCEPT_BATCH):
+            if self.in_flight >= self.max_connections:  # the rest wait in the kernel's backlog
+                self._loop.remove_reader(self._sock.fileno())
+                self._paused = True
+                return
             try:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE, ENFILE, ENOMEM: wait a little, do not spin
                 self.accept_errors += 1
-                log.error("cannot accept PAM connections: %s; retrying in %d ms", exc, 100)
+                self.noisy("cannot accept PAM connections: %s; retrying in %d ms", exc, 100)
                 fd = self._sock.fileno()
                 self._loop.remove_reader(fd)
                 self._loop.call_later(ACCEPT_RETRY_S, self._resume_accept, fd)
@@ -158,18 +171,6 @@ class PamServer:
         if self._sock is not None and self._sock.fileno() == fd and self._loop is not None:
             self._loop.add_reader(fd, self._accept)
 
-    @property
-    def active(self) -> int:
-        return self.turns.active
-
-    @property
-    def queued(self) -> collections.deque[Waiter]:
-        return self.turns.queued
-
-    @property
-    def abandoned(self) -> int:
-        return self.turns.abandoned
-
     def _begin(self) -> None:
         self.in_flight += 1
         self._idle.clear()
@@ -178,6 +179,9 @@ class PamServer:
         self.in_flight -= 1
         if not self.in_flight:
             self._idle.set()
+        if self._paused and self.in_flight < self.max_connections and self._sock is not None:
+            self._paused = False
+            self._resume_accept(self._sock.fileno())
 
     async def _decide(self, req: PamRequest, pid: int, started: float) -> PamReply:
         try:
@@ -269,7 +273,7 @@ class _PamConnection:
             return
         if uid != srv.allowed_uid:
             srv.refused += 1
-            log.warning("refused a PAM socket client: pid %d uid %d is not root", self.pid, uid)
+            srv.noisy("refused a PAM socket client: pid %d uid %d is not root", self.pid, uid)
             self._discard(PamReply("error", "not_root"))
         self._on_readable()
 
@@ -323,7 +327,7 @@ class _PamConnection:
         if self.state == "read":
             if self.buf:
                 self.server.malformed += 1
-                log.warning("pid %d sent a request without a newline", self.pid)
+                self.server.noisy("pid %d sent a request without a newline", self.pid)
                 self._finish(PamReply("error", "bad_request"))
             else:
                 self._finish(None)  # connected and closed without a word (a liveness probe)
@@ -350,7 +354,7 @@ class _PamConnection:
 
     def _malformed(self, why: str, *, discard: bool = True) -> None:
         self.server.malformed += 1
-        log.warning("pid %d sent a bad request: %s", self.pid, why)
+        self.server.noisy("pid %d sent a bad request: %s", self.pid, why)
         reply = PamReply("error", "bad_request")
         if discard:
             self._discard(reply)
@@ -389,6 +393,7 @@ class _PamConnection:
         if self.state == "done":
             return
         self.state = "done"
+        self.buf = b""  # the deadline queue keeps this object until its deadline
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

@@ -4,8 +4,12 @@ A destination agent asks (`CallerIdQuery` over the mesh, or this node itself whe
 client runs here): the connection's 4-tuple and the uid that logs in. `SourceAnswer.answer`
 finds the process holding the socket (`OwnerFinder`: sock_diag, then only that uid's
 processes), then its job (the backend), and names the job only when it belongs to that uid.
-Any other case reads "no such connection", the same words, so that a peer never learns that
-another user's job holds a connection.
+
+Every other case is one answer, ``not_found`` with the reason `NOT_FOUND` ("no such
+connection"): no socket, a socket that is not an established connection (a listener, or a
+query naming an unspecified address or port 0), a socket of another uid, a process in no job,
+a job of another uid. A peer asking about every uid in turn thus learns nothing of who else
+holds a connection; docs/architecture.md "What a peer can learn" says what it can.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from callerid.agent.backends.base import Backend, BackendError, Job
 from callerid.agent.netinfo import NetinfoError, Owner
 from callerid.bus.protocol import CallerIdQuery, CallerIdReply, Endpoint, ErrorCode, error_reply
 
-__all__ = ["OwnerFinder", "SourceAnswer"]
+__all__ = ["NOT_FOUND", "OwnerFinder", "SourceAnswer"]
 
 log = logging.getLogger(__name__)
+
+NOT_FOUND = "no such connection"  # the one reason of every not_found answer
 
 
 class OwnerFinder(Protocol):
@@ -59,21 +65,21 @@ class SourceAnswer:
         except (BackendError, NetinfoError) as exc:
             log.warning("query %d from %s: lookup failed: %s", query.id, peer, exc)
             return error_reply(query.id, self.node, ErrorCode.BACKEND, "lookup failed")
-        if owner is None:
-            reason = "no such connection"
-        elif job is None:
-            reason = "connection not in a job"
-        elif job.uid != query.uid:
-            log.info(
-                "query %d from %s: %s -> %s is in job %s of uid %d, not uid %d: not told",
-                query.id, peer, query.src, query.dst, job.id, job.uid, query.uid,
-            )  # fmt: skip
-            reason = "no such connection"  # the same words: never reveal another user's job
-        else:
+        if owner is not None and job is not None and job.uid == query.uid:
             log.debug("query %d from %s: job %s (%.2f ms)", query.id, peer, job.id, self._ms(t0))
             return CallerIdReply(id=query.id, status="found", node=self.node, job=job.id)
-        log.debug("query %d from %s: %s (%.2f ms)", query.id, peer, reason, self._ms(t0))
-        return CallerIdReply(id=query.id, status="not_found", node=self.node, reason=reason)
+        # One answer for every other case (see the module docstring); the log says which.
+        if owner is None:
+            why = "no socket of that uid"
+        elif job is None:
+            why = f"pid {owner.pid} in no job"
+        else:
+            why = f"job {job.id} of uid {job.uid}"
+        log.debug(
+            "query %d from %s: %s -> %s uid %d: %s, not found (%.2f ms)",
+            query.id, peer, query.src, query.dst, query.uid, why, self._ms(t0),
+        )  # fmt: skip
+        return CallerIdReply(id=query.id, status="not_found", node=self.node, reason=NOT_FOUND)
 
     def _owner_and_job(self, query: CallerIdQuery) -> tuple[Owner | None, Job | None]:
         """The socket's owner process and its job (in one worker-thread hop if blocking)."""

@@ -5,7 +5,12 @@ callback, see `LoopSocket`) that matches replies to waiting futures by request i
 queries share a socket) and a monitor task that turns socket events into a verdict: up,
 unreachable (nothing listens: reported within a few ms, not at the deadline, and
 remembered in a negative cache), auth_failed (the CURVE handshake was refused) or lost.
-Import from `transport`.
+
+A peer that accepted the connection but let a query time out (stopped, hung, overloaded) is
+"stalled" until anything arrives from it again: meanwhile one query at a time goes to it (the
+probe that notices its return) and any other gets `timeout` at once, instead of each waiting
+its full deadline; under a login storm this keeps every login decided within
+``timeout_ms`` of a source that stopped answering. Import from `transport`.
 """
 
 from __future__ import annotations
@@ -54,7 +59,9 @@ from callerid.bus.protocol import (
     UnsupportedVersion,
     decode_frames,
     encode,
+    is_link_local,
     normalize_ip,
+    split_zone,
 )
 
 log = logging.getLogger("callerid.bus.transport")
@@ -67,6 +74,24 @@ _STATUS_OF: Final[dict[str, QueryStatus]] = {
     "auth_failed": "auth_failed",
     "lost": "unreachable",
 }
+
+
+def _reach(host: str) -> tuple[str, str]:
+    """(the address, the address to connect to) of a host: an IP literal, with its zone for a
+    link-local one (``fe80::1%eth0`` or ``fe80::1%3``); the peer table knows the address,
+    libzmq connects over the zone's interface. ValueError when unusable."""
+    addr, zone = split_zone(host)
+    try:
+        ip = normalize_ip(addr)
+    except ValueError:
+        msg = f"not an IP address: {host!r}"
+        raise ValueError(msg) from None
+    if not is_link_local(ip):
+        return ip, ip  # a zone means nothing off a link-local address
+    if zone is None:
+        msg = f"link-local address {ip} without its interface (fe80::...%eth0)"
+        raise ValueError(msg)
+    return ip, f"{ip}%{zone}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +112,7 @@ class _PeerConn:
     monitor: asyncio.Task[None] | None = None
     closed: bool = False
     last_used: float = 0.0
+    stalled: bool = False  # a query timed out and nothing has been heard since
 
     def settle(self, failure: _Failure) -> None:
         """Fail everything waiting on this connection (no exception objects involved)."""
@@ -208,10 +234,10 @@ class MeshClient:
         if self._closed:
             return done("error", "client closed")
         try:
-            ip = normalize_ip(host)
-        except ValueError:
-            return done("error", f"not an IP address: {host!r}")
-        key = (ip, self._port if port is None else port)
+            ip, where = _reach(host)
+        except ValueError as exc:
+            return done("error", str(exc))
+        key = (where, self._port if port is None else port)
         if key in self._dead:
             self.stats.negative_cache_hits += 1
             return done("unreachable", "no agent there (cached)")
@@ -219,6 +245,9 @@ class MeshClient:
         if peer is None:
             return done("unknown_peer", f"no authorized key for {ip}")
         conn = self._connection(key, peer.public_key)
+        if conn.stalled and conn.pending:  # one probe at a time to a silent peer
+            self.stats.stalled_fast_fails += 1
+            return done("timeout", "the peer has not answered since its last query timed out")
         if msg.id in conn.pending:
             return done("error", f"request id {msg.id} is already in flight")
         fut: asyncio.Future[Message | _Failure] = loop.create_future()
@@ -228,6 +257,7 @@ class MeshClient:
             async with asyncio.timeout(timeout):
                 outcome = await self._roundtrip(conn, msg, fut)
         except TimeoutError:
+            conn.stalled = True
             return done("timeout", f"no answer within {timeout * 1000:.0f} ms")
         finally:
             conn.pending.pop(msg.id, None)
@@ -296,7 +326,8 @@ class MeshClient:
             if not isinstance(mon, zmq.asyncio.Socket):
                 msg = "MeshClient needs a zmq.asyncio.Context"
                 raise TypeError(msg)
-            sock.connect(endpoint(key[0], key[1], source=self._source))
+            source = None if "%" in key[0] else self._source  # link-local: the link decides
+            sock.connect(endpoint(key[0], key[1], source=source))
         except BaseException:
             with contextlib.suppress(zmq.ZMQError):
                 sock.disable_monitor()
@@ -365,6 +396,7 @@ class MeshClient:
             self.stats.malformed += 1
             log.debug("malformed reply from %s:%d: %s", *conn.key, exc)
             return
+        conn.stalled = False  # it answers again
         fut = conn.pending.get(msg.id)
         if fut is not None and not fut.done():
             fut.set_result(msg)

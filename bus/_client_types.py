@@ -57,4 +57,5 @@ class ClientStats:
     sockets_opened: int = 0
     sockets_closed: int = 0
     negative_cache_hits: int = 0
+    stalled_fast_fails: int = 0  # queries answered "timeout" at once: the peer is silent
     malformed: int = 0

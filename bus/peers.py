@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from callerid.bus.protocol import MAX_NAME_LEN, normalize_ip
+from callerid.bus.protocol import MAX_NAME_LEN, normalize_ip, split_zone
 
 __all__ = [
     "Certificate",
@@ -197,9 +197,10 @@ class PeerTable:
         return cls(peers)
 
     def by_address(self, ip: str) -> Peer | None:
-        """The peer reached at ``ip`` (IPv4-mapped IPv6 is looked up as IPv4), or None."""
+        """The peer reached at ``ip`` (IPv4-mapped IPv6 is looked up as IPv4; a link-local
+        one's zone, ``fe80::1%eth0``, is dropped: the table is keyed by address), or None."""
         try:
-            return self._by_address.get(normalize_ip(ip))
+            return self._by_address.get(normalize_ip(split_zone(ip)[0]))
         except ValueError:
             return None
 

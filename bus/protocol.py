@@ -28,6 +28,8 @@ from typing import Any, ClassVar, Final, Literal
 
 import msgpack
 
+from callerid.bus._zones import is_link_local, split_zone
+
 __all__ = [
     "MAX_MESSAGE_SIZE",
     "PROTOCOL_VERSION",
@@ -45,7 +47,9 @@ __all__ = [
     "decode_frames",
     "encode",
     "error_reply",
+    "is_link_local",
     "normalize_ip",
+    "split_zone",
 ]
 
 PROTOCOL_VERSION: Final = 1

@@ -15,9 +15,10 @@ which halves the per-message overhead of zmq.asyncio futures (bench/mesh.py). Al
 runs on the one event loop: no threads of our own.
 
 Private helpers of this module that also import zmq: `bus/_client.py` (the client and its
-pool) and `bus/_sockets.py` (socket options, `LoopSocket`, monitor events, keys). Two pure
-ones do not: `bus/_client_types.py` (the client's settings, results and counters) and
-`bus/_deadhosts.py` (its negative cache).
+pool) and `bus/_sockets.py` (socket options, `LoopSocket`, monitor events, keys). Four
+do not: `bus/_client_types.py` (the client's settings, results and counters),
+`bus/_deadhosts.py` (its negative cache), `bus/_zap.py` (the ZAP verdict on a client key and
+the server's counters) and `bus/loglimit.py` (the bound on log lines about refused handshakes).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,8 @@ from callerid.bus._sockets import (
     generate_keypair,
     load_keypair,
 )
+from callerid.bus._zap import KeyProvider, ServerStats
+from callerid.bus.loglimit import LogBudget, QuietLog
 from callerid.bus.peers import PeerTable
 from callerid.bus.protocol import (
     CallerIdQuery,
@@ -96,32 +100,6 @@ class PeerIdentity:
 Handler = Callable[[CallerIdQuery, PeerIdentity], Awaitable[CallerIdReply]]
 
 
-@dataclass(slots=True)
-class ServerStats:
-    """Counters of one server (read by `calleridctl status` and tests)."""
-
-    received: int = 0
-    answered: int = 0
-    pings: int = 0
-    malformed: int = 0
-    bad_version: int = 0
-    unauthorized: int = 0
-    internal_errors: int = 0
-
-
-class _KeyProvider:
-    """ZAP credentials callback: a client key is allowed iff the current table has it."""
-
-    def __init__(self, peers: PeerTable) -> None:
-        self.peers = peers
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        allowed = self.peers.by_key(key) is not None
-        if not allowed:
-            log.info("refused CURVE client key %s (not in authorized keys)", key.decode())
-        return allowed
-
-
 class MeshServer:
     """Serve CallerIdQuery and Ping on a CURVE ROUTER; see the module docstring."""
 
@@ -138,9 +116,13 @@ class MeshServer:
         resolve: bool = True,
         ctx: zmq.asyncio.Context | None = None,
         max_concurrency: int = MAX_CONCURRENCY,
+        clock: Callable[[], float] = time.monotonic,
+        refusal_log_budget: tuple[int, float] = (5, 60.0),
     ) -> None:
         """``peers`` is the allow-list and name table; without it, ``start()`` loads it from
-        ``authorized_dir`` (as does ``reload_keys()`` without argument)."""
+        ``authorized_dir`` (as does ``reload_keys()`` without argument). At most
+        ``refusal_log_budget`` = (lines, per seconds) refused handshakes are logged one by one
+        (on ``clock``); the rest are counted and summarised."""
         if peers is None and authorized_dir is None:
             msg = "MeshServer needs peers or authorized_dir"
             raise ValueError(msg)
@@ -154,7 +136,12 @@ class MeshServer:
         self._port = port
         self._resolve = resolve
         self._peers = peers if peers is not None else PeerTable()
-        self._provider = _KeyProvider(self._peers)
+        burst, window_s = refusal_log_budget
+        budget = LogBudget(clock, burst=burst, window_s=window_s)
+        self._provider = KeyProvider(self._peers, self.stats, budget)
+        self._bad_version_log = QuietLog(
+            log, logging.INFO, "requests of an unsupported version", LogBudget(clock)
+        )
         self._load_peers = peers is None
         self._own_ctx = ctx is None
         self._ctx = ctx if ctx is not None else zmq.asyncio.Context()
@@ -275,6 +262,8 @@ class MeshServer:
         if self._auth is not None:
             self._auth.stop()  # before ctx.term(), which otherwise hangs on the ZAP socket
             self._auth = None
+        self._provider.close()
+        self._bad_version_log.close()
         if self._io is not None:
             self._io.close()
             self._io = None
@@ -347,7 +336,7 @@ class MeshServer:
             msg = decode_frames(frames)
         except UnsupportedVersion as exc:
             self.stats.bad_version += 1
-            log.info("version %d request from %s: %s", exc.version, peer.node, exc)
+            self._bad_version_log("version %d request from %s: %s", exc.version, peer.node, exc)
             if exc.request_id is not None:
                 reply = error_reply(exc.request_id, self.node, ErrorCode.BAD_VERSION, str(exc))
                 self._send(route, reply)

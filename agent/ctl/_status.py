@@ -43,9 +43,13 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     print(f"served: {served['answered']} answered, {served['malformed']} malformed, "
           f"{served['unauthorized']} unauthorized, {served['internal_errors']} internal "
           "errors")  # fmt: skip
+    print(f"refused handshakes: {served.get('refused_handshakes', 0)} (unknown keys), "
+          f"{served.get('refusals_not_logged', 0)} of them not logged one by one")  # fmt: skip
     print(f"asked: {asked['sockets_opened']} connections opened, "
-          f"{asked['negative_cache_hits']} skipped (no agent there)")  # fmt: skip
+          f"{asked['negative_cache_hits']} skipped (no agent there), "
+          f"{asked.get('stalled_fast_fails', 0)} answered at once (a silent peer)")  # fmt: skip
     journald = "on" if body["journald"] else "OFF"
+    journald += f", {body.get('journal_lost', 0)} records lost"
     print(f"PAM socket: {pam['in_flight']} in flight ({pam['waiting']} waiting their turn), "
           f"{pam['refused']} refused, {pam['malformed']} malformed, {pam['abandoned']} given "
           f"up by the client before their turn, {pam['accept_errors']} accept errors; "

@@ -42,6 +42,7 @@ __all__ = [
     "build_request",
     "decode_proc_addr",
     "encode_proc_addr",
+    "is_real_end",
     "line_with",
     "lookup_request",
     "match_tuple",
@@ -238,26 +239,35 @@ def build_request(
     *,
     dump: bool = False,
     states: int = ALL_STATES,
+    ifindex: int = 0,
 ) -> bytes:
-    """A SOCK_DIAG_BY_FAMILY request: exact (default) or a dump; ``src``/``dst`` = (16B, port)."""
+    """A SOCK_DIAG_BY_FAMILY request: exact (default) or a dump; ``src``/``dst`` = (16B, port).
+    A socket bound to an interface (link-local) is matched only when asked with its ``ifindex``."""
     body = (
         _REQ_HEAD.pack(family, protocol, 0, states)
         + _SOCKID.pack(src[1], dst[1], src[0], dst[0])
-        + _IF_COOKIE.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+        + _IF_COOKIE.pack(ifindex, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
     )
     flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, flags, seq, 0) + body
 
 
 def lookup_request(
-    seq: int, family: int, proto: Proto, local: tuple[str, int], remote: tuple[str, int]
+    seq: int,
+    family: int,
+    proto: Proto,
+    local: tuple[str, int],
+    remote: tuple[str, int],
+    *,
+    ifindex: int = 0,
 ) -> bytes:
-    """An exact lookup of the socket local=``local``, remote=``remote`` (text ip, port)."""
+    """An exact lookup of the socket local=``local``, remote=``remote`` (text ip, port), bound
+    to interface ``ifindex`` (0: none; see `build_request`)."""
     first = (ip_bytes(family, local[0]), local[1])
     second = (ip_bytes(family, remote[0]), remote[1])
     if proto == "udp":  # udp_dump_one() reads the id with src and dst swapped
         first, second = second, first
-    return build_request(seq, family, IPPROTO[proto], first, second)
+    return build_request(seq, family, IPPROTO[proto], first, second, ifindex=ifindex)
 
 
 def probe_request(seq: int, proto: Proto) -> bytes:
@@ -337,6 +347,13 @@ def parse_replies(data: bytes, seq: int) -> tuple[list[DiagSocket], bool]:
 # --------------------------------------------------------------------------- matching
 
 UNSPECIFIED: Final = frozenset({"0.0.0.0", "::"})  # a socket bound to any address
+_ESTABLISHED: Final = 1  # TCP_ESTABLISHED; a connected UDP socket has this state too
+
+
+def is_real_end(e: Endpoint) -> bool:
+    """Whether ``e`` can be the end of an established connection: a specific address and a
+    port (a listener's or an unconnected socket's remote end is ``0.0.0.0:0`` / ``[::]:0``)."""
+    return e.port != 0 and e.ip not in UNSPECIFIED
 
 
 def match_tuple(
@@ -344,9 +361,12 @@ def match_tuple(
 ) -> Literal["exact", "unconnected", "no"]:
     """How a looked-up socket relates to local=src, remote=dst (lookups fall back to listeners).
 
-    An unconnected UDP socket bound to ``src`` is the one that sends from it ("unconnected").
+    Only an established connection matches: a TCP socket in ESTABLISHED, a connected UDP
+    socket, or an unconnected UDP socket bound to ``src`` (the one that sends from it,
+    "unconnected"); and only when both asked ends are real (`is_real_end`): ``dst=[::, 0]``
+    would otherwise name a listener.
     """
-    if got is None:
+    if got is None or not (is_real_end(src) and is_real_end(dst)):
         return "no"
     try:
         local = Endpoint(normalize_ip(got.local[0]), got.local[1])
@@ -354,7 +374,7 @@ def match_tuple(
     except (LocalProtocolError, ValueError):
         return "no"
     if local == src and remote == dst:
-        return "exact"
+        return "exact" if got.state == _ESTABLISHED else "no"
     if (
         proto == "udp"
         and remote.port == 0

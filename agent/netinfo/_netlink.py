@@ -76,14 +76,21 @@ class SockDiag:
             raise SockDiagUnavailable(msg) from exc
 
     def lookup(
-        self, family: int, proto: Proto, local: tuple[str, int], remote: tuple[str, int]
+        self,
+        family: int,
+        proto: Proto,
+        local: tuple[str, int],
+        remote: tuple[str, int],
+        *,
+        ifindex: int = 0,
     ) -> DiagSocket | None:
         """Exact lookup of the socket whose local end is ``local``; None on ENOENT.
 
-        The answer may be a listening or unconnected socket on the local port: check it.
+        The answer may be a listening or unconnected socket on the local port: check it. A
+        link-local socket is found only with the ``ifindex`` it is bound to.
         """
         self._seq += 1
-        req = lookup_request(self._seq, family, proto, local, remote)
+        req = lookup_request(self._seq, family, proto, local, remote, ifindex=ifindex)
         found = self._ask(req, f"{proto} lookup", dump=False)
         return found[0] if found else None
 

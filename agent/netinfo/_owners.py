@@ -23,13 +23,14 @@ from callerid.agent.netinfo._codec import (
     Proto,
     SockDiagUnavailable,
     best_match,
+    is_real_end,
     line_with,
     parse_proc_net_line,
     proc_net_needles,
 )
 from callerid.agent.netinfo._netlink import CgroupProcs, SockDiag
 from callerid.agent.netinfo._proc import MAX_DEPTH, NetinfoError, ProcessGone, ProcReader
-from callerid.bus.protocol import Endpoint
+from callerid.bus.protocol import Endpoint, is_link_local
 
 __all__ = ["Owner", "SocketOwners"]
 
@@ -95,6 +96,8 @@ class SocketOwners:
         With ``uid``, a socket owned by another uid is not looked for any further (the
         answer would not be given anyway, and root's many processes are not scanned).
         """
+        if not (is_real_end(src) and is_real_end(dst)):
+            return None  # a listener's or an unbound end: never an established connection
         found = self._find_socket(proto, src, dst)
         if found is None or found.inode == 0:  # no such socket, or no file (TIME_WAIT, closed)
             return None
@@ -135,11 +138,21 @@ class SocketOwners:
                 msg = f"the kernel has no sock_diag handler for {proto}"
                 raise SockDiagUnavailable(msg)
             local, remote = (src.ip, src.port), (dst.ip, dst.port)
-            found = (diag.lookup(family, proto, local, remote) for family in families)
+            found = (
+                diag.lookup(family, proto, local, remote, ifindex=ifindex)
+                for family in families
+                for ifindex in self._scopes(src)
+            )
             return best_match(proto, found, src, dst)
         except BaseException:
             self._drop_diag(diag)  # a timed-out socket may still get a late answer: a new one
             raise
+
+    def _scopes(self, src: Endpoint) -> list[int]:
+        """The interfaces to look a socket up on: none (0) but for a link-local ``src``, whose
+        socket is bound to its interface: each interface of this namespace carrying ``src``
+        (the wire's endpoints carry no scope; one address may be on several links)."""
+        return self._procs.link_scopes(src.ip) if is_link_local(src.ip) else [0]
 
     def _diag(self) -> SockDiag:
         """This thread's sock_diag socket, kept open (one socket per lookup cost 4 syscalls);

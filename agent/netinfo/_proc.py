@@ -10,6 +10,7 @@ reads is decoded by `_codec`.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import select
 from collections.abc import Container, Iterator
@@ -233,6 +234,18 @@ class ProcReader:
         except FileNotFoundError:
             return None
 
+    def link_scopes(self, ip: str, pid: int | None = None) -> list[int]:
+        """Indexes of the interfaces carrying the IPv6 address ``ip`` in ``pid``'s network
+        namespace (None: the agent's), from /proc/net/if_inet6 (rows: 32 hex digits of address,
+        ifindex in hex, prefix length, scope, flags, name); ProcessGone if ``pid`` is gone."""
+        if pid is None:
+            text = self.own_net_table("if_inet6") or ""
+        else:
+            text = self.net_tables(pid, ("if_inet6",))["if_inet6"]
+        want = ipaddress.IPv6Address(ip).packed.hex()
+        rows = (line.split() for line in text.splitlines())
+        return [int(f[1], 16) for f in rows if len(f) >= 6 and f[0].lower() == want]
+
     def cgroup2_mount(self) -> str | None:
         """Where cgroup v2 is mounted (the agent's /proc/self/mountinfo), or None."""
         try:
@@ -263,7 +276,9 @@ class Pin:
 
     def exited(self) -> bool:
         """Whether the process has exited since it was pinned (its pidfd polls readable)."""
-        return bool(select.select([self.fd], [], [], 0)[0])
+        poller = select.poll()  # not select(): the agent may hold more than 1024 fds
+        poller.register(self.fd, select.POLLIN)
+        return bool(poller.poll(0))
 
     def close(self) -> None:
         if self.fd >= 0:

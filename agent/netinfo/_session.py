@@ -9,6 +9,7 @@ namespace (/proc/<pid>/net/...). It holds a `ProcReader` for every /proc read.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from callerid.agent.netinfo._codec import (
     state_name,
 )
 from callerid.agent.netinfo._proc import MAX_DEPTH, NetinfoError, Proc, ProcessGone, ProcReader
-from callerid.bus.protocol import Endpoint, normalize_ip
+from callerid.bus.protocol import Endpoint, is_link_local, normalize_ip, split_zone
 
 __all__ = ["Connection", "SessionFinder"]
 
@@ -43,7 +44,12 @@ _TABLE_NAMES: Final = tuple(name for _, name in _TABLES)
 
 @dataclass(frozen=True, slots=True)
 class Connection:
-    """One inet socket as its holder sees it (``local`` is this node's end)."""
+    """One inet socket as its holder sees it (``local`` is this node's end).
+
+    ``scope`` is the index of the interface a link-local (fe80::/10) connection runs over, in
+    the holder's network namespace (0 otherwise, or when it could not be told): the endpoints
+    never carry it, and a link-local address names a host only together with it.
+    """
 
     proto: Proto
     local: Endpoint
@@ -51,10 +57,16 @@ class Connection:
     inode: int
     uid: int
     state: str
+    scope: int = 0
+
+    @property
+    def remote_host(self) -> str:
+        """The remote address to reach it by from this node: ``fe80::1%3`` with a scope."""
+        return f"{self.remote.ip}%{self.scope}" if self.scope else self.remote.ip
 
 
 def _endpoint(addr: tuple[str, int]) -> Endpoint:
-    return Endpoint(normalize_ip(addr[0]), addr[1])
+    return Endpoint(normalize_ip(split_zone(addr[0])[0]), addr[1])
 
 
 def _connection(proto: Proto, row: ProcNetRow) -> Connection:
@@ -139,7 +151,9 @@ class _Chain:
 
 def _from_facts(f: _sockfd.SockFacts) -> Connection:
     proto: Proto = "tcp" if f.proto == "tcp" else "udp"
-    return Connection(proto, _endpoint(f.local), _endpoint(f.remote), f.inode, f.uid, f.state)
+    remote = _endpoint(f.remote)
+    scope = f.scope if is_link_local(remote.ip) else 0
+    return Connection(proto, _endpoint(f.local), remote, f.inode, f.uid, f.state, scope)
 
 
 class SessionFinder:
@@ -252,7 +266,7 @@ class SessionFinder:
                 chosen = [c for c in conns if _served(c, self._listeners(init, m, chain.tables))]
             if len(chosen) == 1:
                 top = chain.topmost(i - 1, chosen[0].inode)
-                return top.info, chosen[0]
+                return top.info, self._scoped(m, chosen[0])
             if len(chosen) > 1:
                 listed = ", ".join(f"{c.proto} {c.local}<-{c.remote}" for c in chosen)
                 msg = f"ambiguous: pid {m.info.pid} holds {len(chosen)} connections: {listed}"
@@ -260,6 +274,22 @@ class SessionFinder:
         hint = f" from {want}" if want else ""
         msg = f"no connection{hint} served by an ancestor's listener for pid {pid} or its parents"
         raise NetinfoError(msg)
+
+    def _scoped(self, holder: _Member, conn: Connection) -> Connection:
+        """``conn`` with the scope of a link-local connection read from /proc/net (which has
+        none): the one interface of the holder's namespace carrying its local address. Only
+        link-local connections pay this read; 0 is kept when it cannot be told."""
+        if conn.scope or not is_link_local(conn.remote.ip):
+            return conn
+        try:
+            scopes = self._procs.link_scopes(conn.local.ip, holder.info.pid)
+        except NetinfoError as exc:
+            log.debug("scope of %s unknown: %s", conn.remote, exc)
+            return conn
+        if len(scopes) != 1:
+            log.info("link-local %s on %d interfaces: scope unknown", conn.local, len(scopes))
+            return conn
+        return dataclasses.replace(conn, scope=scopes[0])
 
     def _init_member(self, tables: dict[str, dict[str, str]]) -> list[_Member]:
         try:
@@ -305,7 +335,7 @@ def _rhost_ip(rhost: str | None) -> str | None:
     if not rhost:
         return None
     try:
-        return normalize_ip(rhost)
+        return normalize_ip(split_zone(rhost)[0])  # sshd writes a link-local one with its zone
     except ValueError:
         log.debug("rhost %r is not an IP literal; not filtering on it", rhost)
         return None

@@ -50,6 +50,15 @@ class SockFacts:
     inode: int
     uid: int
     state: str
+    scope: int = 0  # the interface index of a link-local connection (getpeername's scope id)
+
+
+def _addr(sockaddr: tuple[object, ...]) -> tuple[str, int, int]:
+    """(ip, port, scope id) of a socket address; a zone some Pythons append to a link-local
+    host (``fe80::1%eth0``) is dropped, the scope id kept."""
+    host, port = str(sockaddr[0]), int(sockaddr[1])  # type: ignore[call-overload]
+    scope = int(sockaddr[3]) if len(sockaddr) >= 4 else 0  # type: ignore[call-overload]
+    return host.partition("%")[0], port, scope
 
 
 def _getfd(pidfd: int, fd: int) -> int:
@@ -73,21 +82,21 @@ def _facts(dup: int) -> SockFacts | None:
         if family not in (socket.AF_INET, socket.AF_INET6) or kind not in _KINDS:
             return None
         st = os.fstat(dup)
-        local = sock.getsockname()[:2]
-        unset = ("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
+        lip, lport, _ = _addr(sock.getsockname())
+        unset = ("::" if family == socket.AF_INET6 else "0.0.0.0", 0, 0)
         if kind == socket.SOCK_DGRAM:
-            remote = _peer(sock, unset)
-            state = "ESTABLISHED" if remote[1] else "UNCONN"
-            return SockFacts("udp", local, remote, st.st_ino, st.st_uid, state)
+            rip, rport, scope = _peer(sock, unset)
+            state = "ESTABLISHED" if rport else "UNCONN"
+            return SockFacts("udp", (lip, lport), (rip, rport), st.st_ino, st.st_uid, state, scope)
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
         state = TCP_STATES.get(info[0], "UNKNOWN")
-        remote = unset if state == "LISTEN" else _peer(sock, unset)
-        return SockFacts("tcp", local, remote, st.st_ino, st.st_uid, state)
+        rip, rport, scope = unset if state == "LISTEN" else _peer(sock, unset)
+        return SockFacts("tcp", (lip, lport), (rip, rport), st.st_ino, st.st_uid, state, scope)
 
 
-def _peer(sock: socket.socket, unset: tuple[str, int]) -> tuple[str, int]:
+def _peer(sock: socket.socket, unset: tuple[str, int, int]) -> tuple[str, int, int]:
     try:
-        return sock.getpeername()[:2]  # type: ignore[no-any-return]
+        return _addr(sock.getpeername())
     except OSError:
         return unset
 

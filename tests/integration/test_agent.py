@@ -259,6 +259,93 @@ def test_config_errors_name_the_key_and_the_file(tmp_path: Path) -> None:
     assert f"{bad}: policy.no_jobs" in r.stderr
 
 
+BAD_RELOADS = {
+    "latin1": b"policy:\n  deny_message: caf\xe9\n",
+    "non_string_key": b"{1: a, foo: b}\n",
+    "deep_nesting": b"[" * 3000,
+    "authorized_removed": None,  # a good file, but keys.authorized is gone
+}
+
+
+@pytest.mark.parametrize("case", BAD_RELOADS)
+def test_sighup_with_any_bad_file_keeps_the_old_config(
+    agents: LoopbackAgents, trees: dict[str, JobTree], user: ThrowawayUser, case: str
+) -> None:
+    """Issue 12: whatever the file (or the keys) hold, a reload is refused and b keeps serving."""
+    node = "b"
+    agents.write_config(node, policy={"unknown": "deny"})  # the "old" config: recognisable
+    before = agents.log(node).count("peer keys reloaded")
+    agents.procs[node].send_signal(1)
+    wait_for(lambda: agents.log(node).count("peer keys reloaded") > before, what="reload")
+    refused = agents.log(node).count("reload refused")
+    errors = agents.log(node).count("ERROR callerid.agent.daemon: reload refused")
+    authorized = agents.dir / "authorized"
+    content = BAD_RELOADS[case]
+    try:
+        if content is None:
+            authorized.rename(agents.dir / "authorized.away")
+        else:
+            agents.config(node).write_bytes(content)
+        agents.procs[node].send_signal(1)
+        wait_for(lambda: agents.log(node).count("reload refused") > refused, what="refused reload")
+    finally:
+        if not authorized.exists():
+            (agents.dir / "authorized.away").rename(authorized)
+        agents.write_config(node, policy={"unknown": "deny"})
+    assert agents.procs[node].poll() is None, agents.log(node)
+    log = agents.log(node)
+    assert "Traceback" not in log
+    assert log.count("ERROR callerid.agent.daemon: reload refused") == errors + 1  # one line
+    assert _listening_socket(agents.socket(node))
+    sshd = agents.sshd(node)
+    client = connect_from_job(trees, user, None, "tcp", sshd.port)
+    try:
+        login = sshd.login(user.name)  # asks a over the mesh: the old peer table is kept too
+    finally:
+        finish(client)
+        sshd.close()
+    assert (login["fields"]["verdict"], login["fields"]["reason"]) == ("deny", "unknown_deny")
+    r = ctl(agents, node, "status", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["peers"] == 2, r.stderr
+    agents.write_config(node)  # back to the module's config for the other tests
+    before = agents.log(node).count("peer keys reloaded")
+    agents.procs[node].send_signal(1)
+    wait_for(lambda: agents.log(node).count("peer keys reloaded") > before, what="reload")
+
+
+def _listening_socket(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(path))
+    return True
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"node_name: a b\n", "node_name: invalid node name 'a b'"),
+        (b"node_name: n1\npolicy:\n  deny_message: caf\xe9\n", "not UTF-8"),
+        (b"{1: a, foo: b}\n", "1: keys must be strings"),
+        (b"[" * 3000, "nested too deeply"),
+        (b"peer: {connect_timeout_ms: 99999999999}\n", "peer.connect_timeout_ms"),
+        (b"node_name: n1\nkeys: {dir: /nonexistent/keys}\n", "/nonexistent/keys"),
+    ],
+)
+def test_any_config_problem_exits_78_with_one_line(
+    tmp_path: Path, content: bytes, needle: str
+) -> None:
+    bad = tmp_path / "agent.yaml"
+    bad.write_bytes(content)
+    r = subprocess.run(
+        [sys.executable, "-m", "callerid.agent", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 78, r.stderr
+    assert r.stderr.startswith("callerid-agent: configuration error: "), r.stderr
+    assert r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
+
+
 def test_sd_notify_watchdog_and_sigterm_drains_in_flight(
     trees: dict[str, JobTree], user: ThrowawayUser, tmp_path: Path
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import socket
@@ -252,6 +253,40 @@ def test_a_slow_lookup_does_not_block_the_others(keys: Keys) -> None:
             late = await stuck
             assert late.status == "timeout"
             assert 0.5 <= late.elapsed_s < 0.6
+
+    run(main())
+
+
+def test_a_silent_peer_gets_one_probe_at_a_time_and_fast_timeouts(keys: Keys) -> None:
+    """After a query to a peer timed out with nothing heard since, one probe goes to it and
+    every other query is answered "timeout" at once; its next answer ends that."""
+    kp_a, kp_b = keys.node("nodeA"), keys.node("nodeB", B_IP)
+    silent = asyncio.Event()
+    silent.set()
+    wake = asyncio.Event()
+
+    async def maybe_silent(query: CallerIdQuery) -> None:
+        if silent.is_set():
+            await wake.wait()
+
+    async def main() -> None:
+        async with (
+            server(kp_b, keys, Echo("nodeB", maybe_silent), B_IP) as srv,
+            client(kp_a, keys, timeout_ms=300) as cli,
+        ):
+            first = await cli.query(B_IP, query_for(cli, 1), srv.port)
+            assert first.status == "timeout" and first.elapsed_s >= 0.3
+            probe = asyncio.create_task(cli.query(B_IP, query_for(cli, 2), srv.port))
+            await async_wait_for(lambda: srv.stats.received == 2, what="the probe received")
+            fast = [await cli.query(B_IP, query_for(cli, u), srv.port) for u in (3, 4, 5)]
+            assert [r.status for r in fast] == ["timeout"] * 3
+            assert max(r.elapsed_s for r in fast) < 0.05
+            assert cli.stats.stalled_fast_fails == 3
+            silent.clear()
+            wake.set()  # the peer answers again: the probe's reply ends the stall
+            assert ok_reply(await probe).job == "2"
+            again = await cli.query(B_IP, query_for(cli, 6), srv.port)
+            assert ok_reply(again).job == "6"
 
     run(main())
 
@@ -621,3 +656,106 @@ def test_client_close_fails_waiting_queries(keys: Keys) -> None:
             assert (await cli.ping(B_IP, srv.port)).status == "error"
 
     run(main())
+
+
+# --------------------------------------------------------------------------- refused handshakes
+
+
+def test_refused_handshakes_are_counted_and_their_log_lines_bounded(
+    keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    kp_b = keys.node("nodeB", B_IP)
+    kp_x = keys.node("intruder", authorize=False)
+    tries = 30
+
+    async def main() -> None:
+        srv = server(kp_b, keys, Echo("nodeB"), B_IP, refusal_log_budget=(3, 60.0))
+        async with srv, client(kp_x, keys) as cli:
+            for _ in range(tries):
+                assert (await cli.ping(B_IP, srv.port)).status == "auth_failed"
+            stats = srv.stats
+            assert stats.refused_handshakes >= tries  # zmq may retry one before it is dropped
+            assert stats.refusals_not_logged == stats.refused_handshakes - 3
+            assert stats.received == 0
+
+    with caplog.at_level(logging.INFO, logger="callerid.bus.transport"):
+        run(main())
+    refused = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 3, [r.getMessage() for r in refused]
+
+
+# --------------------------------------------------------------------------- link-local
+
+# One mesh node inside a network namespace: a server (answers job=str(uid), prints its port,
+# serves until stdin closes), or a client (pings and queries each host given, prints statuses).
+MESH_NODE = r"""
+import asyncio, json, sys
+from pathlib import Path
+from callerid.agent.ask import mesh_asker
+from callerid.bus.peers import PeerTable
+from callerid.bus.protocol import CallerIdQuery, CallerIdReply, Endpoint
+from callerid.bus.transport import MeshClient, MeshServer, load_keypair
+cfg = json.loads(sys.argv[1])
+kp = load_keypair(Path(cfg["dir"]), cfg["name"])
+table = PeerTable.load(Path(cfg["authorized"]), resolve=False)
+
+async def echo(q, peer):
+    return CallerIdReply(id=q.id, status="found", node=cfg["name"], job=str(q.uid))
+
+async def serve():
+    async with MeshServer(kp, echo, peers=table, addresses=["::"], port=0, resolve=False) as s:
+        print(json.dumps({"port": s.port}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+async def ask():
+    out = {}
+    async with MeshClient(kp, table, port=cfg["port"]) as cli:
+        for host in cfg["hosts"]:
+            ping = await cli.ping(host)
+            q = CallerIdQuery(0, "tcp", Endpoint("fe80::a", 40000), Endpoint("fe80::b", 22), 1001)
+            status, reply = await mesh_asker(cli)(host, q)
+            out[host] = [ping.status, ping.reply.node if ping.reply else None,
+                         status, reply.job if reply else None]
+    print(json.dumps(out), flush=True)
+
+asyncio.run(serve() if cfg["role"] == "server" else ask())
+"""
+
+
+def test_query_and_ping_over_a_link_local_address(keys: Keys) -> None:
+    """Two agents' mesh ends in two namespaces joined only by fe80:: addresses: the client
+    reaches the server at fe80::b with its interface (by name or index); without one it
+    says so at once."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.support.linklocal import LinkLocalPair
+
+    keys.node("nodeA", "fe80::a")
+    keys.node("nodeB", "fe80::b")
+    base = {"authorized": str(keys.authorized)}
+    with LinkLocalPair() as pair:
+        srv = subprocess.Popen(
+            [*pair.b.prefix(), sys.executable, "-c", MESH_NODE,
+             json.dumps({**base, "role": "server", "dir": str(keys.root / "nodeB"),
+                         "name": "nodeB"})],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert srv.stdout is not None
+            port = json.loads(srv.stdout.readline())["port"]
+            hosts = [pair.b.scoped, f"fe80::b%{pair.a.ifindex}", "fe80::b"]
+            cfg = {**base, "role": "client", "dir": str(keys.root / "nodeA"), "name": "nodeA",
+                   "port": port, "hosts": hosts}  # fmt: skip
+            out = subprocess.run(
+                [*pair.a.prefix(), sys.executable, "-c", MESH_NODE, json.dumps(cfg)],
+                check=True, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+        finally:
+            srv.kill()
+            srv.communicate(timeout=10)  # and close its pipes
+    got = json.loads(out.stdout)
+    assert got[hosts[0]] == ["ok", "nodeB", "ok", "1001"]
+    assert got[hosts[1]] == ["ok", "nodeB", "ok", "1001"]
+    assert got["fe80::b"] == ["error", None, "error", None]  # which link? not guessed

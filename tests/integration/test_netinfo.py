@@ -55,10 +55,11 @@ fam = socket.AF_INET6 if ":" in cfg["bind"] else socket.AF_INET
 kind = socket.SOCK_STREAM if cfg["proto"] == "tcp" else socket.SOCK_DGRAM
 s = socket.socket(fam, kind)
 s.bind((cfg["bind"], 0))
+dest = socket.getaddrinfo(cfg["host"], cfg["port"], fam, kind)[0][4]  # fe80::b%eth0: its scope
 if cfg.get("unconnected"):
-    s.sendto(b"x", (cfg["host"], cfg["port"]))
+    s.sendto(b"x", dest)
 else:
-    s.connect((cfg["host"], cfg["port"]))
+    s.connect(dest)
 if cfg.get("setuid"):  # drop privileges after creating the socket (it stays root's)
     os.setgid(cfg["setuid"][1])
     os.setuid(cfg["setuid"][0])
@@ -682,3 +683,46 @@ def test_socket_facts_skips_an_fd_that_is_no_longer_a_socket() -> None:
         finally:
             os.close(r)
             os.close(w)
+
+
+# --------------------------------------------------------------------------- link-local IPv6
+
+# The source side's question, asked inside a network namespace (sock_diag and /proc/net are
+# per namespace): which pid holds local=src, remote=dst?
+OWNER_OF = r"""
+import json, sys
+from callerid.agent.netinfo import ProcReader, SocketOwners
+from callerid.bus.protocol import Endpoint
+cfg = json.loads(sys.argv[1])
+owners = SocketOwners(ProcReader(), use_netlink=cfg["netlink"])
+found = owners.socket_owner(cfg["proto"], Endpoint(*cfg["src"]), Endpoint(*cfg["dst"]))
+print(json.dumps(found.pid if found else None))
+"""
+
+
+def test_link_local_connection_between_namespaces(spawn: Any) -> None:
+    """A TCP connection fe80::a -> fe80::b (each on its eth0): the destination finds it with
+    its scope (both ways of reading sockets), the source finds its owner (both ways)."""
+    from tests.support.linklocal import LinkLocalPair
+
+    with LinkLocalPair() as pair:
+        tree = spawn(TREE, {"bind": "::", "n": 1}, prefix=pair.b.prefix())
+        port = tree.expect("port")["port"]
+        cfg = {"proto": "tcp", "bind": "::", "host": pair.b.scoped, "port": port}
+        client = spawn(CLIENT, cfg, prefix=pair.a.prefix())
+        cport = client.expect("port")["port"]
+        seen = tree.expect("monitor", "helper")
+        for use_pidfd in (True, False):
+            info, conn = sessions(use_pidfd=use_pidfd).session_connection(seen["helper"])
+            assert info.pid == seen["monitor"]
+            assert (conn.local, conn.remote) == (ep("fe80::b", port), ep("fe80::a", cport))
+            assert conn.scope == pair.b.ifindex, use_pidfd
+            assert conn.remote_host == f"fe80::a%{pair.b.ifindex}"
+        for netlink in (True, False):
+            ask = {"proto": "tcp", "src": ["fe80::a", cport], "dst": ["fe80::b", port]}
+            out = subprocess.run(
+                [*pair.a.prefix(), sys.executable, "-c", OWNER_OF,
+                 json.dumps({**ask, "netlink": netlink})],
+                check=True, capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            assert json.loads(out.stdout) == client.pid, (netlink, out.stderr)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import logging
 import re
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -308,16 +311,121 @@ def test_send_oserror_is_counted_and_record_goes_to_stream(
         j.record(adopt_record(decision="deny", reason="no_jobs"))
         sender.fail = None
         j.record(adopt_record())
-        sender.fail = BlockingIOError(11, "Resource temporarily unavailable")
-        j.record(adopt_record())
-    assert (j.send_errors, j.sent, j.to_stream) == (3, 1, 3)
+    assert (j.send_errors, j.sent, j.to_stream, j.lost) == (2, 1, 2, 2)
     assert [line.split(" [")[1][:26] for line in out.getvalue().splitlines()] == [
         "CALLERID_DECISION=adopt CA",
         "CALLERID_DECISION=deny CAL",
-        "CALLERID_DECISION=adopt CA",
     ]
-    failures = [r for r in caplog.records if "journald send failed" in r.getMessage()]
-    assert len(failures) == 2  # once per failing streak, not per record
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "journald send failed" in m]) == 1  # once per streak
+    assert len([m for m in messages if "journald takes records again; 2 lost" in m]) == 1
+
+
+def test_would_block_drops_the_record_counts_it_and_logs_once_per_streak(
+    sender: FakeSender, socket_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = io.StringIO()
+    j = make_journal(sender, socket_path, out)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        sender.fail = BlockingIOError(11, "Resource temporarily unavailable")
+        for _ in range(5):
+            j.record(adopt_record())
+        sender.fail = None
+        j.record(adopt_record())
+        sender.fail = BlockingIOError(11, "Resource temporarily unavailable")
+        j.record(adopt_record())
+    # a hung journald's stderr pipe may be just as stuck: nothing goes to the stream
+    assert (j.dropped, j.lost, j.sent, j.to_stream, out.getvalue()) == (6, 6, 1, 0, "")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "would block" in m]) == 2
+    assert [m for m in messages if "again" in m] == [
+        "journald takes records again; 5 lost meanwhile (5 in all)"
+    ]
+
+
+# -- the native protocol, on real sockets --------------------------------------------------
+
+
+def test_encode_entry_plain_and_binary_safe_fields() -> None:
+    data = journal_mod.encode_entry("two\nlines", {"PRIORITY": "6", "CALLERID_USER": "\u00e9"})
+    value = b"two\nlines"
+    assert data == (
+        b"MESSAGE\n" + len(value).to_bytes(8, "little") + value + b"\n"
+        b"PRIORITY=6\nCALLERID_USER=\xc3\xa9\n"
+    )
+
+
+@pytest.fixture
+def journald_socket(tmp_path: Path) -> Iterator[socket.socket]:
+    """A datagram socket standing where journald's is; it reads only when the test does."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(tmp_path / "jsocket"))
+        yield sock
+
+
+def test_native_sender_writes_one_datagram_per_entry(
+    journald_socket: socket.socket, tmp_path: Path
+) -> None:
+    j = Journal(socket_path=str(tmp_path / "jsocket"), stream=io.StringIO())
+    try:
+        j.record(adopt_record())
+        j.event("started", "up", node="n1")
+    finally:
+        j.close()
+    first = journald_socket.recv(65536)
+    assert first == journal_mod.encode_entry(
+        adopt_record().message, journal_mod.decision_fields(adopt_record())
+    )
+    assert journald_socket.recv(65536).startswith(b"MESSAGE=up\nPRIORITY=6\n")
+    assert (j.sent, j.lost, j.to_stream) == (2, 0, 0)
+
+
+def test_native_sender_never_blocks_on_a_journald_that_does_not_read(
+    journald_socket: socket.socket, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    j = Journal(socket_path=str(tmp_path / "jsocket"), stream=io.StringIO())
+    n = 2000  # far beyond net.unix.max_dgram_qlen and the socket buffers
+    try:
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            t0 = time.monotonic()
+            for _ in range(n):
+                j.record(adopt_record())
+            elapsed = time.monotonic() - t0
+            assert j.dropped > 0 and j.sent + j.dropped == n
+            # while losing, no record waits: the whole burst takes about no time
+            assert elapsed < 1.0, elapsed
+            while True:  # journald catches up
+                try:
+                    journald_socket.recv(65536, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+            j.record(adopt_record())
+    finally:
+        j.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "would block" in m]) == 1
+    assert len([m for m in messages if "takes records again" in m]) == 1
+    assert j.lost == j.dropped and j.to_stream == 0
+
+
+def test_native_sender_reconnects_to_a_restarted_journald(tmp_path: Path) -> None:
+    path = tmp_path / "jsocket"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as first:
+        first.bind(str(path))
+        first.settimeout(5)
+        j = Journal(socket_path=str(path), stream=io.StringIO())
+        j.record(adopt_record())
+        assert first.recv(65536)
+    try:
+        path.unlink()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as second:
+            second.bind(str(path))
+            second.settimeout(5)
+            j.record(adopt_record())  # the old peer is gone: a new connection, sent
+            assert second.recv(65536)
+    finally:
+        j.close()
+    assert (j.sent, j.lost) == (2, 0)
 
 
 def test_broken_stream_never_raises(sender: FakeSender, tmp_path: Path) -> None:

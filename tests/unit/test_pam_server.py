@@ -169,11 +169,11 @@ def test_at_most_max_active_decisions_run_at_once_and_the_rest_wait_in_order(
             await asyncio.get_running_loop().sock_connect(s, path)
             s.sendall(LINE)
             socks.append(s)
-            while server.in_flight < len(socks) or (server.active + len(server.queued)) < len(
-                socks
-            ):
+            while server.in_flight < len(socks) or (
+                server.turns.active + len(server.turns.queued)
+            ) < len(socks):
                 await asyncio.sleep(0.001)
-        assert server.active == 3 and len(server.queued) == n - 3
+        assert server.turns.active == 3 and len(server.turns.queued) == n - 3
         adopter.gate.set()
         replies = [await asyncio.get_running_loop().sock_recv(s, 4096) for s in socks]
         for s in socks:
@@ -184,7 +184,7 @@ def test_at_most_max_active_decisions_run_at_once_and_the_rest_wait_in_order(
     adopter: Adopter = server.flow  # type: ignore[assignment]
     assert replies == [b"CALLERID/1 verdict=allow reason=root msg=\n"] * n
     assert adopter.most == 3
-    assert len(adopter.order) == n and server.in_flight == 0 and server.active == 0
+    assert len(adopter.order) == n and server.in_flight == 0 and server.turns.active == 0
 
 
 def test_queued_requests_are_still_bounded_by_their_deadline(
@@ -199,7 +199,7 @@ def test_queued_requests_are_still_bounded_by_their_deadline(
     assert replies == [b"CALLERID/1 verdict=error reason=timeout msg=\n"] * 2
     assert out.getvalue().count("CALLERID_REASON=timeout") == 2
     adopter: Adopter = server.flow  # type: ignore[assignment]
-    assert adopter.cancelled == 1 and server.active == 0 and not server.queued
+    assert adopter.cancelled == 1 and server.turns.active == 0 and not server.turns.queued
 
 
 def test_a_queued_request_whose_client_left_is_not_decided(
@@ -209,12 +209,12 @@ def test_a_queued_request_whose_client_left_is_not_decided(
     async def body(server: PamServer, adopter: Adopter, path: str) -> bytes:
         adopter.gate.clear()
         first = asyncio.ensure_future(exchange(path, LINE, close_write=False))
-        while server.active < 1:
+        while server.turns.active < 1:
             await asyncio.sleep(0.001)
         _reader, writer = await asyncio.open_unix_connection(path)
         writer.write(LINE)
         await writer.drain()
-        while len(server.queued) < 1:
+        while len(server.turns.queued) < 1:
             await asyncio.sleep(0.001)
         writer.close()  # gives up before its turn
         await writer.wait_closed()
@@ -224,6 +224,52 @@ def test_a_queued_request_whose_client_left_is_not_decided(
     reply, server, out = run(serve(tmp_path, body, timeout_s=5.0, max_active=1))
     adopter: Adopter = server.flow  # type: ignore[assignment]
     assert reply == b"CALLERID/1 verdict=allow reason=root msg=\n"
-    assert len(adopter.order) == 1 and server.abandoned == 1
-    assert server.in_flight == 0 and server.active == 0 and not server.queued
+    assert len(adopter.order) == 1 and server.turns.abandoned == 1
+    assert server.in_flight == 0 and server.turns.active == 0 and not server.turns.queued
     assert out.getvalue().count("CALLERID_DECISION=") == 1  # only the decided one
+
+
+def test_open_connections_are_bounded_and_the_rest_wait_in_the_backlog(tmp_path: Path) -> None:
+    async def body(server: PamServer, adopter: Adopter, path: str) -> tuple[int, bytes, float]:
+        most = 0
+
+        async def sample() -> None:
+            nonlocal most
+            while True:
+                most = max(most, server.in_flight)
+                await asyncio.sleep(0.002)
+
+        sampler = asyncio.create_task(sample())
+        idle = []
+        for _ in range(5):  # connected, never a word: each holds a connection to its deadline
+            s = socket.socket(socket.AF_UNIX)
+            s.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(s, path)
+            idle.append(s)
+        t0 = time.monotonic()
+        reply = await exchange(path, LINE)  # waits in the backlog until idle ones expire
+        took = time.monotonic() - t0
+        sampler.cancel()
+        for s in idle:
+            s.close()
+        return most, reply, took
+
+    (most, reply, took), _, _ = run(serve(tmp_path, body, timeout_s=0.3, max_connections=3))
+    assert most == 3  # never more open at once
+    assert reply == b"CALLERID/1 verdict=allow reason=root msg=\n"
+    assert took >= 0.2  # it was accepted only once idle connections had expired
+
+
+def test_bad_requests_are_logged_within_a_budget(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body(server: PamServer, adopter: Adopter, path: str) -> list[bytes]:
+        return [await exchange(path, b"garbage\n") for _ in range(50)]
+
+    caplog.set_level("WARNING", logger="callerid.agent.pamserver")
+    replies, server, _ = run(serve(tmp_path, body))
+    assert all(r.startswith(b"CALLERID/1 verdict=error reason=bad_request") for r in replies)
+    assert server.malformed == 50
+    lines = [r for r in caplog.records if r.name == "callerid.agent.pamserver"]
+    assert 1 <= len(lines) <= 5  # the budget's burst; the rest are counted, said later
+    assert server.noisy.budget.suppressed == 50 - len(lines)

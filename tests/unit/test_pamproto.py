@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import logging
+import os
+import pwd
 import re
+import time
+from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from callerid.agent.journal import DecisionRecord
+from callerid.agent.login import Outcome
 from callerid.agent.pamproto import (
     MAX_LINE,
+    MAX_USER,
     PamProtocolError,
     PamReply,
     PamRequest,
@@ -20,6 +28,8 @@ from callerid.agent.pamproto import (
     pct_decode,
     pct_encode,
 )
+from callerid.agent.pamserver import PamServer
+from tests.fakes import FakeJournal
 
 
 def test_parse_design_example() -> None:
@@ -81,6 +91,135 @@ def test_long_message_is_cut_at_an_escape_boundary() -> None:
     assert set(unquote(out.decode().split("msg=")[1].strip(), errors="strict")) == {"\u00e9"}
 
 
+# -- what a request's values may hold (issue 12 item 5) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "user",
+    [
+        b"%00",  # NUL: pwd.getpwnam raised ValueError, the reply was agent_error
+        b"a%00",
+        b"%01root",
+        b"a%1Bb",  # ESC
+        b"a%7F",  # DEL
+        b"a%C2%85",  # NEL (C1, and whitespace)
+        b"a%C2%9Bb",  # CSI (C1)
+        b"a%20b",
+        b"a%09",
+        b"a%E2%80%AEb",  # RIGHT-TO-LEFT OVERRIDE (a format character)
+        b"a%E2%80%A8",  # LINE SEPARATOR
+        b"%E3%80%80",  # IDEOGRAPHIC SPACE
+        b"a%2Fb",
+        b"a:b",
+        b"u" * (MAX_USER + 1),
+        b"%C3%A9" * 128,  # 128 characters but 256 bytes
+    ],
+)
+def test_impossible_user_names_are_protocol_errors(user: bytes) -> None:
+    with pytest.raises(PamProtocolError, match="invalid user"):
+        parse_request(b"CALLERID/1 op=account user=" + user + b" service=sshd\n")
+
+
+@pytest.mark.parametrize(
+    ("user", "want"),
+    [
+        (b"u" * MAX_USER, "u" * MAX_USER),
+        (b"%C3%A9" * 127, "\u00e9" * 127),
+        (b"d%C3%A9v", "d\u00e9v"),
+        (b"alice@EXAMPLE.COM", "alice@EXAMPLE.COM"),
+        (b"AD%5Cbob", "AD\\bob"),
+        (b"_svc-1.x$", "_svc-1.x$"),
+    ],
+)
+def test_possible_user_names_pass(user: bytes, want: str) -> None:
+    assert parse_request(b"CALLERID/1 op=account user=" + user).user == want
+
+
+@pytest.mark.parametrize("key", ["service", "rhost", "tty"])
+@pytest.mark.parametrize("value", [b"%00", b"a%0Ab", b"%1B%5B31m", b"x%7F", b"%C2%9B"])
+def test_control_characters_in_service_rhost_tty_are_protocol_errors(
+    key: str, value: bytes
+) -> None:
+    line = b"CALLERID/1 op=account user=alice " + key.encode() + b"=" + value
+    with pytest.raises(PamProtocolError, match=f"control character in {key}"):
+        parse_request(line)
+
+
+def test_other_characters_in_service_rhost_tty_pass() -> None:
+    req = parse_request(
+        b"CALLERID/1 op=account user=a service=s%20d rhost=h%C3%B6st%E2%80%AE tty=%2Fdev%2Fpts%2F0"
+    )
+    assert (req.service, req.rhost, req.tty) == ("s d", "h\u00f6st\u202e", "/dev/pts/0")
+
+
+def test_control_characters_in_unknown_keys_are_ignored() -> None:
+    assert parse_request(b"CALLERID/1 op=account user=a future=%00").user == "a"
+
+
+def test_reply_nul_becomes_a_question_mark_and_invalid_jobs_are_left_out() -> None:
+    out = format_reply(PamReply("deny", "r\0", None, "a\0b"))
+    assert out == b"CALLERID/1 verdict=deny reason=r%3F msg=a%3Fb\n"
+    for job in ["", "4/2", "j" * 65, "a b", "\u00e9"]:
+        assert b"job=" not in format_reply(PamReply("adopt", "callerid", job))
+    assert b" job=" + b"j" * 64 + b" " in format_reply(PamReply("adopt", "callerid", "j" * 64))
+
+
+def test_a_long_reason_is_cut_and_the_line_still_fits() -> None:
+    out = format_reply(PamReply("error", "\u00e9" * 5000, "1", "m" * 5000))
+    assert len(out) == MAX_LINE and out.endswith(b"\n")
+    assert c_parse_reply(out) is not None
+
+
+# -- properties ---------------------------------------------------------------------------------
+
+PROPS = settings(max_examples=300, deadline=None)
+
+_SAFE_C = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:/@+,[]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def c_encode_request(op: str, user: str, service: str, rhost: str, tty: str) -> bytes:
+    """pam/codec.c cid_encode_request: safe bytes raw, every other byte %XX (upper case)."""
+
+    def enc(value: str) -> str:
+        return "".join(chr(b) if b in _SAFE_C else f"%{b:02X}" for b in value.encode())
+
+    fields = zip(
+        ("op", "user", "service", "rhost", "tty"), (op, user, service, rhost, tty), strict=True
+    )
+    return ("CALLERID/1" + "".join(f" {k}={enc(v)}" for k, v in fields) + "\n").encode()
+
+
+def c_parse_reply(line: bytes) -> dict[str, str] | None:
+    """What pam/codec.c cid_parse_reply accepts (client.h), as a model: None for garbage."""
+    if not 1 <= len(line) <= MAX_LINE or not line.endswith(b"\n"):
+        return None
+    body = line[:-1]
+    if not body.startswith(b"CALLERID/1") or (body[10:] and body[10:11] != b" "):
+        return None
+    out: dict[str, str] = {}
+    for field in body[11:].split(b" ") if body[10:] else []:
+        key, sep, raw = field.partition(b"=")
+        if not sep or not re.fullmatch(rb"[a-z][a-z0-9_]{0,31}", key):
+            return None
+        if not re.fullmatch(rb"(?:[\x21-\x24\x26-\x3c\x3e-\x7e]|%[0-9A-Fa-f]{2})*", raw):
+            return None
+        value = re.sub(rb"%([0-9A-Fa-f]{2})", lambda m: bytes.fromhex(m[1].decode()), raw)
+        if b"\0" in value:
+            return None
+        name = key.decode()
+        if name in ("verdict", "job", "reason", "msg"):
+            if name in out:
+                return None
+            out[name] = value.decode("utf-8", errors="surrogateescape")
+    if out.get("verdict") not in ("adopt", "allow", "deny", "error"):
+        return None
+    if "job" in out and not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", out["job"]):
+        return None
+    return out
+
+
+@PROPS
 @given(st.text(max_size=300))
 def test_encode_decode_roundtrip(value: str) -> None:
     enc = pct_encode(value)
@@ -88,7 +227,169 @@ def test_encode_decode_roundtrip(value: str) -> None:
     assert pct_decode(enc) == value
 
 
+def _check_parsed(line: bytes) -> None:
+    """The invariant: a PamRequest that keeps every rule, or PamProtocolError."""
+    try:
+        req = parse_request(line)
+    except PamProtocolError:
+        return
+    assert isinstance(req, PamRequest)
+    assert req.op in ("account", "open_session", "close_session", "status")
+    assert 0 < len(req.user.encode()) <= MAX_USER and req.user.isprintable()
+    assert not re.search(r"[\s/:]", req.user)
+    assert not any(_CONTROL.search(v) for v in (req.service, req.rhost, req.tty))
+
+
+@PROPS
 @given(st.binary(max_size=600))
 def test_any_line_parses_or_raises_protocol_error(line: bytes) -> None:
-    with contextlib.suppress(PamProtocolError):
-        parse_request(line)
+    _check_parsed(line)
+
+
+_value = st.text(st.characters(codec="utf-8"), max_size=40)
+_raw_value = st.one_of(
+    _value.map(pct_encode),
+    st.binary(max_size=20).map(lambda b: "".join(f"%{x:02x}" for x in b)),
+    st.text(st.characters(min_codepoint=0, max_codepoint=127), max_size=20),
+)
+_key = st.sampled_from(["op", "user", "service", "rhost", "tty", "future", "x_1"])
+
+
+@PROPS
+@given(
+    st.lists(st.tuples(_key, _raw_value), max_size=7),
+    st.sampled_from(["account", "open_session", "close_session", "status", "x"]),
+)
+def test_structured_lines_parse_or_raise_protocol_error(
+    fields: list[tuple[str, str]], op: str
+) -> None:
+    """Right magic and keys, random values: the checks after decoding are what gets exercised."""
+    text = "CALLERID/1 op=" + op + "".join(f" {k}={v}" for k, v in fields)
+    _check_parsed(text.encode("utf-8", errors="surrogateescape") + b"\n")
+
+
+_user = st.text(
+    st.characters(codec="utf-8", blacklist_characters="/:",
+                  blacklist_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp")),
+    min_size=1, max_size=60,
+).filter(lambda u: len(u.encode()) <= MAX_USER and not re.search(r"\s", u))  # fmt: skip
+_field = st.text(st.characters(codec="utf-8", blacklist_categories=("Cc", "Cs")), max_size=100)
+
+
+@PROPS
+@given(
+    st.sampled_from(["account", "open_session", "close_session", "status"]),
+    _user,
+    _field,
+    _field,
+    _field,
+)
+def test_what_the_module_encodes_parses_back(
+    op: str, user: str, service: str, rhost: str, tty: str
+) -> None:
+    line = c_encode_request(op, user, service, rhost, tty)
+    assert parse_request(line) == PamRequest(op, user, service, rhost, tty)  # type: ignore[arg-type]
+
+
+_verdict = st.sampled_from(["adopt", "allow", "deny", "error"])
+_any_text = st.text(max_size=120) | st.text(max_size=6000, alphabet="\u00e9\0x %\x1b")
+
+
+@PROPS
+@given(_verdict, _any_text, st.none() | st.text(max_size=70), _any_text)
+def test_every_reply_is_one_line_the_module_accepts(
+    verdict: str, reason: str, job: str | None, msg: str
+) -> None:
+    out = format_reply(PamReply(verdict, reason, job, msg))  # type: ignore[arg-type]
+    assert len(out) <= MAX_LINE and out.isascii()
+    assert out.endswith(b"\n") and out.count(b"\n") == 1
+    assert all(0x20 <= b <= 0x7E for b in out[:-1])
+    parsed = c_parse_reply(out)
+    assert parsed is not None, out[:200]
+    assert parsed["verdict"] == verdict
+    assert reason.replace("\0", "?").startswith(parsed["reason"])
+    assert msg.replace("\0", "?").startswith(parsed["msg"])
+    if len(out) < MAX_LINE - 12:  # nothing was cut
+        assert parsed["msg"] == msg.replace("\0", "?")
+    assert parsed.get("job") == (
+        job if job and re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", job) else None
+    )
+
+
+# -- through the real PAM server on a real unix socket ------------------------------------------
+
+
+class NssFlow:
+    """A stand-in login flow that looks the user up as the real one does (users.py:
+    pwd.getpwnam, which raises ValueError on a NUL: what issue 12 item 5 saw)."""
+
+    def __init__(self) -> None:
+        self.users: list[str] = []
+
+    async def account(self, req: PamRequest, pid: int, received: float | None) -> Outcome:
+        self.users.append(req.user)
+        pwd.getpwnam(req.user)
+        rec = DecisionRecord(
+            decision="allow", reason="root", user=req.user, uid=0, pid=pid, job=None, src=None,
+            dst=None, peer_status=None, latency_us=0, message="root",
+        )  # fmt: skip
+        return Outcome(PamReply("allow", "root"), rec)
+
+    async def open_session(self, req: PamRequest, pid: int) -> PamReply:
+        self.users.append(req.user)
+        return PamReply("allow", "not_adopted")
+
+    def close_session(self, pid: int) -> PamReply:
+        return PamReply("allow", "closed")
+
+    def error_record(
+        self, req: PamRequest, pid: int, started: float, reason: str, text: str
+    ) -> DecisionRecord:
+        return DecisionRecord(
+            decision="error", reason=reason, user=req.user, uid=None, pid=pid, job=None, src=None,
+            dst=None, peer_status=None, latency_us=0, message=text,
+        )  # fmt: skip
+
+
+async def _ask_server(sock_dir: Path, line: bytes) -> tuple[bytes, PamServer, NssFlow, FakeJournal]:
+    flow, journal = NssFlow(), FakeJournal()
+    server = PamServer(flow, journal, timeout_s=2.0, clock=time.monotonic, allowed_uid=os.getuid())
+    await server.start(sock_dir / "agent.sock")
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(sock_dir / "agent.sock"))
+        writer.write(line)
+        writer.write_eof()
+        try:
+            reply = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+        return reply, server, flow, journal
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize(
+    ("op", "user"),
+    [("account", b"%00"), ("account", b"root%00"), ("account", b"a%1B%5B2J"),
+     ("open_session", b"a%C2%9B"), ("account", b"a%20b")],
+)  # fmt: skip
+def test_the_server_answers_a_bad_user_name_with_bad_request_in_one_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, op: str, user: bytes
+) -> None:
+    line = b"CALLERID/1 op=" + op.encode() + b" user=" + user + b" service=sshd\n"
+    with caplog.at_level(logging.DEBUG, logger="callerid"):
+        reply, server, flow, journal = asyncio.run(_ask_server(tmp_path, line))
+    assert reply == b"CALLERID/1 verdict=error reason=bad_request msg=\n"
+    assert flow.users == [] and journal.records == []  # refused before any look-up
+    assert server.malformed == 1 and server.in_flight == 0
+    logged = [r for r in caplog.records if r.name.startswith("callerid")]
+    assert [r.levelno for r in logged] == [logging.WARNING], logged
+    assert logged[0].exc_info is None and "\n" not in logged[0].getMessage()
+
+
+def test_the_server_still_decides_for_a_good_user_name(tmp_path: Path) -> None:
+    line = b"CALLERID/1 op=account user=root service=sshd\n"
+    reply, server, flow, journal = asyncio.run(_ask_server(tmp_path, line))
+    assert reply == b"CALLERID/1 verdict=allow reason=root msg=\n"
+    assert flow.users == ["root"] and server.malformed == 0
+    assert [r.decision for r in journal.records] == ["allow"]

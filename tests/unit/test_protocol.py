@@ -392,3 +392,65 @@ def test_valid_maps_with_random_field_values(base: dict[str, Any], change: dict[
         return
     assert decode(encode(msg)) == msg
     assert msg.id == data["id"]
+
+
+# --------------------------------------------------------------------------- generated messages
+
+_ids = st.integers(0, 2**64 - 1)
+_names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", fullmatch=True)
+_jobs = st.from_regex(r"[A-Za-z0-9_.\-]{1,64}", fullmatch=True)
+_ports = st.integers(0, 65535)
+
+
+def _endpoints_of(version: int) -> st.SearchStrategy[Endpoint]:
+    # an IPv4-mapped IPv6 address is IPv4 once normalised: it belongs to the other family
+    ips = st.ip_addresses(v=version).filter(lambda a: getattr(a, "ipv4_mapped", None) is None)
+    return st.builds(Endpoint, ips.map(str), _ports)
+
+
+_queries = st.sampled_from([4, 6]).flatmap(
+    lambda v: st.builds(
+        CallerIdQuery, id=_ids, proto=st.sampled_from(["tcp", "udp"]), src=_endpoints_of(v),
+        dst=_endpoints_of(v), uid=st.integers(0, 2**32 - 2),
+    )
+)  # fmt: skip
+_reasons = st.text(max_size=200)
+_replies = st.one_of(
+    st.builds(CallerIdReply, id=_ids, status=st.just("found"), node=_names, job=_jobs,
+              reason=_reasons),
+    st.builds(CallerIdReply, id=_ids, status=st.just("not_found"), node=_names, reason=_reasons),
+    st.builds(CallerIdReply, id=_ids, status=st.just("error"), node=_names, reason=_reasons,
+              code=st.sampled_from([c for c in ErrorCode.NAMES if c != ErrorCode.OK])),
+)  # fmt: skip
+_messages = st.one_of(
+    _queries, _replies, st.builds(Ping, id=_ids), st.builds(Pong, id=_ids, node=_names)
+)
+
+
+GENERATED = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@GENERATED
+@given(_messages)
+def test_every_valid_message_round_trips(msg: Message) -> None:
+    data = encode(msg)
+    assert len(data) <= MAX_MESSAGE_SIZE
+    assert decode(data) == msg
+    assert decode_frames([data]) == msg
+    assert encode(decode(data)) == data
+
+
+@GENERATED
+@given(
+    st.lists(
+        st.binary(max_size=64) | st.sampled_from([b"", *(encode(m) for m in MESSAGES)]),
+        max_size=4,
+    )
+)
+def test_any_frame_list_decodes_or_raises_protocol_error(frames: list[bytes]) -> None:
+    try:
+        msg = decode_frames(frames)
+    except ProtocolError:
+        return
+    assert len(frames) == 1
+    assert msg == decode(frames[0])

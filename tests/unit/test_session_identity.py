@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import resource
 
 import pytest
 
@@ -144,3 +145,26 @@ def test_the_real_pin_holds_this_process_and_refuses_another_start_time() -> Non
         held.close()
     with pytest.raises(ProcessGone):
         procs.pin(me, (start or 0.0) + 1.0)
+
+
+def test_a_pin_works_past_fd_1024() -> None:
+    """select() cannot watch an fd number >= 1024; a loaded agent holds more than that."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 2048), hard))
+    procs = ProcReader()
+    me = os.getpid()
+    fd = os.open("/dev/null", os.O_RDONLY)
+    high = os.dup2(fd, 1500)
+    os.close(fd)
+    try:
+        held = procs.pin(me, procs.start_time(me))
+        os.dup2(held.fd, 1600)
+        os.close(held.fd)
+        held.fd = 1600
+        try:
+            assert not held.exited()
+        finally:
+            held.close()
+    finally:
+        os.close(high)
