@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import resource
 import signal
 import socket
 import threading
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 WORKER_THREADS = 8
 SHUTDOWN_STEP_S = 3.0
+FD_LIMIT = 65536
 
 
 @dataclass
@@ -271,6 +273,16 @@ async def _bounded(step: Awaitable[None], what: str) -> None:
         log.warning("%s took over %.0f s; going on with the shutdown", what, SHUTDOWN_STEP_S)
 
 
+def _raise_fd_limit(want: int = FD_LIMIT) -> None:
+    """Raise the soft limit of open files towards ``want`` (within the hard limit): each login
+    holds a PAM connection and each peer a mesh socket; 1024 is far too few for a storm."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def run(cfg_path: Path) -> int:
     """Load the config, build the agent and serve; the exit code for __main__.
 
@@ -279,6 +291,7 @@ def run(cfg_path: Path) -> int:
     authorized keys directory, the backend's tree.
     """
     cfg = config_mod.load(cfg_path)
+    _raise_fd_limit()
     try:
         agent = build(cfg, cfg_path=cfg_path)
     except (OSError, ValueError, BackendError) as exc:

@@ -74,6 +74,19 @@ CRAFTED_LINES: tuple[bytes, ...] = (
 )
 
 
+def _connect_as_the_module(s: socket.socket, path: Path, deadline: float) -> None:
+    """connect(), retried every 10 ms while the listen backlog is full (EAGAIN), up to the
+    deadline: what pam/client.c does (CONNECT_RETRY_MS)."""
+    while True:
+        try:
+            s.connect(str(path))
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError from None
+            time.sleep(0.01)  # the module's pause between tries, not a synchronisation
+
+
 def exchange(
     path: Path, payload: bytes, timeout: float, *, shut_wr: bool = True
 ) -> tuple[str, bytes]:
@@ -81,7 +94,7 @@ def exchange(
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(timeout)
         try:
-            s.connect(str(path))
+            _connect_as_the_module(s, path, time.monotonic() + timeout)
             try:
                 s.sendall(payload)
                 if shut_wr:
