@@ -6,19 +6,23 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 APT_STAMP := .apt.stamp
+# systemd-container debootstrap: tests/e2e/test_systemd.py boots a Debian 12 tree with nspawn.
+# apt-install.sh installs without recommends: systemd-container's libnss-mymachines would
+# edit this machine's /etc/nsswitch.conf.
 APT_PACKAGES := gcc make pkg-config libsystemd-dev libpam0g-dev pamtester \
 	openssh-server openssh-client sshpass iproute2 systemd procps psmisc python3-venv \
-	slurmd slurmctld slurm-client munge \
-	clang libclang-rt-14-dev llvm faketime
+	slurmd slurmctld slurm-client munge libjson-c5 libdbus-1-3 libhwloc15 \
+	clang libclang-rt-14-dev llvm faketime \
+	systemd-container debootstrap
 # Only for `make deb`, `make rpm` and `make test-packages` (packaging/build.sh): build tools,
 # linters, and the distribution's Python packages the .deb depends on.
 PKG_APT_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
 	python3-wheel libpam0g-dev gcc make rpm rpmlint lintian fakeroot devscripts pamtester systemd strace \
-	python3-zmq python3-msgpack python3-psutil python3-yaml python3-systemd
+	python3-zmq python3-msgpack python3-psutil python3-yaml python3-systemd python3-prometheus-client
 PKG_APT_STAMP := build/.pkg-apt.stamp
 
 .PHONY: all deps apt venv pam test test-unit lint typecheck demo bench clean deb rpm test-packages \
-	fuzz chaos
+	fuzz chaos slurm-trees
 
 all: pam venv
 
@@ -49,8 +53,15 @@ lint: venv
 typecheck: venv
 	$(PY) scripts/typecheck.py
 
-test: deps pam lint typecheck
+test: deps pam lint typecheck slurm-trees
 	$(PY) -m pytest tests
+
+# Slurm 24.11 and 26.05 for the slurm tests (22.05 is Debian's): the installed trees from the
+# team tree's shared/reference/slurm-builds (beside this checkout, ../shared; or
+# SLURM_BUILDS=dir) unpacked into /opt/slurm-24.11 and /opt/slurm-26.05, each once (a stamp in
+# the tree names its tarball's sha256). No tarballs is an error: the tests would fail without.
+slurm-trees: venv
+	$(if $(SLURM_BUILDS),CALLERID_SLURM_BUILDS=$(SLURM_BUILDS)) $(PY) -m tests.support.slurm_release
 
 # libFuzzer + ASan/UBSan harnesses of pam/codec.c, each for FUZZ_SECONDS (default 300); what
 # they learn and any crash stay in pam/fuzz/build/. `make test` runs each for 10 s
@@ -72,7 +83,7 @@ bench: deps pam
 chaos: deps pam
 	$(PY) -m bench.chaos
 
-$(PKG_APT_STAMP):
+$(PKG_APT_STAMP): Makefile
 	scripts/apt-install.sh $(PKG_APT_PACKAGES)
 	@mkdir -p $(@D) && touch $@
 

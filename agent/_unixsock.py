@@ -1,14 +1,17 @@
-"""The agent's unix socket: made root-only from birth, and who is calling (SO_PEERCRED)."""
+"""The agent's unix socket: made root-only from birth, who is calling (SO_PEERCRED), and
+replies that carry fds (SCM_RIGHTS: the job's namespaces, to root only)."""
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import socket
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["bind_unix", "peer_cred"]
+__all__ = ["bind_unix", "peer_cred", "send_with_fds"]
 
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 BACKLOG = 512
@@ -19,6 +22,15 @@ def peer_cred(sock: socket.socket) -> tuple[int, int]:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     pid, uid, _gid = _UCRED.unpack(raw)
     return pid, uid
+
+
+def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int]) -> int:
+    """Send ``data`` with ``fds`` attached to its bytes (SCM_RIGHTS; none: a plain send).
+    The caller keeps its copies of the fds (and closes them)."""
+    if not fds:
+        return sock.send(data)
+    rights = array.array("i", fds).tobytes()
+    return sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
 
 
 def bind_unix(path: Path) -> socket.socket:

@@ -37,6 +37,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "KeysConfig",
+    "MetricsConfig",
     "PeerConfig",
     "PolicyConfig",
     "SlurmBackendConfig",
@@ -58,6 +59,8 @@ NoJobsAction = Literal["deny", "allow"]
 UnknownAction = Literal["newest", "oldest", "random", "deny", "allow"]
 AdoptFailureAction = Literal["deny", "allow"]
 BackendType = Literal["cgroup", "slurm"]
+NamespaceKind = Literal["user", "mnt", "pid", "net", "ipc", "uts", "cgroup"]  # /proc/<pid>/ns
+Mode = Literal["enforce", "audit"]
 
 
 # the bounds several options share (each option still declares its own, in its metadata)
@@ -121,6 +124,16 @@ class PolicyConfig:
     adopt_failure: AdoptFailureAction = _opt(
         "deny", "What to do when adoption into the chosen job fails."
     )
+    wait_for_job_ms: int = _opt(
+        500,
+        "When the source names a job of the user that this node does not have yet (its "
+        "prolog is still creating it: launchers ssh to every node of a new job at once), wait "
+        "this long for it to appear before the other rules decide; 0: never wait. With it, a "
+        "user without a job here is denied only after the source was asked. The wait never "
+        "takes a decision past pam_timeout_ms (it is cut short 200 ms before).",
+        min=0,
+        max=MAX_TIMEOUT_MS,
+    )
     deny_message: str = _opt(
         "Access denied by callerid: you have no active job on {node}",
         "Message shown to a denied user; {node} is replaced by this node's name.",
@@ -146,6 +159,19 @@ class CgroupBackendConfig:
         text="name",
         max_len=255,
     )
+    join_namespaces: bool = _opt(
+        False,
+        "An adopted session enters the job's namespaces: those of the owner's oldest process "
+        "in the job that differ from the agent's own, of the kinds in namespace_kinds (the "
+        "PAM module enters them; a login whose namespaces cannot be had is denied). Off: "
+        "sessions stay in the node's namespaces.",
+    )
+    namespace_kinds: list[NamespaceKind] = _opt(
+        ["user", "mnt", "pid", "ipc", "uts"],
+        "The kinds join_namespaces enters, in this order (user first: as nsenter does): user, "
+        "mnt, pid, net, ipc, uts, cgroup.",
+        max_items=7,
+    )
 
 
 @dataclass(frozen=True)
@@ -165,6 +191,11 @@ class SlurmBackendConfig:
         "Bound of each slurm backend call (all its slurmstepd exchanges together), in ms.",
         **_MS,
     )
+    join_container: bool = _opt(
+        True,
+        "Enter the job's namespaces (job_container/tmpfs, namespace/tmpfs, namespace/linux: "
+        "its private /tmp, PID namespace) on adoption, as pam_slurm_adopt's join_container.",
+    )
 
 
 @dataclass(frozen=True)
@@ -172,6 +203,58 @@ class BackendConfig:
     type: BackendType = _opt("cgroup", "Where jobs come from: cgroup | slurm.")
     cgroup: CgroupBackendConfig = field(default_factory=CgroupBackendConfig)
     slurm: SlurmBackendConfig = field(default_factory=SlurmBackendConfig)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    port: int | None = _opt(
+        None,
+        "TCP port of the Prometheus metrics endpoint (HTTP, /metrics); null: no endpoint. 0: "
+        "any free port (calleridctl status shows it). Below 1024 needs a capability the unit "
+        "does not keep.",
+        min=0,
+        max=65535,
+    )
+    address: str = _opt(
+        "127.0.0.1",
+        "Address the metrics endpoint binds (an IP literal); a loopback address unless "
+        "allow_remote is true.",
+        text="printable",
+        max_len=64,
+    )
+    allow_remote: bool = _opt(
+        False,
+        "Let the metrics endpoint bind a non-loopback address. It has no authentication and "
+        "no TLS: anyone who reaches it sees login rates, denials and peer counts.",
+    )
+    textfile: Path | None = _opt(
+        None,
+        "File for node_exporter's textfile collector (name ending in .prom), replaced "
+        "atomically every interval_s and removed when the agent stops; null: none. The unit "
+        "needs ReadWritePaths= for its directory.",
+        **_DIR,
+    )
+    interval_s: float = _opt(15.0, "How often the textfile is rewritten, in s.", min=1, max=3600)
+
+    def __post_init__(self) -> None:
+        try:
+            ip = ipaddress.ip_address(self.address)
+        except ValueError as exc:
+            msg = f"metrics.address: {self.address!r} is not an IP address literal"
+            raise ConfigError(msg) from exc
+        if not ip.is_loopback and not self.allow_remote:
+            msg = (
+                f"metrics.address: {self.address} is not a loopback address "
+                "(set metrics.allow_remote: true to serve metrics beyond this host)"
+            )
+            raise ConfigError(msg)
+        if self.textfile is not None and not self.textfile.name.endswith(".prom"):
+            msg = f"metrics.textfile: {str(self.textfile)!r} must end in .prom (node_exporter)"
+            raise ConfigError(msg)
+
+    @property
+    def enabled(self) -> bool:
+        return self.port is not None or self.textfile is not None
 
 
 @dataclass(frozen=True)
@@ -203,9 +286,17 @@ class Config:
         "peer.timeout_ms must be below it.",
         **_MS,
     )
+    mode: Mode = _opt(
+        "enforce",
+        "enforce: deny what the policy denies. audit: decide and adopt as usual, but let "
+        "through a login that enforce would deny (or fail), journaled as "
+        "CALLERID_DECISION=allow CALLERID_REASON=audit with the would-be verdict and reason "
+        "in CALLERID_WOULD_DECISION and CALLERID_WOULD_REASON (for a staged rollout).",
+    )
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     journal: bool = _opt(True, "Write one structured record per decision to the journal.")
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
         for addr in self.listen:

@@ -32,6 +32,7 @@ from callerid.agent.backends.base import Backend, BackendError
 from callerid.agent.config import Config, ConfigError
 from callerid.agent.journal import Journal
 from callerid.agent.login import LoginFlow
+from callerid.agent.metrics import Metrics
 from callerid.agent.netinfo import ProcReader, SessionFinder, SocketOwners
 from callerid.agent.pamserver import PamServer
 from callerid.agent.source import SourceAnswer
@@ -70,6 +71,7 @@ class Agent:
     clock: Callable[[], float]
     commands: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     started: float = 0.0
+    metrics: Metrics | None = None
 
     def status(self) -> dict[str, object]:
         """What `calleridctl status` shows: identity, uptime and the counters that matter."""
@@ -94,6 +96,7 @@ class Agent:
             },
             "journald": self.journal.journald_running,
             "journal_lost": self.journal.lost,  # records journald did not get
+            "metrics": None if self.metrics is None else self.metrics.endpoint(),
         }
 
     def reload(self) -> None:
@@ -114,7 +117,9 @@ class Agent:
         except Exception as exc:  # a missing or unreadable directory: keep the old table
             self._refuse(exc, "keys.authorized: ")
             return
-        built_once = "node_name listen port keys.dir peer pam_socket pam_timeout_ms backend journal"
+        built_once = (
+            "node_name listen port keys.dir peer pam_socket pam_timeout_ms backend journal metrics"
+        )
         for key in built_once.split():  # what build() wired in: the policy and keys reload
             if self._dotted(new, key) != self._dotted(self.cfg, key):
                 log.warning("reload: %s changed; it takes effect at the next restart", key)
@@ -122,6 +127,7 @@ class Agent:
             # exempt_groups, or the users' groups, may have changed: forget the remembered users
             self.users.reconfigure(new.policy)
             self.flow.cfg = new.policy
+            self.flow.mode = new.mode
             self.client.peers = peers
             self.mesh.reload_keys(peers)
         except Exception as exc:  # pragma: no cover - in-memory assignments; never stop
@@ -187,6 +193,8 @@ def build(
         ask_source=ask_source,
         executor=executor,
         clock=clock,
+        mode=cfg.mode,
+        deadline_s=cfg.pam_timeout_ms / 1000,
     )
 
     async def on_query(query: CallerIdQuery, peer: PeerIdentity) -> CallerIdReply:
@@ -196,13 +204,18 @@ def build(
         keypair, on_query, peers=peers, addresses=cfg.listen, port=cfg.port, node=node,
         clock=clock,
     )  # fmt: skip
-    pam = PamServer(flow, journal, timeout_s=cfg.pam_timeout_ms / 1000, clock=clock)
+    metrics = Metrics(cfg.metrics) if cfg.metrics.enabled else None
+    sink = journal if metrics is None else metrics.sink(journal)  # counts each record
+    pam = PamServer(flow, sink, timeout_s=cfg.pam_timeout_ms / 1000, clock=clock)
     agent = Agent(
         cfg, cfg_path, node, journal, backend, users, flow, sessions, owners, pam, mesh,
         client, peers, executor, clock,
     )  # fmt: skip
     agent.started = clock()
     pam.status = agent.status
+    if metrics is not None:
+        agent.metrics = metrics
+        metrics.watch(agent.status)
     return agent
 
 
@@ -236,6 +249,8 @@ async def serve(agent: Agent) -> None:
         loop.add_signal_handler(sig, agent.commands.put_nowait, cmd)
     await agent.mesh.start()
     await agent.pam.start(agent.cfg.pam_socket)
+    if agent.metrics is not None:
+        await agent.metrics.start()
     agent.journal.event(
         "started",
         f"callerid-agent on {agent.node}: mesh {agent.mesh.endpoints}, PAM socket "
@@ -247,6 +262,7 @@ async def serve(agent: Agent) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(agent.mesh.serve())
             watchdog = tg.create_task(_watchdog())
+            textfile = tg.create_task(agent.metrics.run()) if agent.metrics else None
             while (cmd := await agent.commands.get()) != "stop":
                 if cmd == "reload":
                     sd_notify("RELOADING=1")
@@ -259,8 +275,12 @@ async def serve(agent: Agent) -> None:
             await agent.pam.stop()
             await agent.pam.drain(agent.cfg.pam_timeout_ms / 1000)
             watchdog.cancel()
+            if textfile is not None:
+                textfile.cancel()
             await _bounded(agent.mesh.close(), "closing the mesh server")
     finally:
+        if agent.metrics is not None:
+            await _bounded(agent.metrics.stop(), "stopping the metrics")
         await _bounded(agent.client.close(), "closing the mesh client")
         agent.close()
 

@@ -7,7 +7,9 @@ with the fields of the design ("Journal fields"; docs/architecture.md):
     SYSLOG_IDENTIFIER=callerid-agent, MESSAGE_ID (one fixed id per decision kind),
     CALLERID_DECISION, CALLERID_REASON, CALLERID_USER, CALLERID_UID, CALLERID_PID,
     CALLERID_JOB_ID, CALLERID_SRC, CALLERID_DST, CALLERID_PEER_STATUS,
-    CALLERID_LATENCY_US, CALLERID_SERVICE, CALLERID_NODE
+    CALLERID_LATENCY_US, CALLERID_SERVICE, CALLERID_NODE, and when they apply
+    CALLERID_WAITED_MS (the login waited for the job the source named to appear here) and
+    CALLERID_WOULD_DECISION, CALLERID_WOULD_REASON (audit mode: what enforce would have done)
 
 Agent lifecycle events (`Journal.event()`: started, stopping, reloaded, config_error,
 peer_error) carry their own fixed MESSAGE_ID, `CALLERID_EVENT=<kind>` and any extra fields
@@ -157,6 +159,9 @@ class DecisionRecord:
     message: str  # human MESSAGE
     service: str | None = None
     node: str | None = None
+    waited_ms: int | None = None  # how long the login waited for the job the source named
+    would_decision: str | None = None  # audit mode: the verdict enforce mode would have given
+    would_reason: str | None = None  # ... and its reason
 
     def __post_init__(self) -> None:
         if self.decision not in DECISIONS:
@@ -184,6 +189,9 @@ def decision_fields(rec: DecisionRecord, identifier: str = "callerid-agent") -> 
         ("CALLERID_LATENCY_US", rec.latency_us),
         ("CALLERID_SERVICE", rec.service),
         ("CALLERID_NODE", rec.node),
+        ("CALLERID_WAITED_MS", rec.waited_ms),
+        ("CALLERID_WOULD_DECISION", rec.would_decision),
+        ("CALLERID_WOULD_REASON", rec.would_reason),
     ]
     fields.update({k: str(v) for k, v in values if v is not None})
     return fields

@@ -14,8 +14,10 @@ the injected ``clock``. Where the work runs: see `_offload`.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -23,9 +25,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from callerid.agent import policy
+from callerid.agent._joinns import namespace_step
 from callerid.agent._offload import backend_call
-from callerid.agent.backends.base import Backend, BackendError, Job
-from callerid.agent.config import PolicyConfig
+from callerid.agent.backends.base import Backend, BackendError, Job, JobNamespaces
+from callerid.agent.config import Mode, PolicyConfig
 from callerid.agent.journal import DecisionRecord
 from callerid.agent.memo import Memo
 from callerid.agent.netinfo import Connection, NetinfoError, Proc
@@ -44,6 +47,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SESSION_MEMORY = 4096  # adopted monitor pids remembered for open_session re-checks
+JOB_POLL_S = 0.05  # how often the jobs are listed again while waiting for a named job
+DEADLINE_SLACK_S = 0.2  # a wait for a named job ends this long before the PAM deadline
 
 
 class UserSource(Protocol):
@@ -86,8 +91,12 @@ class AskSource(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
+    """The reply and record of a login; ``namespaces``: the job's, sent with the reply (their
+    kinds are the reply's ``ns``) and closed by whoever sends or drops it (the PAM server)."""
+
     reply: PamReply
     record: DecisionRecord
+    namespaces: JobNamespaces | None = None
 
 
 @dataclass(slots=True)
@@ -102,6 +111,7 @@ class _Login:
     target_start: float | None = None  # the target's start time: its identity with the pid
     conn: Connection | None = None
     peer_status: str = "skipped"
+    waited_ms: int | None = None  # waited for the job the source named (wait_for_job_ms)
     marks: list[tuple[str, float]] = dataclasses.field(default_factory=list)
 
 
@@ -122,8 +132,12 @@ class LoginFlow:
         clock: Callable[[], float],
         rng: random.Random | None = None,
         max_sessions: int = SESSION_MEMORY,
+        mode: Mode = "enforce",
+        deadline_s: float | None = None,
     ) -> None:
         self.cfg = cfg
+        self.deadline_s = deadline_s  # the PAM server's answer deadline (pam_timeout_ms)
+        self.mode = mode  # audit: a login enforce would deny (or fail) is let through
         self.node = node
         self.users = users
         self.sessions = sessions
@@ -161,10 +175,14 @@ class LoginFlow:
         if step is policy.Need.CALLERID:
             await self._ask_source(login)
             self._mark(login, "source")
+            await self._await_named_job(login)
             step = policy.decide(login.facts, self.cfg, self.node, self.rng)
             assert isinstance(step, policy.Decision)
             step = await backend_call(self.backend, self.executor, self._carry_out, login, step)
         assert isinstance(step, policy.Decision)
+        step, ns = await namespace_step(
+            self.backend, self.executor, step, login.req.join, self.node
+        )
         if step.verdict == "adopt" and step.job is not None and login.target_pid is not None:
             self.adopted.put(login.target_pid, (login.target_start, step.job))
         else:
@@ -174,7 +192,7 @@ class LoginFlow:
         if log.isEnabledFor(logging.DEBUG):
             steps = " ".join(f"{k}={(t - login.started) * 1e3:.2f}" for k, t in login.marks)
             log.debug("pid %d timings (ms since request): %s", caller_pid, steps)
-        return self._outcome(login, step)
+        return self._outcome(login, step, ns)
 
     def _mark(self, login: _Login, what: str) -> None:
         login.marks.append((what, self.clock()))
@@ -227,6 +245,40 @@ class LoginFlow:
         login.peer_status = status
         login.facts = login.facts.with_callerid(job, status)
 
+    async def _await_named_job(self, login: _Login) -> None:
+        """The job-start race: the source named a job of this user that this node does not
+        list (yet: its prolog is still creating the extern step, as launchers ssh to every
+        node of a new job at once). List the jobs again every `JOB_POLL_S`, for at most
+        ``wait_for_job_ms`` (and at most as many polls as fit in it, whatever the clock says;
+        never closer than DEADLINE_SLACK_S to the PAM deadline); then the policy decides with
+        what is there."""
+        named, uid = login.facts.callerid_job, login.facts.uid
+        bound_ms = self.cfg.wait_for_job_ms
+        if self.deadline_s is not None:  # never past the PAM deadline
+            left = self.deadline_s - (self.clock() - login.started) - DEADLINE_SLACK_S
+            bound_ms = min(bound_ms, int(left * 1000))
+        if named is None or uid is None or bound_ms <= 0:
+            return
+        if any(j.id == named for j in login.facts.jobs or ()):
+            return
+        start = self.clock()
+        for _ in range(max(1, math.ceil(bound_ms / 1000 / JOB_POLL_S))):
+            await asyncio.sleep(JOB_POLL_S)
+            try:
+                jobs = await backend_call(self.backend, self.executor, self.backend.jobs_of, uid)
+            except BackendError as exc:
+                log.warning("listing the jobs of uid %d while waiting failed: %s", uid, exc)
+                break
+            login.facts = login.facts.with_more_jobs(tuple(jobs))
+            if any(j.id == named for j in jobs) or self.clock() - start >= bound_ms / 1000:
+                break
+        login.waited_ms = round((self.clock() - start) * 1000)
+        found = any(j.id == named for j in login.facts.jobs or ())
+        log.info(
+            "%s: waited %d ms for job %s named by the source: %s", login.req.user,
+            login.waited_ms, named, "it appeared" if found else "not here",
+        )  # fmt: skip
+
     def _carry_out(self, login: _Login, decision: policy.Decision) -> policy.Decision:
         """Adopt the session process into the decided job."""
         if decision.verdict != "adopt":
@@ -255,28 +307,53 @@ class LoginFlow:
         finally:
             held.close()
 
-    def _outcome(self, login: _Login, d: policy.Decision) -> Outcome:
+    def _outcome(
+        self, login: _Login, d: policy.Decision, ns: JobNamespaces | None = None
+    ) -> Outcome:
         job = d.job.id if d.job else None
         uid = login.facts.uid
         who = f"{login.req.user} (uid {uid})" if uid is not None else login.req.user
         where = f" from {login.conn.remote}" if login.conn else ""
         what = {"adopt": f"adopted into job {job}", "allow": "allowed", "deny": "denied"}[d.verdict]
-        record = self._record(login, d.verdict, d.reason, job, f"{who}{where} {what} ({d.reason})")
-        log.debug("%s", record.message)  # the journal record is the log line
-        return Outcome(PamReply(d.verdict, d.reason, job, d.user_message), record)
+        waited = f", after waiting {login.waited_ms} ms for job {login.facts.callerid_job}"
+        kinds = ns.kinds if ns is not None else ()
+        joins = f", entering its namespaces {','.join(kinds)}" if kinds else ""
+        text = f"{who}{where} {what}{joins} ({d.reason}{waited if login.waited_ms else ''})"
+        gid = d.job.gid if d.job else None
+        outcome = Outcome(
+            PamReply(d.verdict, d.reason, job, d.user_message, gid=gid, ns=kinds),
+            self._record(login, d.verdict, d.reason, job, text),
+            ns,
+        )
+        log.debug("%s", outcome.record.message)  # the journal record is the log line
+        return self._audited(outcome, f"{who}{where}")
 
-    def error_record(
+    def error_outcome(
         self, req: PamRequest, caller_pid: int, started: float, reason: str, text: str
-    ) -> DecisionRecord:
-        """The record of a login the PAM server answered with verdict=error itself."""
+    ) -> Outcome:
+        """A login the PAM server ends itself with verdict=error (timeout, internal error)."""
         login = _Login(req, caller_pid, started, policy.Facts(user=req.user, uid=None))
         login.peer_status = ""
-        return self._error(login, reason, text).record
+        return self._error(login, reason, text)
 
     def _error(self, login: _Login, reason: str, text: str) -> Outcome:
         """verdict=error: the PAM module's on_error= decides (default deny)."""
         record = self._record(login, "error", reason, None, f"{login.req.user}: {text} ({reason})")
-        return Outcome(PamReply("error", reason), record)
+        return self._audited(Outcome(PamReply("error", reason), record), login.req.user)
+
+    def _audited(self, outcome: Outcome, who: str) -> Outcome:
+        """In audit mode a login that enforce mode would deny (or fail) is let through: the
+        reply is allow (reason audit) and the record says what enforce would have done."""
+        rec = outcome.record
+        if self.mode != "audit" or rec.decision not in ("deny", "error"):
+            return outcome
+        would = "denied" if rec.decision == "deny" else "refused (error)"
+        message = f"{who} would be {would} ({rec.reason}); allowed: audit mode"
+        record = dataclasses.replace(
+            rec, decision="allow", reason="audit", message=message,
+            would_decision=rec.decision, would_reason=rec.reason,
+        )  # fmt: skip
+        return Outcome(PamReply("allow", "audit"), record)
 
     def _record(
         self, login: _Login, decision: str, reason: str, job: str | None, message: str
@@ -296,6 +373,7 @@ class LoginFlow:
             message=message,
             service=login.req.service or None,
             node=self.node,
+            waited_ms=login.waited_ms,
         )
 
     async def open_session(self, req: PamRequest, caller_pid: int) -> PamReply:

@@ -30,6 +30,21 @@ most MAX_LINE bytes, every value percent-encoded, no encoded NUL (a NUL in ``rea
 ``msg`` is sent as ``?``), ``job`` only when it is a job id the module accepts
 (``[A-Za-z0-9_.-]{1,64}``: any other is left out rather than turn a decision into garbage),
 ``reason`` and ``msg`` cut at whole characters to fit.
+
+``gid`` (the adopted job's group, canonical decimal 0..MAX_GID) is sent only with
+verdict=adopt; the module exports it as SLURM_JOB_GID and CALLERID_JOB_GID. Both ways
+compatible: a module that does not know the key ignores it (unknown reply keys are ignored,
+their values only percent-decoded), and a module that knows it takes its absence as "no group
+to tell" (pam/client.h ``cid_valid_gid``).
+
+Namespaces (docs/architecture.md, "Joining the job's namespaces"). An account request may say
+``ns=1`` (the module enters the job's namespaces) or ``ns=0`` (its ``join_container=0``: it
+will not); a module without namespace support says nothing (`PamRequest.join` None); any
+other value is a `PamProtocolError`. An adopt reply may name ``ns=KIND[,KIND...]`` (kinds of
+NS_KINDS, each at most once, in the order the module enters them); the server sends exactly
+that many fds with the line (SCM_RIGHTS), in that order. A module without namespace support
+ignores the key (and the kernel closes fds it does not take), which is why they are sent only
+to a module that said ``ns=1``; the module rejects a reply whose fds do not match the key.
 """
 
 from __future__ import annotations
@@ -41,6 +56,7 @@ from typing import Final, Literal
 __all__ = [
     "MAGIC",
     "MAX_LINE",
+    "NS_KINDS",
     "PamProtocolError",
     "PamReply",
     "PamRequest",
@@ -55,7 +71,9 @@ MAX_LINE: Final = 4096
 MAX_VALUE: Final = 1024  # bytes of one decoded value
 MAX_USER: Final = 255  # bytes of a user name (LOGIN_NAME_MAX, 256, counts the NUL)
 MAX_REASON: Final = 256  # encoded bytes of a reply's reason (reasons are short tokens)
+MAX_GID: Final = 2**32 - 2  # (gid_t)-1 means "no group" to the kernel: never sent
 OPS: Final = ("account", "open_session", "close_session", "status")
+NS_KINDS: Final = ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup")  # backends.base
 
 Op = Literal["account", "open_session", "close_session", "status"]
 PamVerdict = Literal["adopt", "allow", "deny", "error"]
@@ -125,6 +143,7 @@ class PamRequest:
     service: str = ""
     rhost: str = ""
     tty: str = ""
+    join: bool | None = None  # ns=1 / ns=0: the module enters namespaces / will not; None: silent
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +152,17 @@ class PamReply:
     reason: str
     job: str | None = None
     msg: str = ""
+    gid: int | None = None  # the adopted job's group: sent with verdict=adopt only
+    ns: tuple[str, ...] = ()  # the kinds of the fds sent with the line (verdict=adopt only)
+
+    def __post_init__(self) -> None:
+        if self.ns and (
+            self.verdict != "adopt"
+            or len(set(self.ns)) != len(self.ns)
+            or any(k not in NS_KINDS for k in self.ns)
+        ):
+            msg = f"namespaces {self.ns!r} with verdict {self.verdict}"
+            raise ValueError(msg)
 
 
 def parse_request(line: bytes) -> PamRequest:
@@ -172,7 +202,12 @@ def parse_request(line: bytes) -> PamRequest:
         if _CONTROL.search(value):
             msg = f"control character in {key}"
             raise PamProtocolError(msg)
-    return PamRequest(op=op, user=user, service=service, rhost=rhost, tty=tty)  # type: ignore[arg-type]
+    ns = fields.get("ns")
+    if ns not in (None, "0", "1"):
+        msg = "ns must be 0 or 1"
+        raise PamProtocolError(msg)
+    join = None if ns is None else ns == "1"
+    return PamRequest(op, user, service, rhost, tty, join)  # type: ignore[arg-type]
 
 
 def _valid_user(user: str) -> bool:
@@ -188,8 +223,17 @@ def format_reply(reply: PamReply) -> bytes:
     head = f"{MAGIC} verdict={reply.verdict} reason={_encode_cut(reply.reason, MAX_REASON)}"
     if reply.job is not None and _JOB_RE.fullmatch(reply.job):
         head += f" job={reply.job}"
+    if reply.verdict == "adopt" and _valid_gid(reply.gid):
+        head += f" gid={reply.gid}"
+    if reply.ns:
+        head += f" ns={','.join(reply.ns)}"
     msg = _encode_cut(reply.msg, MAX_LINE - len(head) - len(" msg=") - 1)
     return f"{head} msg={msg}\n".encode("ascii")
+
+
+def _valid_gid(gid: int | None) -> bool:
+    """A gid the module accepts (anything else is left out, as a bad job id is)."""
+    return type(gid) is int and 0 <= gid <= MAX_GID
 
 
 def _encode_cut(value: str, room: int) -> str:

@@ -4,14 +4,16 @@ The socket is a unix stream socket, mode 0600, root only; the line format is pam
 One handler per op (`PamServer._dispatch`):
 
     account        CALLERID/1 op=account user=U service=S rhost=R tty=T
-                   -> CALLERID/1 verdict=adopt|allow|deny|error reason=W [job=J] msg=M
+                   [ns=0|1] -> CALLERID/1 verdict=adopt|allow|deny|error reason=W [job=J]
+                   [gid=G] [ns=KINDS, with as many fds] msg=M
     open_session   same fields -> verdict=adopt|allow|error (re-adopts a moved session)
     close_session  same fields -> verdict=allow
     status         (calleridctl) -> verdict=allow reason=status msg=<the agent's counters, JSON>
 
 The server takes the caller's pid and uid from SO_PEERCRED, refuses any uid but 0, reads at
 most one bounded line, and always answers within ``pam_timeout_ms``: when the decision is not
-ready by then (a hung backend), the reply is verdict=error reason=timeout.
+ready by then (a hung backend), the reply is verdict=error reason=timeout. The job's namespaces
+(`login.Outcome.namespaces`) go with an account reply as SCM_RIGHTS, to a root peer only.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 from callerid.agent._pamturns import Turns
-from callerid.agent._unixsock import bind_unix, peer_cred
+from callerid.agent._unixsock import bind_unix, peer_cred, send_with_fds
 from callerid.agent.journal import DecisionRecord
 from callerid.agent.login import Outcome
 from callerid.agent.pamproto import (
@@ -67,10 +69,10 @@ class LoginHandler(Protocol):
         """op=close_session -> allow (the session is forgotten)."""
         ...
 
-    def error_record(
+    def error_outcome(
         self, req: PamRequest, pid: int, started: float, reason: str, text: str
-    ) -> DecisionRecord:
-        """The record of a login the server answered with verdict=error itself."""
+    ) -> Outcome:
+        """The answer and record of a login the server must end itself (verdict error)."""
         ...
 
 
@@ -183,20 +185,19 @@ class PamServer:
             self._paused = False
             self._resume_accept(self._sock.fileno())
 
-    async def _decide(self, req: PamRequest, pid: int, started: float) -> PamReply:
+    async def _decide(self, req: PamRequest, pid: int, started: float) -> PamReply | Outcome:
         try:
             return await self._dispatch(req, pid, started)
         except Exception:
             log.exception("internal error deciding for pid %d", pid)
-            self._journal_error(req, pid, started, "agent_error", "internal error")
-            return PamReply("error", "agent_error")
+            return self._error_answer(req, pid, started, "agent_error", "internal error")
 
-    async def _dispatch(self, req: PamRequest, pid: int, started: float) -> PamReply:
+    async def _dispatch(self, req: PamRequest, pid: int, started: float) -> PamReply | Outcome:
         """One handler per op; the wire schema of each is in the module docstring."""
         if req.op == "account":
             outcome = await self.flow.account(req, pid, started)
             self.journal.record(outcome.record)
-            return outcome.reply
+            return outcome
         if req.op == "open_session":
             return await self.flow.open_session(req, pid)
         if req.op == "status":
@@ -204,12 +205,16 @@ class PamServer:
             return PamReply("allow", "status", None, json.dumps(body, separators=(",", ":")))
         return self.flow.close_session(pid)
 
-    def _journal_error(
+    def _error_answer(
         self, req: PamRequest, pid: int, started: float, reason: str, text: str
-    ) -> None:
+    ) -> PamReply:
+        """verdict=error from the server itself; a login's is journaled (and, in audit mode,
+        let through: the flow says so)."""
         if req.op != "account":
-            return
-        self.journal.record(self.flow.error_record(req, pid, started, reason, text))
+            return PamReply("error", reason)
+        outcome = self.flow.error_outcome(req, pid, started, reason, text)
+        self.journal.record(outcome.record)
+        return outcome.reply
 
 
 class _PamConnection:
@@ -240,6 +245,7 @@ class _PamConnection:
         "state",
         "task",
         "timer",
+        "uid",
     )
 
     def __init__(
@@ -251,11 +257,12 @@ class _PamConnection:
         self.state = "read"
         self.buf = b""
         self.pid = 0
+        self.uid = -1
         self.req: PamRequest | None = None
         self.pending: PamReply | None = None  # the answer once discarding ends
         self.left = 0
         self.reading = False
-        self.task: asyncio.Task[PamReply] | None = None
+        self.task: asyncio.Task[PamReply | Outcome] | None = None
         self.timer: asyncio.TimerHandle | None = None  # only while discarding
         self.started = server.clock()
         self.deadline = loop.time() + server.timeout_s
@@ -266,14 +273,14 @@ class _PamConnection:
         srv.turns.watch(self, self.loop)
         try:
             self.sock.setblocking(False)
-            self.pid, uid = peer_cred(self.sock)
+            self.pid, self.uid = peer_cred(self.sock)
         except OSError as exc:
             log.debug("pam connection without credentials: %s", exc)
             self._finish(None)
             return
-        if uid != srv.allowed_uid:
+        if self.uid != srv.allowed_uid:
             srv.refused += 1
-            srv.noisy("refused a PAM socket client: pid %d uid %d is not root", self.pid, uid)
+            srv.noisy("refused a PAM socket client: pid %d uid %d is not root", self.pid, self.uid)
             self._discard(PamReply("error", "not_root"))
         self._on_readable()
 
@@ -369,39 +376,44 @@ class _PamConnection:
         # the discarding is bounded by its own short time (and still by the deadline)
         self.timer = self.loop.call_later(DISCARD_TIMEOUT_S, self.expire)
 
-    def _decided(self, task: asyncio.Task[PamReply]) -> None:
+    def _decided(self, task: asyncio.Task[PamReply | Outcome]) -> None:
         self.server.turns.release()
-        if self.state != "busy" or task.cancelled():
-            return
-        self._finish(task.result())
+        if not task.cancelled():  # answered already (timeout): _finish only closes its fds
+            self._finish(task.result())
 
     def expire(self) -> None:
         if self.state in ("busy", "queued"):
             assert self.req is not None
             if self.task is not None:
                 self.task.cancel()
-            self.server._journal_error(
+            reply = self.server._error_answer(
                 self.req, self.pid, self.started, "timeout", "no decision within the deadline"
             )
-            self._finish(PamReply("error", "timeout"))
+            self._finish(reply)
         elif self.state == "discard":
             self._finish(self.pending)
         else:
             self._finish(None)  # no complete line within the deadline: no answer
 
-    def _finish(self, reply: PamReply | None) -> None:
-        if self.state == "done":
-            return
-        self.state = "done"
-        self.buf = b""  # the deadline queue keeps this object until its deadline
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self._stop_reading()
-        if reply is not None:
-            # one short line into an empty unix socket buffer: it never blocks; a client
-            # that has gone away (EPIPE) or reset the connection just misses its answer
-            with contextlib.suppress(OSError):
-                self.sock.send(format_reply(reply))
-        self.sock.close()
-        self.server._end()
+    def _finish(self, answer: PamReply | Outcome | None) -> None:
+        ns = answer.namespaces if isinstance(answer, Outcome) else None
+        reply = answer.reply if isinstance(answer, Outcome) else answer
+        with ns or contextlib.nullcontext():  # the fds: closed whether they were sent or not
+            if self.state == "done":
+                return
+            self.state = "done"
+            self.buf = b""  # the deadline queue keeps this object until its deadline
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            self._stop_reading()
+            fds = [fd for _, fd in ns.fds] if ns is not None and self.uid == 0 else []
+            if ns is not None and not fds:
+                reply = PamReply("error", "agent_error")  # never fds to a non-root peer
+            if reply is not None:
+                # one short line into an empty unix socket buffer: it never blocks; a client
+                # that has gone away (EPIPE) or reset the connection just misses its answer
+                with contextlib.suppress(OSError):
+                    send_with_fds(self.sock, format_reply(reply), fds)
+            self.sock.close()
+            self.server._end()

@@ -13,8 +13,11 @@ agent; the caller fills the fact in and calls `decide` again. Rules, first match
  3. user in one of exempt_groups            -> allow   (exempt_group)
  4. unknown user                            -> deny    (unknown_user)
  5. no local jobs                           -> no_jobs action: deny | allow   (no_jobs)
- 6. one job and single_job_shortcut         -> adopt it                       (single_job)
- 7. the source names one of the user's jobs -> adopt it                       (callerid)
+                                               (with wait_for_job_ms, only after the source
+                                               was asked and its job did not appear)
+ 6. the source names one of the user's jobs -> adopt it                       (callerid)
+ 7. one job and single_job_shortcut         -> adopt it                       (single_job)
+    (rule 6 applies first only when the source was asked already, which the shortcut spares)
  8. otherwise                               -> unknown action: newest | oldest | random |
                                                deny | allow                   (unknown_<action>)
 Adoption that then fails goes through `after_adopt_failure`: adopt_failure = deny | allow.
@@ -59,6 +62,13 @@ class Facts:
         """These facts and the user's local jobs (a direct copy: dataclasses.replace is slow)."""
         return Facts(self.user, self.uid, self.groups, jobs)
 
+    def with_more_jobs(self, jobs: Sequence[Job]) -> Facts:
+        """These facts with the local jobs listed again (what the source said is kept)."""
+        return Facts(
+            self.user, self.uid, self.groups, jobs,
+            self.callerid_asked, self.callerid_job, self.callerid_status,
+        )  # fmt: skip
+
     def with_callerid(self, job: str | None = None, status: str = "skipped") -> Facts:
         """These facts and what the source agent said (``job`` if it named one)."""
         return Facts(self.user, self.uid, self.groups, self.jobs, True, job, status)
@@ -91,17 +101,26 @@ def decide(facts: Facts, cfg: PolicyConfig, node: str, rng: random.Random) -> De
         return Need.JOBS
     jobs = sorted(facts.jobs, key=Job.sort_key)  # oldest first, newest last
     if not jobs:
+        if cfg.wait_for_job_ms > 0 and not facts.callerid_asked:
+            return Need.CALLERID  # the source may name a job this node is still creating
         if cfg.no_jobs == "allow":
             return Decision("allow", "no_jobs")
         return Decision("deny", "no_jobs", user_message=_deny_message(cfg, node))
+    named = _named(jobs, facts)
+    if named is not None:  # asked already (the job was awaited): the source's answer counts
+        return Decision("adopt", "callerid", job=named)
     if len(jobs) == 1 and cfg.single_job_shortcut:
         return Decision("adopt", "single_job", job=jobs[0])
     if not facts.callerid_asked:
         return Need.CALLERID
-    for job in jobs:
-        if facts.callerid_job is not None and job.id == facts.callerid_job:
-            return Decision("adopt", "callerid", job=job)
     return _unknown(jobs, cfg, node, rng)
+
+
+def _named(jobs: list[Job], facts: Facts) -> Job | None:
+    """The user's job the source named, if it did and the job is here."""
+    if not facts.callerid_asked or facts.callerid_job is None:
+        return None
+    return next((j for j in jobs if j.id == facts.callerid_job), None)
 
 
 def _unknown(jobs: list[Job], cfg: PolicyConfig, node: str, rng: random.Random) -> Decision:

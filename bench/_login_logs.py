@@ -1,8 +1,9 @@
 """Reading what the login benchmark left behind: syslog lines, agent logs, slurmd's log.
 
 * `spans`: module time per login: pam_slurm_adopt's first to last syslog line of one sshd pid
-  (its own timings at log_level=debug), and pam_callerid's own timing of its exchange with the
-  agent (`debug`: "connect .. send .. recv .. total N us"); each is attributed to the login
+  (its own timings at log_level=debug; other modules' lines logged under its ident are
+  skipped), and pam_callerid's own timing of its exchange with the agent (`debug`: "connect
+  .. send .. recv .. total N us"); each is attributed to the login
   whose wall-clock window (recorded by the job) holds it.
 * `records` / `timing_marks`: the agent's decision records (journal fields on stderr, as
   there is no journald here) and its per-login timing marks (debug log).
@@ -21,6 +22,9 @@ from typing import Any
 from bench._common import median, pct
 
 _PSA = re.compile(r"^(\d+\.\d+) .*?pam_slurm_adopt\[(\d+)\]: ")
+# Another module's pam_syslog line under the ident Slurm's openlog left in the sshd process
+# (24.11 and 26.05 log the session's pam_unix/pam_limits lines as "pam_slurm_adopt[pid]: ").
+_OTHER_MODULE = re.compile(r"pam_slurm_adopt\[\d+\]: pam_\w+\(")
 _CID = re.compile(r"^(\d+\.\d+) .*?pam_callerid\(\S+\): account: .* total (\d+) us")
 _FIELD = re.compile(r"(CALLERID_[A-Z_]+)=(\S+)")
 
@@ -32,7 +36,7 @@ def spans(lines: list[str], logins: list[dict[str, Any]]) -> dict[str, list[dict
     found: list[tuple[float, float, str]] = []  # (start, ms, text)
     by_pid: dict[str, dict[str, Any]] = {}
     for line in lines:
-        if (m := _PSA.match(line)) is not None:
+        if (m := _PSA.match(line)) is not None and not _OTHER_MODULE.search(line):
             d = by_pid.setdefault(m[2], {"t0": float(m[1]), "t1": 0.0, "text": []})
             d["t1"] = float(m[1])
             d["text"].append(line)

@@ -4,10 +4,16 @@ Row 1: the ssh login's added wall time over plain sshd, with a 90% bootstrap int
 noise of a ~220 ms login on a shared 2-core VM is several ms; the module's own time is the
 precise figure of what a stack adds, and the target is judged on it). Row 2: time inside the
 module path, split into decision and adoption. Row 5: logins while the source stalls.
+
+Each run is one Slurm release, against that release's own pam_slurm_adopt and slurmd. Rows of
+22.05 (the first reference) keep their plain labels ("1a"); those of another release carry it
+("1a (26.05)"), and every row's text names the release and, where a run used fewer rounds or
+targets than the 22.05 run, says so.
 """
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 from bench._common import Row, met, ms, ratio_text, reproduce
@@ -28,11 +34,25 @@ MODULE_ROWS = (
 )
 
 
-def report_rows(rounds: int, stalled: int, st: dict[str, Any]) -> list[Row]:
-    cmd = reproduce("login", ["--rounds", str(rounds), "--stalled", str(stalled)])
+FIRST_RELEASE = "22.05"  # the labels without a release suffix
+
+
+def report_rows(args: argparse.Namespace, st: dict[str, Any]) -> list[Row]:
+    opts = ["--rounds", str(args.rounds), "--stalled", str(args.stalled)]
+    if args.release != FIRST_RELEASE:
+        opts += ["--release", args.release]
+    if args.targets:
+        opts += ["--targets", ",".join(st["targets"])]
+    cmd = reproduce("login", opts)
     rows = login_rows(st, cmd) + module_rows(st, cmd)
     if "stalled" in st:
         rows.append(stalled_row(st, cmd))
+    release = st["release"]["name"]
+    for row in rows:
+        if release != FIRST_RELEASE:
+            row.row = f"{row.row} ({release})"
+        row.what = f"Slurm {st['release']['version']}: {row.what}"
+        row.notes.append(f"pam_slurm_adopt: {st['psa_module']} {st['psa_options']}".strip())
     return rows
 
 
@@ -59,6 +79,8 @@ def login_rows(st: dict[str, Any], cmd: str) -> list[Row]:
 
     rows = []
     for label, ours, ref in LOGIN_ROWS:
+        if ours not in ssh:
+            continue
         clear = ssh[ours]["ci90"][0] > 0 and ssh[ref]["ci90"][0] > 0
         rows.append(
             Row(
@@ -81,6 +103,8 @@ def module_rows(st: dict[str, Any], cmd: str) -> list[Row]:
     """Row 2: time inside the module path, total and split into decision and adoption."""
     rows = []
     for label, ours, ref in MODULE_ROWS:
+        if ours not in st["agent"]:
+            continue
         a, mod, r = st["agent"][ours], st["module"][ours], st["module"][ref]
         so, sr = st["split"][ours]["decision"], st["split"][ref]["decision"]
         ao, ar = st["split"][ours]["adoption"], st["split"][ref]["adoption"]

@@ -1,12 +1,14 @@
-"""ssh logins from inside a Slurm job: callerid beside pam_slurm_adopt, on a real Slurm 22.05.
+"""ssh logins from inside a Slurm job: callerid beside pam_slurm_adopt, on a real Slurm.
 
-Rows 1, 2 and 5 of `make bench`. One real single-node Slurm (tests/support/slurm.py
-LocalSlurm: Debian's slurmctld, slurmd, munged; PrologFlags=contain, proctrack/cgroup) and one
-sshd per target on 127.0.0.3, each with its own PAM service; the stacks differ only in the
-account line:
+Rows 1, 2 and 5 of `make bench`, for one Slurm release (``--release``: Debian's 22.05, the
+default, or the upstream trees 24.11 and 26.05 of tests/support/slurm_release.py). One real
+single-node Slurm of that release (tests/support/slurm.py LocalSlurm(release=...): its
+slurmctld, slurmd, slurmstepd; a private munged; PrologFlags=contain, proctrack/cgroup) and
+one sshd per target on 127.0.0.3, each with its own PAM service; the stacks differ only in the
+account line, and pam_slurm_adopt is THAT release's module, by its full path (`PSA_MODULES`):
 
     plain           (none: the baseline)
-    psa             pam_slurm_adopt.so service=<svc> log_level=debug            (22.05, Debian)
+    psa             <release's pam_slurm_adopt.so> service=<svc> log_level=debug [PSA_OPTIONS]
     psa-rpc         ... single_job_skip_rpc=0     (always the callerid RPC to the source slurmd)
     cid-slurm       pam_callerid.so socket=<agent> debug   agent: backend slurm (slurmstepd)
     cid-slurm-rpc   the same, agent with single_job_shortcut: false (always asks the source)
@@ -31,7 +33,12 @@ The timing loop that runs inside the job is bench/_login_job.py; the syslog sink
 instances and agents are bench/_sshbench.py; bench/_login_logs.py reads the logs and
 bench/_login_report.py prints the report and the rows.
 
+``--targets`` runs a subset (plain, psa and psa-rpc always included); bench/run.py runs 24.11
+and 26.05 with the slurm-backend targets only, fewer rounds and no stalled phase (their rows
+say so).
+
 Reproduce (root, from the repo top):  .venv/bin/python -m bench.login [--rounds 30] [--stalled 3]
+    [--release 26.05 --targets plain,psa,psa-rpc,cid-slurm,cid-slurm-rpc]
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ from bench._login_logs import (
 from bench._login_report import print_report, report_rows
 from bench._sshbench import SSHD_HOST, AgentSet, SshdFarm, SyslogSink
 from tests.support.slurm import PACKAGES, LocalSlurm
+from tests.support.slurm_release import RELEASES, SlurmRelease, prepare
 from tests.support.users import ThrowawayUser, create_user, delete_user
 
 PAM_SO = TOP / "pam" / "pam_callerid.so"
@@ -87,16 +95,28 @@ TARGETS = {  # target -> (agent serving it or None, pam_slurm_adopt options or N
     "cid-cgroup-rpc": ("dcgrpc", None),
 }
 STALLED = ("psa-rpc", "cid-slurm-rpc")
+ALWAYS = ("plain", "psa", "psa-rpc")  # every run measures the baseline and the reference
+# Each release's own pam_slurm_adopt, by full path: the trees' Slurm `make install` would have
+# overwritten Debian's in /lib/security (reference/slurm-builds/README.md, "Trap").
+PSA_MODULES = {
+    "22.05": "/lib/security/pam_slurm_adopt.so",  # Debian 12's libpam-slurm-adopt
+    "24.11": "/opt/slurm-24.11/lib/security/pam_slurm_adopt.so",
+    "26.05": "/opt/slurm-26.05/lib/security/pam_slurm_adopt.so",
+}
+# Options a release's module needs beyond service= and log_level= (none so far: NodeName is
+# the short hostname, which every release's module guesses; see docs/performance.md).
+PSA_OPTIONS: dict[str, str] = {"22.05": "", "24.11": "", "26.05": ""}
 JOB_PYTHON = "/usr/bin/python3"  # the timing job's (the user cannot read the venv)
 
 
-def account_line(name: str, farm: SshdFarm, agents: AgentSet) -> str | None:
+def account_line(name: str, farm: SshdFarm, agents: AgentSet, release: str) -> str | None:
     agent, psa = TARGETS[name]
     if agent is not None:
         return f"account    required     {PAM_SO} socket={agents.socket(agent)} debug"
     if psa is not None:
-        opts = f"service={farm.service(name)} log_level=debug {psa}".strip()
-        return f"account    required     pam_slurm_adopt.so {opts}"
+        extra = f"{PSA_OPTIONS[release]} {psa}".strip()
+        opts = f"service={farm.service(name)} log_level=debug {extra}".strip()
+        return f"account    required     {PSA_MODULES[release]} {opts}"
     return None
 
 
@@ -109,7 +129,7 @@ def agent_overrides(slurm: LocalSlurm) -> dict[str, dict[str, Any]]:
         "type": "cgroup",
         "cgroup": {
             "root": "/sys/fs/cgroup/freezer",
-            "jobs": f"slurm_{slurm.node}/uid_{{uid}}/job_{{job}}",
+            "jobs": slurm.cgroup_prefix().lstrip("/") + "/uid_{uid}/job_{job}",
             "extern": "step_extern",
         },
     }
@@ -148,7 +168,7 @@ def user_keys(user: ThrowawayUser, farm: SshdFarm) -> list[str]:
 
 def slurmd_pid(slurm: LocalSlurm) -> int:
     pid = int((slurm.top / "slurmd.pid").read_text().split()[0])
-    if os.readlink(f"/proc/{pid}/exe") != os.path.realpath("/usr/sbin/slurmd"):
+    if os.readlink(f"/proc/{pid}/exe") != os.path.realpath(slurm.release.sbin / "slurmd"):
         msg = f"pid {pid} is not our slurmd"
         raise RuntimeError(msg)
     return pid
@@ -241,6 +261,7 @@ def analyze(
     slurmd: list[float],
     rounds: int,
     timings: dict[str, list[dict[str, float]]],
+    targets: list[str],
 ) -> dict[str, Any]:
     from bench._common import median, pct
 
@@ -262,7 +283,8 @@ def analyze(
         st["module"][name] = stats([s["ms"] for s in got])
         st["errors"][name] = rounds - sum(1 for s in got if want in s["text"])
         st["split"][name] = psa_split([s["text"] for s in got])
-    for name, (agent, _) in TARGETS.items():
+    for name in targets:
+        agent = TARGETS[name][0]
         if agent is None:
             continue
         st["module"][name] = stats([s["ms"] for s in measured.get(name, [])])
@@ -290,7 +312,21 @@ def analyze(
     return st
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
+def chosen_targets(arg: str | None) -> list[str]:
+    """The targets to measure, in TARGETS order (`ALWAYS` included)."""
+    wanted = set(arg.split(",")) if arg else set(TARGETS)
+    unknown = wanted - set(TARGETS)
+    if unknown:
+        msg = f"unknown targets {sorted(unknown)}; known: {list(TARGETS)}"
+        raise SystemExit(msg)
+    return [t for t in TARGETS if t in wanted or t in ALWAYS]
+
+
+def measure(args: argparse.Namespace, release: SlurmRelease) -> dict[str, Any]:
+    targets = chosen_targets(args.targets)
+    names = {"src"} | {a for t in targets if (a := TARGETS[t][0]) is not None}
+    nodes = {n: ip for n, ip in AGENTS.items() if n in names}
+    stalled = args.stalled if all(t in targets for t in STALLED) else 0
     with contextlib.ExitStack() as stack:
         work = Path(tempfile.mkdtemp(prefix="cidlogin-", dir="/tmp"))
         work.chmod(0o755)  # the job (the user) reads its script and writes its results here
@@ -300,24 +336,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         user = create_user(home=True, shell="/bin/bash", locked=False)
         stack.callback(delete_user, user)
         os.chown(work, user.uid, user.gid)
-        slurm = stack.enter_context(LocalSlurm(slurmd_debug="debug2"))
-        agents = AgentSet(work, AGENTS)
+        slurm = stack.enter_context(LocalSlurm(release, slurmd_debug="debug2"))
+        agents = AgentSet(work, nodes)
         stack.callback(agents.close)
         agents.start(agent_overrides(slurm), args.agent_log_level)
         farm = SshdFarm(work, f"cidb{secrets.token_hex(2)}", sink.prefix())
         stack.callback(farm.close)
-        for name in TARGETS:
-            farm.add(name, account_line(name, farm, agents))
+        for name in targets:
+            farm.add(name, account_line(name, farm, agents, release.name))
         spec = {
             "ssh_opts": user_keys(user, farm),
             "host": SSHD_HOST,
             "ports": farm.ports,
-            "order": list(TARGETS),
+            "order": targets,
             "warmup": WARMUP,
             "rounds": args.rounds,
             "out": str(work / "phase1.json"),
             "stalled_out": str(work / "phase2.json"),
-            "stalled": args.stalled,
+            "stalled": stalled,
             "stalled_targets": list(STALLED),
             "ready": str(work / "stall.ready"),
             "go": str(work / "stall.go"),
@@ -326,19 +362,31 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         stall = [slurmd_pid(slurm), agents.procs["src"].pid]
         samples = run_job(stack, slurm, user, work, spec=spec, stall_pids=stall)
         lines = sink.lines()[mark:]
-        recs = {a: records(agents.log(a)) for a in AGENTS}
-        timings = {a: timing_marks(agents.log(a)) for a in AGENTS}
+        recs = {a: records(agents.log(a)) for a in nodes}
+        timings = {a: timing_marks(agents.log(a)) for a in nodes}
         slurmd = slurmd_callerid_ms(slurm.log_dir / "slurmd.log")
         if args.keep:
             keep = Path(args.keep)
             keep.mkdir(parents=True, exist_ok=True)
             (keep / "syslog.log").write_text("\n".join(lines) + "\n")
             (keep / "samples.json").write_text(json.dumps(samples))
-            for a in AGENTS:
+            for a in nodes:
                 shutil.copy(agents.log(a), keep / f"agent-{a}.log")
             shutil.copy(slurm.log_dir / "slurmd.log", keep / "slurmd.log")
-        st = analyze(samples, lines, recs, slurmd=slurmd, rounds=args.rounds, timings=timings)
+        st = analyze(
+            samples,
+            lines,
+            recs,
+            slurmd=slurmd,
+            rounds=args.rounds,
+            timings=timings,
+            targets=targets,
+        )
         st["migration_ms"] = [migration_probe(), migration_probe()]
+        st["release"] = {"name": release.name, "version": release.version}
+        st["psa_module"] = PSA_MODULES[release.name]
+        st["psa_options"] = PSA_OPTIONS[release.name]
+        st["targets"] = targets
         return st
 
 
@@ -349,6 +397,16 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", help="copy the raw logs and samples into this directory")
     ap.add_argument(
+        "--release",
+        default="22.05",
+        choices=list(RELEASES),
+        help="the Slurm release (daemons and its own pam_slurm_adopt.so); default 22.05",
+    )
+    ap.add_argument(
+        "--targets",
+        help=f"comma-separated subset of {','.join(TARGETS)} (plain, psa, psa-rpc always)",
+    )
+    ap.add_argument(
         "--agent-log-level",
         default="debug",
         choices=["debug", "info"],
@@ -356,12 +414,17 @@ def main() -> int:
     )
     args = ap.parse_args()
     need_root()
-    apt_install([*PACKAGES, "libpam-slurm-adopt", "openssh-server", "openssh-client"])
+    release = RELEASES[args.release]
+    # Debian's libpam-slurm-adopt always: 22.05's module, and the trees' must not replace it
+    apt_install([*PACKAGES, *release.packages, "libpam-slurm-adopt"])
+    apt_install(["openssh-server", "openssh-client"])
+    prepare(release)  # the tree unpacked under /opt (idempotent), its slurmd checked
     if not PAM_SO.exists():
         subprocess.run(["make", "-s", "-C", str(TOP / "pam")], check=True)
-    st = measure(args)
-    print_report(st, TARGETS, STALLED, WARMUP)
-    rows = report_rows(args.rounds, args.stalled, st)
+    st = measure(args, release)
+    print(f"Slurm {release.version}: pam_slurm_adopt {st['psa_module']} {st['psa_options']}")
+    print_report(st, {t: TARGETS[t] for t in st["targets"]}, STALLED, WARMUP)
+    rows = report_rows(args, st)
     print(f"reproduce: {rows[0].reproduce}")
     write_rows(args.json, rows, st)
     return 0

@@ -4,7 +4,10 @@ Each part runs as its own process (its own set-up and clean-up, a time limit), w
 rows as JSON, and its full output to build/bench/<part>.log. The table (Markdown, also saved
 as build/bench/results.md) has one row per figure: what was measured, N, callerid's figure,
 the reference's (Slurm 22.05 pam_slurm_adopt / slurmd, run here the same way), the ratio, the
-target and whether it was met, and the number of the command that reproduces the row.
+target and whether it was met, and the number of the command that reproduces the row. The
+login part runs once per Slurm release (22.05, 24.11, 26.05), each against that release's own
+pam_slurm_adopt.so and slurmd; 24.11 and 26.05 with the slurm backend only, `OTHER_ROUNDS`
+rounds and no stalled phase (their rows say so), to keep `make bench` short.
 
     sudo .venv/bin/python -m bench.run [--only login,storm] [--quick]   (from the repo top)
 
@@ -28,6 +31,9 @@ from bench._common import TOP, Row, bench_argv, need_root, read_rows, reproduce
 OUT = TOP / "build" / "bench"
 CLEANUP_S = 180  # a part stopped for overrunning gets this long to clean up
 ORDER = ["1a", "1b", "1c", "1d", "2a", "2b", "2c", "2d", "3", "4", "5", "6"]
+OTHER_RELEASES = ("24.11", "26.05")  # besides Debian's 22.05, the full login part
+OTHER_ROUNDS = "20"
+OTHER_TARGETS = "plain,psa,psa-rpc,cid-slurm,cid-slurm-rpc"
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,23 @@ def parts() -> list[Part]:
             ["login", "--rounds", "5", "--stalled", "1"],
         ),
     ]
+    for release in OTHER_RELEASES:
+        argv = ["login", "--release", release, "--stalled", "0", "--targets", OTHER_TARGETS]
+        out.append(
+            Part(
+                f"login-{release}",
+                [*argv, "--rounds", OTHER_ROUNDS],
+                900,
+                [*argv, "--rounds", "3"],
+            )
+        )
     return out
+
+
+def row_key(row: Row) -> tuple[int, str]:
+    """Table order: by row number ("1b"), then release ("1b", "1b (24.11)", "1b (26.05)")."""
+    base = row.row.split(" ")[0]
+    return (ORDER.index(base) if base in ORDER else 99, row.row)
 
 
 def run_part(part: Part, quick: bool) -> tuple[list[Row], str]:
@@ -127,7 +149,7 @@ def table(rows: list[Row]) -> str:
         "| row | what | N | callerid | pam_slurm_adopt / slurmd | ratio | target | met | cmd |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: ORDER.index(r.row) if r.row in ORDER else 99):
+    for r in sorted(rows, key=row_key):
         if r.reproduce not in commands:
             commands.append(r.reproduce)
         ref = commands.index(r.reproduce) + 1

@@ -2,9 +2,12 @@
  * callerid-pam-client.c - ask the local callerid agent what it would tell pam_callerid.so.
  * Uses the module's own client code (client.c), so it exercises the exact same exchange.
  *
- *   callerid-pam-client [-s SOCKET] [-t MS] [-o OP] [-S SERVICE] [-r RHOST] [-T TTY] USER
+ *   callerid-pam-client [-s SOCKET] [-t MS] [-o OP] [-S SERVICE] [-r RHOST] [-T TTY]
+ *                       [-N 0|1] USER
  *
- * Prints "verdict=V job=J reason=R msg=M" and the timings. Exit status: 0 adopt/allow,
+ * -N sends ns=0|1 (as the module does: whether it enters the job's namespaces; this tool never
+ * does, it closes the fds). Prints "verdict=V job=J gid=G ns=KINDS reason=R msg=M" and the
+ * timings. Exit status: 0 adopt/allow,
  * 1 deny, 2 verdict=error, 3 the agent could not be asked (unreachable, timeout, garbage),
  * 64 usage.
  */
@@ -20,22 +23,24 @@
 static int usage(void)
 {
     fprintf(stderr, "usage: callerid-pam-client [-s SOCKET] [-t MS] [-o OP] [-S SERVICE] "
-                    "[-r RHOST] [-T TTY] USER\n");
+                    "[-r RHOST] [-T TTY] [-N 0|1] USER\n");
     return 64;
 }
 
 int main(int argc, char **argv)
 {
-    struct cid_request req = {"account", NULL, "callerid-pam-client", NULL, NULL};
+    struct cid_request req = {"account", NULL, "callerid-pam-client", NULL, NULL, NULL};
     struct cid_result res;
     struct cid_reply *reply;
+    char kinds[64] = "";
+    unsigned i;
     const char *path = CID_DEFAULT_SOCKET;
     char *end = NULL;
     long timeout = CID_DEFAULT_TIMEOUT_MS;
     int status;
     int c;
 
-    while ((c = getopt(argc, argv, "s:t:o:S:r:T:")) != -1) {
+    while ((c = getopt(argc, argv, "s:t:o:S:r:T:N:")) != -1) {
         switch (c) {
         case 's':
             path = optarg;
@@ -58,6 +63,11 @@ int main(int argc, char **argv)
         case 'T':
             req.tty = optarg;
             break;
+        case 'N':
+            if (strcmp(optarg, "0") != 0 && strcmp(optarg, "1") != 0)
+                return usage();
+            req.ns = optarg;
+            break;
         default:
             return usage();
         }
@@ -73,8 +83,14 @@ int main(int argc, char **argv)
                 res.sys_errno != 0 ? strerror(res.sys_errno) : "");
         status = 3;
     } else {
-        printf("verdict=%s job=%s reason=%s msg=%s\n", cid_verdict_str(reply->verdict), reply->job,
-               reply->reason, reply->msg);
+        for (i = 0; i < reply->ns_count; i++) {
+            strcat(kinds, i > 0 ? "," : "");
+            strcat(kinds, cid_ns_name(reply->ns_kind[i]));
+        }
+        cid_close_fds(reply);
+        printf("verdict=%s job=%s gid=%s ns=%s reason=%s msg=%s\n",
+               cid_verdict_str(reply->verdict), reply->job, reply->gid, kinds, reply->reason,
+               reply->msg);
         status = reply->verdict == CID_VERDICT_DENY    ? 1
                  : reply->verdict == CID_VERDICT_ERROR ? 2
                                                        : 0;

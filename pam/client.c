@@ -6,6 +6,11 @@
  * non-blocking, close-on-exec, and every send uses MSG_NOSIGNAL so that a vanished agent
  * can never kill sshd with SIGPIPE. EINTR and EAGAIN are handled in exactly one place
  * (xfer_some and the poll in wait_ready).
+ *
+ * The reply is read with recvmsg(MSG_CMSG_CLOEXEC): fds passed with it (SCM_RIGHTS, the job's
+ * namespaces) are collected, at most CID_NS_MAX of them; more, truncated or other control
+ * data, or a count that differs from the reply's ns= field is CID_E_FDS. Every fd received is
+ * closed on every path but success, where the reply owns them.
  */
 #define _GNU_SOURCE
 #include "client.h"
@@ -21,6 +26,69 @@
 #define CONNECT_RETRY_MS 10 /* pause between connect() tries while the backlog is full */
 
 enum xfer_dir { XFER_SEND, XFER_RECV };
+
+/* The fds that came with the reply so far. */
+struct fdbox {
+    int fds[CID_NS_MAX];
+    unsigned n;     /* kept in fds */
+    unsigned total; /* received, kept or not */
+    int bad;        /* more than CID_NS_MAX, truncated, or control data that is not fds */
+};
+
+static void fdbox_close(struct fdbox *box)
+{
+    unsigned i;
+
+    for (i = 0; i < box->n; i++)
+        (void)close(box->fds[i]);
+    box->n = 0;
+}
+
+/* recv() that also takes the fds passed with the bytes (close-on-exec), checking every
+ * control message's level, type and length. */
+static ssize_t recv_fds(int fd, void *buf, size_t len, struct fdbox *box)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * CID_NS_MAX)];
+        struct cmsghdr align;
+    } ctl;
+    struct iovec iov = {.iov_base = buf, .iov_len = len};
+    struct msghdr msg;
+    struct cmsghdr *c;
+    size_t k;
+    size_t count;
+    ssize_t n;
+    int one;
+
+    memset(&msg, 0, sizeof(msg));
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = ctl.buf;
+    msg.msg_controllen = sizeof(ctl.buf);
+    if ((n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC)) < 0)
+        return n;
+    if ((msg.msg_flags & MSG_CTRUNC) != 0)
+        box->bad = 1; /* the kernel closed what did not fit */
+    for (c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS ||
+            c->cmsg_len < CMSG_LEN(0)) {
+            box->bad = 1;
+            continue;
+        }
+        count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (k = 0; k < count; k++) {
+            memcpy(&one, CMSG_DATA(c) + k * sizeof(int), sizeof(int));
+            box->total++;
+            if (box->n < CID_NS_MAX) {
+                box->fds[box->n++] = one;
+            } else {
+                (void)close(one);
+                box->bad = 1;
+            }
+        }
+    }
+    return n;
+}
 
 static long now_us(void)
 {
@@ -67,7 +135,8 @@ static int wait_ready(int fd, short events, long deadline_us)
 /* One successful send() or recv() of at most `len` bytes (0 = end of stream for a recv),
  * waiting for readiness within the deadline. -1 with errno on failure (ETIMEDOUT at the
  * deadline). The only place where EINTR/EAGAIN on data transfer are retried. */
-static ssize_t xfer_some(int fd, void *buf, size_t len, enum xfer_dir dir, long deadline_us)
+static ssize_t xfer_some(int fd, void *buf, size_t len, enum xfer_dir dir, long deadline_us,
+                         struct fdbox *box)
 {
     ssize_t n;
 
@@ -75,7 +144,7 @@ static ssize_t xfer_some(int fd, void *buf, size_t len, enum xfer_dir dir, long 
         if (dir == XFER_SEND)
             n = send(fd, buf, len, MSG_NOSIGNAL);
         else
-            n = recv(fd, buf, len, 0);
+            n = recv_fds(fd, buf, len, box);
         if (n >= 0)
             return n;
         if (errno == EINTR)
@@ -126,7 +195,7 @@ static int send_all(int fd, char *buf, size_t len, long deadline_us)
     ssize_t n;
 
     while (done < len) {
-        n = xfer_some(fd, buf + done, len - done, XFER_SEND, deadline_us);
+        n = xfer_some(fd, buf + done, len - done, XFER_SEND, deadline_us, NULL);
         if (n < 0)
             return -1;
         done += (size_t)n;
@@ -135,7 +204,8 @@ static int send_all(int fd, char *buf, size_t len, long deadline_us)
 }
 
 /* Read until a '\n' arrives: CID_OK with the line length (newline included) in *len. */
-static int recv_line(int fd, char *buf, size_t cap, size_t *len, long deadline_us)
+static int recv_line(int fd, char *buf, size_t cap, size_t *len, long deadline_us,
+                     struct fdbox *box)
 {
     size_t have = 0;
     ssize_t n;
@@ -144,7 +214,7 @@ static int recv_line(int fd, char *buf, size_t cap, size_t *len, long deadline_u
     for (;;) {
         if (have >= cap)
             return CID_E_TOOLONG;
-        n = xfer_some(fd, buf + have, cap - have, XFER_RECV, deadline_us);
+        n = xfer_some(fd, buf + have, cap - have, XFER_RECV, deadline_us, box);
         if (n < 0)
             return errno == ETIMEDOUT ? CID_E_TIMEOUT : CID_E_IO;
         if (n == 0)
@@ -179,6 +249,7 @@ int cid_exchange(const char *path, int timeout_ms, const struct cid_request *req
     char reqbuf[CID_LINE_MAX];
     char line[CID_LINE_MAX];
     struct sockaddr_un sa;
+    struct fdbox box;
     size_t reqlen = 0;
     size_t linelen = 0;
     long start = now_us();
@@ -190,6 +261,9 @@ int cid_exchange(const char *path, int timeout_ms, const struct cid_request *req
 
     memset(res, 0, sizeof(*res));
     memset(&sa, 0, sizeof(sa));
+    memset(&box, 0, sizeof(box));
+    if (reply != NULL)
+        reply->nfds = 0;
     if (path == NULL || strlen(path) >= sizeof(sa.sun_path) || timeout_ms <= 0 || reply == NULL) {
         fail(res, CID_E_ARG, "encode", EINVAL);
         goto cleanup;
@@ -221,9 +295,10 @@ int cid_exchange(const char *path, int timeout_ms, const struct cid_request *req
         goto cleanup;
     }
     t = now_us();
-    r = recv_line(fd, line, sizeof(line), &linelen, deadline);
+    r = recv_line(fd, line, sizeof(line), &linelen, deadline, &box);
     err = errno;
     res->recv_us = now_us() - t;
+    res->got_fds = box.total;
     if (r != CID_OK) {
         fail(res, r, "recv", r == CID_E_IO || r == CID_E_TIMEOUT ? err : 0);
         goto cleanup;
@@ -232,9 +307,17 @@ int cid_exchange(const char *path, int timeout_ms, const struct cid_request *req
         fail(res, CID_E_GARBAGE, "parse", 0);
         goto cleanup;
     }
+    if (box.bad || box.n != reply->ns_count) {
+        fail(res, CID_E_FDS, "fds", 0);
+        goto cleanup;
+    }
+    memcpy(reply->fds, box.fds, sizeof(box.fds));
+    reply->nfds = box.n;
+    box.n = 0; /* the reply owns them now */
     fail(res, CID_OK, "done", 0);
 
 cleanup:
+    fdbox_close(&box);
     if (fd >= 0)
         (void)close(fd);
     res->total_us = now_us() - start;
@@ -262,6 +345,8 @@ const char *cid_status_str(int status)
         return "reply line too long";
     case CID_E_GARBAGE:
         return "malformed reply";
+    case CID_E_FDS:
+        return "the reply's file descriptors do not match its ns field";
     default:
         return "unknown status";
     }

@@ -9,8 +9,10 @@
 #define _GNU_SOURCE
 #include "client.h"
 
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 
 #define KEY_MAX    32           /* reply keys: [a-z][a-z0-9_]{0,31} */
 #define SAFE_PUNCT "-_.:/@+,[]" /* sent raw; every other byte is %XX (same set as the agent) */
@@ -70,7 +72,9 @@ int cid_encode_request(const struct cid_request *req, char *buf, size_t cap, siz
         put_field(buf, cap, &pos, "user", req->user) != 0 ||
         put_field(buf, cap, &pos, "service", req->service) != 0 ||
         put_field(buf, cap, &pos, "rhost", req->rhost) != 0 ||
-        put_field(buf, cap, &pos, "tty", req->tty) != 0 || put_raw(buf, cap, &pos, "\n", 1) != 0)
+        put_field(buf, cap, &pos, "tty", req->tty) != 0 ||
+        (req->ns != NULL && put_field(buf, cap, &pos, "ns", req->ns) != 0) ||
+        put_raw(buf, cap, &pos, "\n", 1) != 0)
         return CID_E_ARG;
     *len = pos;
     return CID_OK;
@@ -156,6 +160,21 @@ int cid_valid_job(const char *job)
     return i > 0;
 }
 
+int cid_valid_gid(const char *gid)
+{
+    unsigned long long v = 0;
+    size_t i;
+
+    if (gid[0] == '\0' || (gid[0] == '0' && gid[1] != '\0'))
+        return 0;
+    for (i = 0; gid[i] != '\0'; i++) {
+        if (i >= CID_GID_DIGITS || gid[i] < '0' || gid[i] > '9')
+            return 0;
+        v = v * 10 + (unsigned long long)(gid[i] - '0');
+    }
+    return v <= CID_GID_MAX;
+}
+
 static int parse_verdict(const char *v, enum cid_verdict *out)
 {
     static const struct {
@@ -178,8 +197,63 @@ static int parse_verdict(const char *v, enum cid_verdict *out)
     return -1;
 }
 
+/* ---- namespaces ----------------------------------------------------------------------- */
+
+static const struct {
+    const char *name;
+    int type;
+} ns_table[CID_NS_MAX] = {
+    {"user", CLONE_NEWUSER}, {"mnt", CLONE_NEWNS},   {"pid", CLONE_NEWPID},
+    {"net", CLONE_NEWNET},   {"ipc", CLONE_NEWIPC},  {"uts", CLONE_NEWUTS},
+    {"cgroup", CLONE_NEWCGROUP},
+};
+
+const char *cid_ns_name(int kind)
+{
+    return kind >= 0 && kind < CID_NS_MAX ? ns_table[kind].name : NULL;
+}
+
+int cid_ns_type(int kind)
+{
+    return kind >= 0 && kind < CID_NS_MAX ? ns_table[kind].type : 0;
+}
+
+void cid_close_fds(struct cid_reply *reply)
+{
+    unsigned i;
+
+    for (i = 0; i < reply->nfds && i < CID_NS_MAX; i++)
+        (void)close(reply->fds[i]);
+    reply->nfds = 0;
+}
+
+/* "mnt,pid": 1..CID_NS_MAX known kinds, each at most once, no empty item. */
+static int parse_ns(const char *v, struct cid_reply *out)
+{
+    const char *end;
+    size_t n;
+    unsigned seen = 0;
+    int k;
+
+    for (;;) {
+        end = strchr(v, ',');
+        n = end != NULL ? (size_t)(end - v) : strlen(v);
+        for (k = 0; k < CID_NS_MAX; k++) {
+            if (strlen(ns_table[k].name) == n && memcmp(ns_table[k].name, v, n) == 0)
+                break;
+        }
+        if (k == CID_NS_MAX || (seen & (1u << k)) != 0 || out->ns_count >= CID_NS_MAX)
+            return -1;
+        seen |= 1u << k;
+        out->ns_kind[out->ns_count++] = k;
+        if (end == NULL)
+            return 0;
+        v = end + 1;
+    }
+}
+
 /* Bit per known key, to reject duplicates. */
-enum { SEEN_VERDICT = 1, SEEN_JOB = 2, SEEN_REASON = 4, SEEN_MSG = 8 };
+enum { SEEN_VERDICT = 1, SEEN_JOB = 2, SEEN_REASON = 4, SEEN_MSG = 8, SEEN_GID = 16, SEEN_NS = 32 };
 
 /* One "key=value" field. `scratch` holds CID_LINE_MAX bytes. */
 static int parse_field(const char *f, size_t n, struct cid_reply *out, unsigned *seen,
@@ -205,6 +279,15 @@ static int parse_field(const char *f, size_t n, struct cid_reply *out, unsigned 
         if (!cid_valid_job(scratch))
             return -1;
         memcpy(out->job, scratch, vlen + 1);
+    } else if (klen == 3 && memcmp(f, "gid", 3) == 0) {
+        bit = SEEN_GID;
+        if (!cid_valid_gid(scratch))
+            return -1;
+        memcpy(out->gid, scratch, vlen + 1);
+    } else if (klen == 2 && memcmp(f, "ns", 2) == 0) {
+        if ((*seen & SEEN_NS) != 0 || parse_ns(scratch, out) != 0)
+            return -1;
+        bit = SEEN_NS;
     } else if (klen == 6 && memcmp(f, "reason", 6) == 0) {
         bit = SEEN_REASON;
         memcpy(out->reason, scratch, vlen + 1);
@@ -246,6 +329,8 @@ int cid_parse_reply(const char *line, size_t len, struct cid_reply *out)
     }
     if ((seen & SEEN_VERDICT) == 0)
         return CID_E_GARBAGE;
+    if ((seen & SEEN_NS) != 0 && out->verdict != CID_VERDICT_ADOPT)
+        return CID_E_GARBAGE; /* namespaces are joined only by an adopted session */
     return CID_OK;
 }
 

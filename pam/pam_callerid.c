@@ -4,7 +4,7 @@
  * bounded socket exchange.
  *
  *   account  [success=ok default=die] pam_callerid.so [socket=PATH] [timeout=MS]
- *            [on_error=ignore|allow|deny] [skip_root=0|1] [debug]
+ *            [on_error=ignore|allow|deny] [skip_root=0|1] [join_container=0|1] [debug]
  *   session  optional pam_callerid.so ...   (open_session / close_session, same options)
  *
  * Options are matched exactly. An unknown option or a bad value is logged (LOG_ERR) and
@@ -32,6 +32,7 @@
 #define MSG_AGENT_DOWN   "Access denied by callerid: the callerid agent is not available"
 #define MSG_DENY_DEFAULT "Access denied by callerid"
 #define MSG_BAD_REQUEST  "Access denied by callerid: the login cannot be described to the agent"
+#define MSG_NS_FAILED    "Access denied by callerid: cannot enter the job's namespaces"
 #define PW_BUF_MAX       (1024 * 1024)
 
 enum on_error { ON_ERROR_DENY, ON_ERROR_ALLOW, ON_ERROR_IGNORE };
@@ -43,6 +44,7 @@ struct options {
     int timeout_ms;
     enum on_error on_error;
     int skip_root;
+    int join_container; /* enter the job's namespaces the agent hands over (default 1) */
     int debug;
 };
 
@@ -114,6 +116,10 @@ static int parse_one(struct options *o, const char *arg)
         if (strcmp(v, "0") != 0 && strcmp(v, "1") != 0)
             return -1;
         o->skip_root = v[0] == '1';
+    } else if ((v = opt_value(arg, "join_container")) != NULL) {
+        if (strcmp(v, "0") != 0 && strcmp(v, "1") != 0)
+            return -1;
+        o->join_container = v[0] == '1';
     } else if ((v = opt_value(arg, "socket")) != NULL) {
         if (v[0] != '/' || strlen(v) >= sizeof(((struct sockaddr_un *)NULL)->sun_path))
             return -1;
@@ -145,6 +151,7 @@ static void parse_options(pam_handle_t *pamh, int argc, const char **argv, struc
     o->timeout_ms = CID_DEFAULT_TIMEOUT_MS;
     o->on_error = ON_ERROR_DENY;
     o->skip_root = 1;
+    o->join_container = 1;
     o->debug = 0;
     for (i = 0; i < argc; i++) {
         if (argv[i] == NULL)
@@ -155,8 +162,10 @@ static void parse_options(pam_handle_t *pamh, int argc, const char **argv, struc
             pam_syslog(pamh, LOG_ERR, "bad value in option \"%s\" ignored, default kept", argv[i]);
     }
     if (o->debug)
-        pam_syslog(pamh, LOG_DEBUG, "options: socket=%s timeout=%d on_error=%s skip_root=%d",
-                   o->socket_path, o->timeout_ms, on_error_str(o->on_error), o->skip_root);
+        pam_syslog(pamh, LOG_DEBUG,
+                   "options: socket=%s timeout=%d on_error=%s skip_root=%d join_container=%d",
+                   o->socket_path, o->timeout_ms, on_error_str(o->on_error), o->skip_root,
+                   o->join_container);
 }
 
 /* 0 and *uid set when the user exists, ENOENT when it does not, another errno on failure. */
@@ -239,23 +248,59 @@ static int on_error_rc(pam_handle_t *pamh, int flags, const struct options *o, e
     }
 }
 
-static void export_job(pam_handle_t *pamh, const char *job)
+/* Put NAME=value into the PAM environment for each of `names` (replacing what is there). */
+static void put_env(pam_handle_t *pamh, const char *const names[2], const char *value)
 {
-    char env[sizeof("CALLERID_JOB_ID=") + CID_JOB_MAX];
-    static const char *const names[] = {"CALLERID_JOB_ID", "SLURM_JOB_ID"};
+    char env[sizeof("CALLERID_JOB_GID=") + CID_JOB_MAX];
     size_t i;
     int n;
     int r;
 
-    if (!cid_valid_job(job))
-        return;
-    for (i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
-        n = snprintf(env, sizeof(env), "%s=%s", names[i], job);
+    for (i = 0; i < 2; i++) {
+        n = snprintf(env, sizeof(env), "%s=%s", names[i], value);
         if (n < 0 || (size_t)n >= sizeof(env))
             continue;
         if ((r = pam_putenv(pamh, env)) != PAM_SUCCESS)
             pam_syslog(pamh, LOG_ERR, "pam_putenv(%s): %s", names[i], pam_strerror(pamh, r));
     }
+}
+
+/* The adopted job into the session's environment: its id, and its group when the agent told
+ * it (an agent that does not send gid= leaves the group variables as they are). */
+static void export_job(pam_handle_t *pamh, const struct cid_reply *reply)
+{
+    static const char *const job_names[2] = {"CALLERID_JOB_ID", "SLURM_JOB_ID"};
+    static const char *const gid_names[2] = {"CALLERID_JOB_GID", "SLURM_JOB_GID"};
+
+    if (cid_valid_job(reply->job))
+        put_env(pamh, job_names, reply->job);
+    if (cid_valid_gid(reply->gid))
+        put_env(pamh, gid_names, reply->gid);
+}
+
+/* An adopt reply's namespaces: entered (join_container=1), or closed unused (=0). 0, or -1
+ * when they could not all be entered (the caller denies: fail closed). */
+static int join_namespaces(pam_handle_t *pamh, const struct options *o, const char *user,
+                           const struct cid_reply *reply)
+{
+    unsigned failed = 0;
+
+    if (reply->nfds == 0)
+        return 0;
+    if (!o->join_container) {
+        pam_syslog(pamh, LOG_INFO, "user %s: not entering job %s's namespaces (join_container=0)",
+                   user, reply->job);
+        return 0;
+    }
+    if (cid_join_namespaces(reply, &failed) != 0) {
+        pam_syslog(pamh, LOG_ERR, "user %s: cannot enter job %s's %s namespace: %m; denied", user,
+                   reply->job, failed < reply->ns_count ? cid_ns_name(reply->ns_kind[failed]) : "?");
+        return -1;
+    }
+    if (o->debug)
+        pam_syslog(pamh, LOG_DEBUG, "user %s: entered job %s's %u namespace(s)", user, reply->job,
+                   reply->nfds);
+    return 0;
 }
 
 /* Map a parsed reply to a PAM code. */
@@ -264,10 +309,15 @@ static int verdict_rc(pam_handle_t *pamh, int flags, const struct options *o, en
 {
     switch (reply->verdict) {
     case CID_VERDICT_ADOPT:
-        pam_syslog(pamh, LOG_INFO, "%s: user %s adopted into job %s (reason=%s)", phase_op(phase),
-                   user, reply->job[0] != '\0' ? reply->job : "?", reply->reason);
+        pam_syslog(pamh, LOG_INFO, "%s: user %s adopted into job %s%s%s (reason=%s)",
+                   phase_op(phase), user, reply->job[0] != '\0' ? reply->job : "?",
+                   reply->gid[0] != '\0' ? ", group " : "", reply->gid, reply->reason);
+        if (join_namespaces(pamh, o, user, reply) != 0) {
+            tell_user(pamh, flags, o, MSG_NS_FAILED);
+            return deny_rc(phase);
+        }
         if (phase != PHASE_CLOSE_SESSION)
-            export_job(pamh, reply->job);
+            export_job(pamh, reply);
         return PAM_SUCCESS;
     case CID_VERDICT_ALLOW:
         if (o->debug)
@@ -344,6 +394,7 @@ static int run_phase(pam_handle_t *pamh, int flags, int argc, const char **argv,
     req.service = get_item_str(pamh, PAM_SERVICE);
     req.rhost = get_item_str(pamh, PAM_RHOST);
     req.tty = get_item_str(pamh, PAM_TTY);
+    req.ns = phase != PHASE_ACCOUNT ? NULL : o.join_container ? "1" : "0";
     if ((reply = calloc(1, sizeof(*reply))) == NULL) {
         pam_syslog(pamh, LOG_CRIT, "out of memory");
         rc = PAM_BUF_ERR;
@@ -363,6 +414,15 @@ static int run_phase(pam_handle_t *pamh, int flags, int argc, const char **argv,
         rc = deny_rc(phase);
         goto cleanup;
     }
+    if (r == CID_E_FDS || (r != CID_OK && res.got_fds > 0)) { /* namespaces: fail closed */
+        log_failure(pamh, &o, &res);
+        pam_syslog(pamh, LOG_ERR, "%s: user %s: the reply carried %u fd(s): denied", req.op, user,
+                   res.got_fds);
+        if (phase != PHASE_CLOSE_SESSION)
+            tell_user(pamh, flags, &o, MSG_NS_FAILED);
+        rc = deny_rc(phase);
+        goto cleanup;
+    }
     if (r != CID_OK) {
         log_failure(pamh, &o, &res);
         rc = on_error_rc(pamh, flags, &o, phase);
@@ -372,6 +432,7 @@ static int run_phase(pam_handle_t *pamh, int flags, int argc, const char **argv,
 
 cleanup:
     if (reply != NULL) {
+        cid_close_fds(reply);
         memset(reply, 0, sizeof(*reply));
         free(reply);
     }
@@ -389,7 +450,11 @@ cleanup:
  * at once, with no socket I/O, so an agent outage never locks root out nor delays it.
  *
  * Allow (PAM_SUCCESS): the agent answered verdict=adopt (CALLERID_JOB_ID and SLURM_JOB_ID are
- *   put into the PAM environment when a valid job=J came with it) or verdict=allow.
+ *   put into the PAM environment when a valid job=J came with it, CALLERID_JOB_GID and
+ *   SLURM_JOB_GID when a valid gid=G did, replacing any value already there: the job the
+ *   session was adopted into is the one they must describe; a reply without gid= leaves them
+ *   alone) or verdict=allow (nothing exported). sshd copies the PAM environment into the
+ *   session after pam_open_session, so what is set here reaches the user's shell.
  * Deny (PAM_PERM_DENIED, the agent's msg shown as PAM_ERROR_MSG): verdict=deny; and a request
  *   that cannot be encoded in one line, whatever on_error says.
  * on_error (default deny: PAM_PERM_DENIED + "...agent is not available"; allow: PAM_SUCCESS;
@@ -397,6 +462,14 @@ cleanup:
  *   deadline of timeout= ms), the agent closed without a reply, a reply longer than 4096 bytes,
  *   a malformed reply (bad prefix, bad escape, missing/unknown verdict, invalid job id), and
  *   verdict=error.
+ * Namespaces (fail closed, whatever on_error says): the request says ns=1 (ns=0 with
+ *   join_container=0). An adopt reply naming ns=KINDS comes with one fd per kind; the module
+ *   enters them in order (setns) before it returns PAM_SUCCESS, so the session sshd forks next
+ *   starts in the job's namespaces. A setns that fails, or a reply that came with fds and is
+ *   otherwise wrong (malformed, fds that do not match ns=, truncated control data), is
+ *   PAM_PERM_DENIED with "cannot enter the job's namespaces": a session never gets in outside
+ *   namespaces its job has. With join_container=0 fds are closed unused and the adoption
+ *   stands (pam_slurm_adopt's join_container=false). Every received fd is closed on return.
  * A failed getpwnam_r (NSS error, not "no such user") is logged and the agent is asked.
  * Out of memory: PAM_BUF_ERR.
  */

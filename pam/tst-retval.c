@@ -11,6 +11,8 @@
  *   <op> rc=<n> <PAM_NAME> ms=<elapsed>
  *   env CALLERID_JOB_ID=<value>|-       (after the last OP; '-' when unset)
  *   env SLURM_JOB_ID=<value>|-
+ *   env CALLERID_JOB_GID=<value>|-
+ *   env SLURM_JOB_GID=<value>|-
  *
  * Exit status: 0 when every OP ran (whatever it returned), 2 on usage or pam_start failure.
  */
@@ -168,6 +170,8 @@ int main(int argc, char **argv)
     }
     print_env(pamh, "CALLERID_JOB_ID");
     print_env(pamh, "SLURM_JOB_ID");
+    print_env(pamh, "CALLERID_JOB_GID");
+    print_env(pamh, "SLURM_JOB_GID");
     status = 0;
 out:
     pam_end(pamh, PAM_SUCCESS);

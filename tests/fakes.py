@@ -10,10 +10,11 @@ the composition root puts the real one.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Literal
 
 from callerid.agent import policy
-from callerid.agent.backends.base import Job
+from callerid.agent.backends.base import Job, JobNamespaces
 from callerid.agent.journal import DecisionRecord
 from callerid.agent.netinfo import Connection, NetinfoError, Owner, Proc, ProcessGone
 from callerid.bus.protocol import CallerIdQuery, CallerIdReply, Endpoint
@@ -60,8 +61,13 @@ class FakeBackend:
         pid_jobs: dict[int, Job] | None = None,
         fail: dict[str, Exception] | None = None,
         blocking: bool = False,
+        later: tuple[int, list[Job]] | None = None,
+        ns: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.jobs = jobs or []
+        self.ns = ns or {}  # job id -> the kinds of its namespaces (fds of this process's own)
+        self.handed: list[JobNamespaces] = []  # every JobNamespaces returned, to check closing
+        self.later = later  # (n, jobs): these jobs appear from the n-th jobs_of call on
         self.pid_jobs = pid_jobs or {}
         self.fail = fail or {}
         self.blocking = blocking
@@ -75,6 +81,9 @@ class FakeBackend:
 
     def jobs_of(self, uid: int) -> list[Job]:
         self._call("jobs_of", uid)
+        if self.later is not None and self.calls.count(("jobs_of", uid)) >= self.later[0]:
+            self.jobs = [*self.jobs, *self.later[1]]
+            self.later = None
         return [j for j in self.jobs if j.uid == uid]
 
     def job_of_pid(self, pid: int) -> Job | None:
@@ -85,6 +94,15 @@ class FakeBackend:
         self._call("adopt", (pid, job.id))
         self.adopted.append((pid, job.id))
         self.pid_jobs[pid] = job
+
+    def namespaces(self, job: Job) -> JobNamespaces | None:
+        self._call("namespaces", job.id)
+        kinds = self.ns.get(job.id)
+        if not kinds:
+            return None
+        ns = JobNamespaces((k, os.open(f"/proc/self/ns/{k}", os.O_RDONLY)) for k in kinds)
+        self.handed.append(ns)
+        return ns
 
     def close(self) -> None:
         self.calls.append(("close", None))

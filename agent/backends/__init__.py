@@ -11,10 +11,24 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from callerid.agent.backends.base import Backend, BackendError, Job, JobVanished
+from callerid.agent.backends.base import (
+    Backend,
+    BackendError,
+    Job,
+    JobNamespaces,
+    JobVanished,
+)
 from callerid.agent.config import BackendConfig
 
-__all__ = ["Backend", "BackendError", "DryRun", "Job", "JobVanished", "make_backend"]
+__all__ = [
+    "Backend",
+    "BackendError",
+    "DryRun",
+    "Job",
+    "JobNamespaces",
+    "JobVanished",
+    "make_backend",
+]
 
 
 def make_backend(
@@ -53,6 +67,9 @@ class DryRun:
 
     def adopt(self, pid: int, job: Job) -> None:
         """Nothing: the process stays where it is."""
+
+    def namespaces(self, job: Job) -> JobNamespaces | None:
+        return self.backend.namespaces(job)
 
     def close(self) -> None:
         self.backend.close()

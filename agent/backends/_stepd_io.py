@@ -4,11 +4,18 @@
 the replies in order; `drive` exchanges bytes on any number of them until each is settled or
 one deadline passes (Slurm sets no timeout on these sockets, so we bound every call). The
 codec itself is `stepd` (sans-IO); the backend that uses this is `slurm`.
+
+File descriptors the stepd passes (SCM_RIGHTS, GET_NS_FD/GET_NS_FDS) are received with
+MSG_CMSG_CLOEXEC and kept in arrival order until `StepdConnection.take_fds`; `close` closes
+any not taken, so no error path leaks one.
 """
 
 from __future__ import annotations
 
+import array
+import contextlib
 import errno
+import os
 import selectors
 import socket
 from collections.abc import Callable, Iterable
@@ -25,6 +32,8 @@ T = TypeVar("T")
 _STALE_ERRNOS = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR})
 _CLOSED_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET})
 _RECV_SIZE = 65536
+_FD_SIZE = array.array("i").itemsize
+_ANC_SIZE = socket.CMSG_SPACE(stepd.MAX_NS_FDS * _FD_SIZE)
 
 
 class StaleSocket(JobVanished):
@@ -55,6 +64,7 @@ class StepdConnection:
         self.error: BackendError | None = None
         self._out = bytearray()
         self._readers: list[tuple[str, stepd.Reader[Any]]] = []
+        self._fds: list[int] = []
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.setblocking(False)
         try:
@@ -113,8 +123,21 @@ class StepdConnection:
         except stepd.StepdProtocolError as exc:
             self.fail(BackendError(f"slurmstepd {self.path} sent garbage: {exc}"))
 
+    def take_fds(self) -> list[int]:
+        """The fds received so far, in order; the caller owns (and closes) them now."""
+        fds, self._fds = self._fds, []
+        return fds
+
     def _receive(self) -> None:
-        data = self.sock.recv(_RECV_SIZE)
+        data, anc, flags, _addr = self.sock.recvmsg(_RECV_SIZE, _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
+                self._fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            msg = f"slurmstepd {self.path} passed more file descriptors than expected"
+            raise stepd.StepdProtocolError(msg)
         if not data:
             self._closed()
             return
@@ -131,6 +154,10 @@ class StepdConnection:
         self.fail(StepdClosed(msg, waiting))
 
     def close(self) -> None:
+        """Close the connection and every received fd not taken."""
+        for fd in self.take_fds():
+            with contextlib.suppress(OSError):
+                os.close(fd)
         self.sock.close()
 
 

@@ -10,24 +10,83 @@ idle; under load the kernel stays in the fast mode and a write takes tens of mic
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
-__all__ = ["Backend", "BackendError", "Job", "JobVanished"]
+__all__ = ["NAMESPACE_KINDS", "Backend", "BackendError", "Job", "JobNamespaces", "JobVanished"]
+
+# the kinds a job's namespaces may be of (the names of /proc/<pid>/ns/<kind>)
+NAMESPACE_KINDS: Final = ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup")
 
 
 @dataclass(frozen=True, slots=True, order=False)
 class Job:
-    """A job on this node: its id, owner and start time (epoch seconds, for newest/oldest)."""
+    """A job on this node: its id, owner, start time (epoch seconds, for newest/oldest) and
+    group (the gid its processes run with, ``sbatch --gid`` or the submitter's group; None
+    when the backend cannot tell). The gid is told to the PAM module on adoption, nothing
+    is decided by it."""
 
     id: str
     uid: int
     start_time: float
+    gid: int | None = None
 
     def sort_key(self) -> tuple[float, int, str]:
         """Newest-last order: by start time, ties broken by the higher (numeric) job id."""
         numeric = int(self.id) if self.id.isdigit() else -1
         return (self.start_time, numeric, self.id)
+
+
+class JobNamespaces:
+    """Open fds of a job's namespaces, handed to the PAM module to enter (setns).
+
+    ``fds`` is an ordered tuple of ``(kind, fd)``, kind in `NAMESPACE_KINDS`, each kind at
+    most once, in the order the module enters them (user first when present, the way nsenter
+    does; a backend that knows its namespaces' owners may choose another order, the module
+    keeps it). The object owns the fds: `close` closes each once (idempotent); whoever holds
+    the object last closes it (the PAM server after sending, or whoever drops it).
+    Not empty: a job with nothing to join has no `JobNamespaces` (None).
+    """
+
+    __slots__ = ("_fds",)
+
+    def __init__(self, fds: Iterable[tuple[str, int]]) -> None:
+        pairs = tuple(fds)
+        kinds = [k for k, _ in pairs]
+        bad = [k for k in kinds if k not in NAMESPACE_KINDS]
+        if not pairs or bad or len(set(kinds)) != len(kinds):
+            msg = f"bad namespace kinds {kinds!r} (each of {NAMESPACE_KINDS} at most once)"
+            raise ValueError(msg)
+        if any(type(fd) is not int or fd < 0 for _, fd in pairs):
+            msg = f"bad namespace fds {pairs!r}"
+            raise ValueError(msg)
+        self._fds: tuple[tuple[str, int], ...] = pairs
+
+    @property
+    def fds(self) -> tuple[tuple[str, int], ...]:
+        return self._fds
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(k for k, _ in self._fds)
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, ()
+        for _, fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __enter__(self) -> JobNamespaces:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"JobNamespaces({self._fds!r})"
 
 
 class BackendError(Exception):
@@ -52,6 +111,13 @@ class Backend(Protocol):
 
     def adopt(self, pid: int, job: Job) -> None:
         """Move ``pid`` into ``job``'s extern step; raises BackendError / JobVanished."""
+        ...
+
+    def namespaces(self, job: Job) -> JobNamespaces | None:
+        """Open fds of the namespaces an adopted session of ``job`` enters, or None: the
+        job has none to join, joining is off for this backend, or it cannot tell. Raises
+        BackendError when the job has namespaces that cannot be obtained (the login is
+        then denied: a session never gets in outside namespaces its job has)."""
         ...
 
     def close(self) -> None:

@@ -23,6 +23,15 @@ where nothing else changes it), never to a modification-time guess.
 
 Without ``{uid}`` in the pattern the owner of a job is the most common non-root uid among
 its processes; a job without any user process has no known owner and is not listed.
+
+The job's group (`Job.gid`, told to the PAM module on adoption) is the effective gid of the
+owner's oldest process in the job: the job's first process runs with the group the job was
+started with (``sbatch --gid``, or the group the user submitted from), while sessions adopted
+later and their children run with the user's primary group, so counting them could outvote
+it. A job without a process of its owner has no known group (None) yet.
+
+Namespaces (``join_namespaces``, off by default): those of the owner's oldest process in the
+job that differ from the agent's own, of the configured kinds (`_cgns`).
 """
 
 from __future__ import annotations
@@ -48,7 +57,8 @@ from callerid.agent.backends._cglayout import (
     parse_mountinfo,
     parse_proc_cgroup,
 )
-from callerid.agent.backends.base import BackendError, Job, JobVanished
+from callerid.agent.backends._cgns import oldest_owner_namespaces
+from callerid.agent.backends.base import BackendError, Job, JobNamespaces, JobVanished
 from callerid.agent.config import CgroupBackendConfig
 from callerid.agent.memo import Memo
 from callerid.agent.netinfo import NetinfoError, ProcReader
@@ -100,6 +110,8 @@ class CgroupBackend:
             msg = f"backend.cgroup.extern: {cfg.extern!r} is not a directory name"
             raise BackendError(msg)
         self._extern = cfg.extern
+        self._ns_kinds = tuple(cfg.namespace_kinds) if cfg.join_namespaces else ()
+        self._proc_root = proc_root
         self._procs = ProcReader(proc_root)
         mounts = parse_mountinfo(_read_text(proc_root / "self" / "mountinfo"))
         self.layout = detect_layout(os.path.realpath(cfg.root), mounts)
@@ -108,9 +120,9 @@ class CgroupBackend:
         except (OSError, NetinfoError) as exc:
             msg = f"cannot read the boot time from {proc_root}/stat: {exc}"
             raise BackendError(msg) from exc
-        # job dir (path, inode) -> (uid, start): a job's owner and start never change, and a
-        # new job of the same id is a new directory (a new inode)
-        self._known: Memo[tuple[str, int], tuple[int, float]] = Memo(
+        # job dir (path, inode) -> (uid, start, gid): a job's owner, start and group never
+        # change, and a new job of the same id is a new directory (a new inode)
+        self._known: Memo[tuple[str, int], tuple[int, float, int]] = Memo(
             max_entries=max_jobs, ttl_s=None, clock=clock
         )
         # (job id, uid) -> its extern step dirs: they live as long as the job; one that has
@@ -174,6 +186,14 @@ class CgroupBackend:
         self._verify(pid, targets)
         log.debug("adopted pid %d into job %s (%s)", pid, job.id, targets[0][1])
 
+    def namespaces(self, job: Job) -> JobNamespaces | None:
+        """The namespaces of ``job``'s oldest process of its owner that differ from the
+        agent's (`_cgns`); None unless ``join_namespaces`` or when there are none."""
+        if not self._ns_kinds:
+            return None
+        pids = _tree_pids(self._locate(job)[0][1])
+        return oldest_owner_namespaces(self._procs, self._proc_root, job.uid, pids, self._ns_kinds)
+
     def close(self) -> None:
         """Nothing to release: the backend holds no open file or socket."""
 
@@ -231,19 +251,21 @@ class CgroupBackend:
         return found
 
     def _describe(self, d: _JobDir) -> Job | None:
-        """The Job in ``d``: owner from the path or the processes, start from the processes.
+        """The Job in ``d``: owner from the path or the processes, start and group from the
+        processes.
 
-        A job's owner and start never change, so they are remembered per job directory (its
-        path and inode: a new job of the same id is a new directory) and each job's processes
-        are read once, not at every login (an MPI job may have thousands).
+        A job's owner, start and group never change, so they are remembered per job directory
+        (its path and inode: a new job of the same id is a new directory) once all three are
+        known, and each job's processes are read once, not at every login (an MPI job may
+        have thousands).
         """
         key = (d.path, d.inode)
         known = self._known.get(key)
         if known is not None:
-            return Job(d.job_id, known[0], known[1])
+            return Job(d.job_id, known[0], known[1], known[2])
         job, from_processes = self._read_job(d)
-        if job is not None and from_processes:
-            self._known.put(key, (job.uid, job.start_time))
+        if job is not None and from_processes and job.gid is not None:
+            self._known.put(key, (job.uid, job.start_time, job.gid))
         return job
 
     def _read_job(self, d: _JobDir) -> tuple[Job | None, bool]:
@@ -256,11 +278,21 @@ class CgroupBackend:
                     "job %s (%s) has no user process: owner unknown, skipped", d.job_id, d.path
                 )
                 return None, False
-        starts = [t for p in pids if (t := self._procs.start_time(p)) is not None]
+        starts = {p: t for p in pids if (t := self._procs.start_time(p)) is not None}
         if starts:
-            return Job(d.job_id, uid, min(starts)), True
+            return Job(d.job_id, uid, min(starts.values()), self._group(uid, starts)), True
         # no process yet: the directory's creation time, not remembered (processes will come)
         return Job(d.job_id, uid, d.ctime), False
+
+    def _group(self, uid: int, starts: dict[int, float]) -> int | None:
+        """The effective gid of ``uid``'s oldest process among ``starts`` (pid -> start)."""
+        for pid in sorted(starts, key=lambda p: (starts[p], p)):
+            if self._procs.owner_uid(pid) != uid:
+                continue
+            gid = self._procs.effective_gid(pid)
+            if gid is not None:  # else it exited meanwhile: the next oldest
+                return gid
+        return None
 
     def _owner(self, pids: list[int]) -> int | None:
         counts = Counter(u for p in pids if (u := self._procs.owner_uid(p)) not in (None, 0))

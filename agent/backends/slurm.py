@@ -12,6 +12,9 @@ What pam_slurm_adopt does, with our own bounds and checks (reference/slurm.md se
   listing itself is read at every call, so an ended step drops out at once. (A stepd that
   died without removing its socket is still listed until the memory expires; adopting into
   it fails, as it would have.)
+- The job's group (`Job.gid`: ``sbatch --gid`` or the submitter's group): GETPW's gid,
+  pipelined after STEP_UID and remembered with it (no other request tells it; the extern
+  step's ``sleep`` runs as root in 22.05). "Not found" or a failed GETPW: None.
 - The job of a pid: ``/proc/<pid>/cgroup`` when it shows ``.../job_<J>/step_...`` (Slurm's
   cgroup layouts, v1 and v2), confirmed and described by job J's stepd; otherwise every stepd
   of the node is asked PID_IN_CONTAINER and DAEMON_PID (as slurmd's own pid-to-job lookup does).
@@ -20,6 +23,9 @@ What pam_slurm_adopt does, with our own bounds and checks (reference/slurm.md se
   PID_IN_CONTAINER (to confirm) pipelined.
   A 22.05 stepd refuses with rc -1, a 26.05 one closes the connection: both are BackendError;
   a job whose socket is gone raises JobVanished.
+- The job's namespaces (``join_container``, as pam_slurm_adopt's): the fds the extern stepd
+  passes with GET_NS_FD (job_container/tmpfs, up to 25.05) or GET_NS_FDS (namespace/*, 25.11
+  on), after STEP_UID; None when the job has none (`_slurm_ns`).
 
 NodeName: ``backend.slurm.node_name`` when set; otherwise the short hostname, except when the
 spool dir holds sockets of exactly one other node name and none of the hostname's (NodeName
@@ -35,17 +41,20 @@ backend keeps no connection between calls and may be called from several threads
 from __future__ import annotations
 
 import logging
-import os
-import re
 import socket
-import stat
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from callerid.agent.backends import stepd
+from callerid.agent.backends._slurm_ns import fetch_namespaces
+from callerid.agent.backends._slurm_sockets import (
+    StepSocket,
+    guess_node_name,
+    job_from_cgroup,
+    list_step_sockets,
+)
 from callerid.agent.backends._stepd_io import (
     StaleSocket,
     StepdClosed,
@@ -54,7 +63,7 @@ from callerid.agent.backends._stepd_io import (
     drive,
     outcome,
 )
-from callerid.agent.backends.base import BackendError, Job, JobVanished
+from callerid.agent.backends.base import BackendError, Job, JobNamespaces, JobVanished
 from callerid.agent.config import SlurmBackendConfig
 from callerid.agent.memo import Memo
 from callerid.agent.netinfo import read_proc
@@ -71,81 +80,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_SOCKET_NAME = re.compile(r"(?P<node>.+)_(?P<job>\d+)\.(?P<step>\d+)(?:\.(?P<het>\d+))?")
-_CGROUP_JOB = re.compile(r"/job_(\d+)/step_[^/]+(?:/|$)")
-
-# --------------------------------------------------------------------------- socket listing
-
-
-@dataclass(frozen=True, slots=True)
-class StepSocket:
-    """One stepd socket file in the spool dir."""
-
-    path: Path
-    node: str
-    job: str
-    step: int
-    ctime: float
-    inode: int
-
-    @property
-    def is_extern(self) -> bool:
-        return self.step == stepd.EXTERN_STEP
-
-    @property
-    def identity(self) -> tuple[str, int, float]:
-        """The socket file's identity: a new stepd of the same step makes a new file."""
-        return (str(self.path), self.inode, self.ctime)
-
-
-def list_step_sockets(spool_dir: Path) -> list[StepSocket]:
-    """Every stepd socket in ``spool_dir`` (any node name); [] when the dir does not exist."""
-    found = []
-    try:
-        entries = list(os.scandir(spool_dir))
-    except FileNotFoundError:
-        log.warning("slurm spool dir %s does not exist: no jobs", spool_dir)
-        return []
-    except OSError as exc:
-        msg = f"cannot list the slurm spool dir {spool_dir}: {exc.strerror}"
-        raise BackendError(msg) from exc
-    for entry in entries:
-        m = _SOCKET_NAME.fullmatch(entry.name)
-        if m is None or m.group("het"):
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue  # the step ended meanwhile
-        if stat.S_ISSOCK(st.st_mode):
-            found.append(
-                StepSocket(
-                    Path(entry.path), m["node"], m["job"], int(m["step"]), st.st_ctime, st.st_ino
-                )
-            )
-    return sorted(found, key=lambda s: (not s.is_extern, int(s.job), s.step))
-
-
-def guess_node_name(nodes: Iterable[str], hostname: str) -> str:
-    """This node's NodeName from the node names of the sockets present and the short hostname.
-
-    The hostname, unless the sockets belong to exactly one other name (and none to it).
-    """
-    names = set(nodes)
-    if hostname in names or len(names) != 1:
-        return hostname
-    return names.pop()
-
-
-def job_from_cgroup(text: str) -> str | None:
-    """The Slurm job id a /proc/<pid>/cgroup text shows (``.../job_<J>/step_...``), or None.
-
-    None too when lines disagree (then the stepds are asked instead).
-    """
-    found = {m.group(1) for line in text.splitlines() if (m := _CGROUP_JOB.search(line))}
-    return found.pop() if len(found) == 1 else None
-
 
 # --------------------------------------------------------------------------- the backend
 
@@ -172,9 +106,11 @@ class SlurmBackend:
         self._proc = proc_root
         self._clock = clock
         self._timeout = cfg.timeout_ms / 1000
-        # socket file identity -> STEP_UID: a step's owner never changes, and a new stepd
-        # (a requeued job) makes a new socket file; the TTL only lets go of dead stepds' sockets
-        self._uids: Memo[tuple[str, int, float], int] = Memo(
+        self._join = cfg.join_container
+        # socket file identity -> (STEP_UID, its gid): a step's owner and group never change,
+        # and a new stepd (a requeued job) makes a new socket file; the TTL only lets go of
+        # dead stepds' sockets
+        self._ids: Memo[tuple[str, int, float], tuple[int, int | None]] = Memo(
             max_entries=max_owners, ttl_s=owner_ttl_s, clock=clock
         )
         self._version = cfg.protocol_version or stepd.DEFAULT_PROTOCOL_VERSION
@@ -197,7 +133,11 @@ class SlurmBackend:
         externs = [s for s in self._sockets() if s.is_extern]
         owners = self._owners(externs, deadline)
         jobs = sorted(
-            (Job(s.job, uid, s.ctime) for s in externs if owners.get(s.path) == uid),
+            (
+                Job(s.job, uid, s.ctime, ids[1])
+                for s in externs
+                if (ids := owners.get(s.path)) is not None and ids[0] == uid
+            ),
             key=Job.sort_key,
         )
         log.debug("uid %d: %d extern steps, jobs %s", uid, len(externs), [j.id for j in jobs])
@@ -224,10 +164,7 @@ class SlurmBackend:
             msg = f"invalid pid {pid}"
             raise BackendError(msg)
         deadline = self._clock() + self._timeout
-        sock = next((s for s in self._sockets() if s.is_extern and s.job == job.id), None)
-        if sock is None:
-            msg = f"job {job.id} has no extern step on this node (ended, or no PrologFlags=contain)"
-            raise JobVanished(msg)
+        sock = self._extern(job)
         try:
             self._adopt(pid, job, sock.path, deadline)
         except BackendError as exc:
@@ -237,10 +174,37 @@ class SlurmBackend:
             raise JobVanished(msg) from exc
         log.debug("adopted pid %d into job %s (%s)", pid, job.id, sock.path)
 
+    def namespaces(self, job: Job) -> JobNamespaces | None:
+        """``job``'s namespace fds from its extern stepd, or None (none, or join_container
+        off); BackendError when it has namespaces that cannot be had."""
+        if not self._join:
+            return None
+        if not job.id.isdigit():
+            msg = f"invalid job id {job.id!r}"
+            raise BackendError(msg)
+        deadline = self._clock() + self._timeout
+        sock = self._extern(job)
+        try:
+            found = fetch_namespaces(sock.path, job, self._version, deadline, self._clock)
+        except BackendError as exc:
+            if isinstance(exc, JobVanished) or sock.path.exists():
+                raise
+            msg = f"job {job.id} ended while fetching its namespaces: {exc}"
+            raise JobVanished(msg) from exc
+        log.debug("job %s: namespaces %s", job.id, found.kinds if found else "none")
+        return found
+
     def close(self) -> None:
         """Nothing to release: every connection is closed when its call ends."""
 
     # ----------------------------------------------------------------------- internals
+
+    def _extern(self, job: Job) -> StepSocket:
+        sock = next((s for s in self._sockets() if s.is_extern and s.job == job.id), None)
+        if sock is None:
+            msg = f"job {job.id} has no extern step on this node (ended, or no PrologFlags=contain)"
+            raise JobVanished(msg)
+        return sock
 
     def _sockets(self) -> list[StepSocket]:
         """This node's stepd sockets."""
@@ -253,20 +217,24 @@ class SlurmBackend:
                 self._guessed = node
         return [s for s in found if s.node == node]
 
-    def _owners(self, sockets: list[StepSocket], deadline: float) -> dict[Path, int]:
-        """STEP_UID of every socket that answers in time (the others are skipped)."""
-        owners: dict[Path, int] = {}
+    def _owners(
+        self, sockets: list[StepSocket], deadline: float
+    ) -> dict[Path, tuple[int, int | None]]:
+        """(STEP_UID, the job's gid) of every socket that answers in time (others skipped)."""
+        owners: dict[Path, tuple[int, int | None]] = {}
         unknown = []
         for sock in sockets:
-            uid = self._uids.get(sock.identity)
-            if uid is None:
+            ids = self._ids.get(sock.identity)
+            if ids is None:
                 unknown.append(sock)
             else:
-                owners[sock.path] = uid
+                owners[sock.path] = ids
         if unknown:
-            for sock, values in self._ask(unknown, lambda _s: [stepd.step_uid()], deadline).items():
-                owners[sock.path] = values[0]
-                self._uids.put(sock.identity, values[0])
+            asked = self._ask(unknown, lambda _s: [stepd.step_uid(), stepd.getpw()], deadline, 1)
+            for sock, (uid, pw) in asked.items():
+                owners[sock.path] = (uid, _gid_of(sock, uid, pw))
+                if pw is not _UNANSWERED:  # a failed GETPW is asked again next time
+                    self._ids.put(sock.identity, owners[sock.path])
         return owners
 
     def _ask(
@@ -274,9 +242,12 @@ class SlurmBackend:
         sockets: list[StepSocket],
         requests: Callable[[StepSocket], list[stepd.Exchange[Any]]],
         deadline: float,
+        required: int | None = None,
     ) -> dict[StepSocket, list[Any]]:
         """Handshake plus ``requests(sock)`` on every socket at once; the replies of those that
-        answered. Stale sockets are skipped quietly, other failures with a warning."""
+        answered. Stale sockets are skipped quietly, other failures with a warning. With
+        ``required``, only the first that many requests must be answered; a later one that
+        was not is `_UNANSWERED`."""
         talks: list[tuple[StepSocket, StepdConnection, stepd.Reader[int], list[Any]]] = []
         for sock in sockets:
             try:
@@ -293,10 +264,18 @@ class SlurmBackend:
                 conn.close()
         answers: dict[StepSocket, list[Any]] = {}
         for sock, conn, greeting, readers in talks:
-            try:
-                answers[sock] = [outcome(conn, greeting, r, self._version) for r in readers]
+            must = readers if required is None else readers[:required]
+            greeted = greeting.done and greeting.value >= 0
+            try:  # a reply that came before a failure stands
+                values = [
+                    r.value if greeted and r.done else outcome(conn, greeting, r, self._version)
+                    for r in must
+                ]
             except BackendError as exc:
                 _skip(sock, exc)
+                continue
+            rest = readers[len(must) :]
+            answers[sock] = values + [r.value if r.done else _UNANSWERED for r in rest]
         return answers
 
     def _describe(self, job_id: str, sockets: list[StepSocket], deadline: float) -> Job | None:
@@ -308,20 +287,23 @@ class SlurmBackend:
         owners = self._owners(mine[:1], deadline)
         if not owners:
             return None
-        return Job(job_id, owners[mine[0].path], mine[0].ctime)
+        uid, gid = owners[mine[0].path]
+        return Job(job_id, uid, mine[0].ctime, gid)
 
     def _search(self, pid: int, sockets: list[StepSocket], deadline: float) -> Job | None:
         """Ask every stepd whether ``pid`` is in its container (or is the stepd itself)."""
 
         def requests(_s: StepSocket) -> list[stepd.Exchange[Any]]:
-            return [stepd.pid_in_container(pid), stepd.daemon_pid(), stepd.step_uid()]
+            return [
+                stepd.pid_in_container(pid), stepd.daemon_pid(), stepd.step_uid(), stepd.getpw()
+            ]  # fmt: skip
 
-        asked = self._ask(sockets, requests, deadline)
+        asked = self._ask(sockets, requests, deadline, 3)
         for sock in sockets:  # extern steps first
             values = asked.get(sock)
             if values is not None and (values[0] or values[1] == pid):
                 extern = next((s for s in sockets if s.is_extern and s.job == sock.job), sock)
-                return Job(sock.job, values[2], extern.ctime)
+                return Job(sock.job, values[2], extern.ctime, _gid_of(sock, values[2], values[3]))
         return None
 
     def _adopt(self, pid: int, job: Job, path: Path, deadline: float) -> None:
@@ -372,6 +354,19 @@ class SlurmBackend:
         if not inside.value:
             msg = f"slurmstepd of job {job.id} accepted pid {pid} but does not contain it"
             raise BackendError(msg)
+
+
+_UNANSWERED: Any = object()  # a reply `_ask` did not require and did not get
+
+
+def _gid_of(sock: StepSocket, uid: int, pw: stepd.StepPasswd | None) -> int | None:
+    """The job's gid from a GETPW answer, if it has one and it is about the step's owner."""
+    if pw is _UNANSWERED or pw is None:
+        return None
+    if pw.uid != uid:
+        log.warning("job %s: GETPW names uid %d, STEP_UID %d: group ignored", sock.job, pw.uid, uid)
+        return None
+    return pw.gid
 
 
 def _skip(sock: StepSocket, exc: BackendError) -> None:

@@ -29,16 +29,24 @@ from typing import Generic, TypeVar
 __all__ = [
     "DEFAULT_PROTOCOL_VERSION",
     "EXTERN_STEP",
+    "GET_NS_FDS_SINCE",
     "KNOWN_VERSIONS",
+    "MAX_NS_FDS",
+    "MAX_PASSWD_FIELD",
     "PROTOCOL_22_05",
     "PROTOCOL_26_05",
     "Exchange",
     "Reader",
     "Request",
+    "StepPasswd",
     "StepdProtocolError",
     "add_extern_pid",
     "daemon_pid",
+    "get_ns_fd",
+    "get_ns_fds",
+    "getpw",
     "hello",
+    "ns_kind",
     "pid_in_container",
     "state",
     "state_name",
@@ -80,7 +88,8 @@ class StepdProtocolError(Exception):
 class Request(enum.IntEnum):
     """Request codes (``step_msg_t``, src/common/stepd_api.h; same in 26.05).
 
-    STEP_LIST_PIDS only for the tests' captures of a real stepd."""
+    STEP_LIST_PIDS only for the tests' captures of a real stepd. GET_NS_FD (22.05 on) and
+    GET_NS_FDS (25.11 on) pass the job's namespace fds (SCM_RIGHTS)."""
 
     STATE = 5
     PID_IN_CONTAINER = 8
@@ -88,12 +97,42 @@ class Request(enum.IntEnum):
     STEP_LIST_PIDS = 15
     STEP_UID = 20
     ADD_EXTERN_PID = 22
+    GETPW = 24
+    GET_NS_FD = 26
+    GET_NS_FDS = 28
 
 
-# slurmstepd_state_t: 26.05 inserted CANCELLED=3 before ENDING.
+# GET_NS_FDS exists from 25.11 (namespace/*); before, GET_NS_FD (job_container/*) passes one fd.
+GET_NS_FDS_SINCE = 44 << 8
+# At most this many fds in a GET_NS_FDS reply (namespace/linux passes 3: pid, user, mnt).
+MAX_NS_FDS = 8
+# The byte each passed fd rides on (src/common/fd.c send_fd_over_socket: one '\0').
+_FD_MARKER = b"\x00"
+# CLONE_NEW* flags (a GET_NS_FDS entry's type) -> /proc/<pid>/ns/<kind> names.
+_NS_KINDS = {
+    0x00020000: "mnt",
+    0x02000000: "cgroup",
+    0x04000000: "uts",
+    0x08000000: "ipc",
+    0x10000000: "user",
+    0x20000000: "pid",
+    0x40000000: "net",
+    0x00000080: "time",
+}
+
+
+# GETPW modes (stepd_getpw_mode_t): ALWAYS answers whoever asks (the others need the caller's
+# pid in the job, as nss_slurm does).
+_GETPW_MATCH_ALWAYS = 1
+# A GETPW reply's strings are a user name, "*", gecos, home and shell: bounded well above any
+# real one (LOGIN_NAME_MAX, PATH_MAX) so a garbled length cannot make us read forever.
+MAX_PASSWD_FIELD = 4096
+
+# slurmstepd_state_t: 22.05 has ENDING=3; 24.11 (source and real stepd) and 26.05 have
+# CANCELLED=3 before ENDING=4 (the releases in between were not checked).
 _STATES_OLD = ("not_running", "starting", "running", "ending")
 _STATES_NEW = ("not_running", "starting", "running", "cancelled", "ending")
-_CANCELLED_SINCE = PROTOCOL_26_05
+_CANCELLED_SINCE = 42 << 8  # 24.11
 
 
 def version_name(version: int) -> str:
@@ -187,7 +226,76 @@ def _bool() -> Parse[bool]:
     return data == b"\x01"
 
 
+def _passwd() -> Parse[StepPasswd | None]:
+    found = yield from _int32()
+    if found == 0:
+        return None
+    if found != 1:
+        msg = f"invalid GETPW found flag {found}"
+        raise StepdProtocolError(msg)
+    name = yield from _string()
+    yield from _string()  # the password field, always "*"
+    uid = yield from _uint32()
+    gid = yield from _uint32()
+    for _ in range(3):  # gecos, home, shell
+        yield from _string()
+    return StepPasswd(name, uid, gid)
+
+
+def _ns_fd() -> Parse[tuple[int, ...] | None]:
+    """GET_NS_FD's reply: int32 n (the stepd's own fd number); n > 0: one marker byte with the
+    fd attached follows. () = no namespace, None = the stepd failed (-1: ``.ns`` unopenable).
+    The one entry's type is 0: job_container/tmpfs passes its mount namespace."""
+    number = yield from _int32()
+    if number == 0:
+        return ()
+    if number < 0:
+        return None
+    yield from _fd_marker()
+    return (0,)
+
+
+def _ns_fds() -> Parse[tuple[int, ...] | None]:
+    """GET_NS_FDS's reply: int32 count, then per fd an int32 CLONE_NEW* type and a marker byte
+    with the fd attached. () = no namespaces. (The stepd closes the connection on failure.)"""
+    count = yield from _int32()
+    if not 0 <= count <= MAX_NS_FDS:
+        msg = f"invalid namespace fd count {count}"
+        raise StepdProtocolError(msg)
+    types = []
+    for _ in range(count):
+        kind = yield from _int32()
+        yield from _fd_marker()
+        types.append(kind)
+    return tuple(types)
+
+
+def _fd_marker() -> Parse[None]:
+    data = yield 1
+    if data != _FD_MARKER:
+        msg = f"invalid fd marker byte {data!r}"
+        raise StepdProtocolError(msg)
+
+
+def _string() -> Parse[str]:
+    length = yield from _int32()
+    if not 0 <= length <= MAX_PASSWD_FIELD:
+        msg = f"invalid GETPW string length {length}"
+        raise StepdProtocolError(msg)
+    data = yield length
+    return data.decode("utf-8", errors="replace")
+
+
 # --------------------------------------------------------------------------- client side
+
+
+@dataclass(frozen=True, slots=True)
+class StepPasswd:
+    """A GETPW reply: the job's user name, uid and gid (the job's group, ``sbatch --gid``)."""
+
+    name: str
+    uid: int
+    gid: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +342,35 @@ def daemon_pid() -> Exchange[int]:
 def state() -> Exchange[int]:
     """STATE: the step's state (decode with `state_name` and the handshake's version)."""
     return Exchange("STATE", _INT.pack(Request.STATE), _int32)
+
+
+def getpw() -> Exchange[StepPasswd | None]:
+    """GETPW in mode ALWAYS: the job's passwd entry, whose gid is the job's group (the step's
+    ``gid``: ``sbatch --gid`` or the submitter's group); None when the stepd has no complete
+    entry (it answers "not found" then). Any caller may ask (22.05 to 26.05). Mode ALWAYS
+    ignores the uid and name asked about: sent as (uid_t)-1 and no name."""
+    data = _INT.pack(Request.GETPW) + _INT.pack(_GETPW_MATCH_ALWAYS) + _UINT.pack(2**32 - 1)
+    return Exchange("GETPW", data + _INT.pack(0), _passwd)
+
+
+def get_ns_fd() -> Exchange[tuple[int, ...] | None]:
+    """GET_NS_FD (22.05 to 25.05, job_container/*): the job's mount namespace fd. The reply
+    value is the type of each fd the connection received (SCM_RIGHTS, in order): ``(0,)`` one
+    fd of unspecified type, ``()`` no container (no plugin, or BasePath=none), None: the
+    stepd could not open it. Any caller may ask (26.05: the job's owner or root)."""
+    return Exchange("GET_NS_FD", _INT.pack(Request.GET_NS_FD), _ns_fd)
+
+
+def get_ns_fds() -> Exchange[tuple[int, ...] | None]:
+    """GET_NS_FDS (25.11 on, namespace/*): the job's namespace fds, in the order
+    pam_slurm_adopt enters them; the value is each one's CLONE_NEW* type (`ns_kind`), ``()``
+    when the job has none. Only the job's owner or root may ask."""
+    return Exchange("GET_NS_FDS", _INT.pack(Request.GET_NS_FDS), _ns_fds)
+
+
+def ns_kind(clone_flag: int) -> str | None:
+    """A CLONE_NEW* flag as the namespace's /proc name ("mnt", "pid" ...), None if unknown."""
+    return _NS_KINDS.get(clone_flag)
 
 
 def _pack_pid(code: Request, pid: int) -> bytes:

@@ -1,46 +1,71 @@
 """`calleridctl doctor`: check a node's set-up and say what to fix.
 
 Each check prints one line, `ok`, `warn` or `FAIL`, with the thing checked and, when not ok,
-what to do. The exit status is 1 when any check fails. Nothing is changed.
+`-> what to do`. The exit status is 1 when any check fails. Nothing is changed: doctor only
+reads files, runs `sshd -T`, asks the agent about root and, with `--ping`, pings the peers.
+The checks are the table `CHECKS`; the PAM stacks, sshd and the kernel have their own
+modules (`_doctor_pam`, `_doctor_sshd`, `_doctor_kernel`), each check there a function of
+plain inputs so that tests give it files and text.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import re
+import contextlib
+import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from callerid.agent.backends import make_backend
 from callerid.agent.backends.base import BackendError
 from callerid.agent.config import Config
 from callerid.agent.ctl._common import CtlError, agent_line, mesh_identity
+from callerid.agent.ctl._doctor_kernel import cgroup_migration_checks
+from callerid.agent.ctl._doctor_pam import account_checks, session_checks
+from callerid.agent.ctl._doctor_sshd import sshd_checks
 from callerid.bus.peers import PeerTable, local_node_name
 from callerid.bus.transport import MeshClient, load_keypair
 
-__all__ = ["cmd_doctor", "doctor_args"]
+__all__ = ["CHECKS", "cmd_doctor", "doctor_args"]
 
 PAM_DIRS = (
     Path("/lib/x86_64-linux-gnu/security"),
     Path("/usr/lib64/security"),
     Path("/lib/security"),
+    Path("/lib/aarch64-linux-gnu/security"),
 )
 Check = tuple[str, str, str]  # (level, what, advice)
+CheckFn = Callable[[argparse.Namespace, Config], Iterator[Check]]
 
 
 def doctor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ping", action="store_true", help="also ping every authorized peer")
     p.add_argument(
-        "--pam-file", type=Path, default=Path("/etc/pam.d/sshd"), help="default: %(default)s"
+        "--pam-file",
+        type=Path,
+        default=Path("/etc/pam.d/sshd"),
+        help="sshd's PAM service file (default: %(default)s)",
     )
+    p.add_argument(
+        "--sshd",
+        type=Path,
+        default=Path("/usr/sbin/sshd"),
+        help="the sshd binary run as `sshd -T` (default: %(default)s)",
+    )
+    p.add_argument("--sshd-config", type=Path, help="sshd_config to check (default: sshd's own)")
 
 
 def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
-    """Check this node's callerid set-up (config, keys, backend, agent, PAM); change nothing."""
+    """Check this node's callerid set-up and say what to fix; change nothing.
+
+    Config and keys (modes, owners), the backend, the agent and its socket, sshd (UsePAM,
+    keyboard-interactive, AuthenticationMethods), sshd's PAM account and session stacks,
+    the kernel's cgroup migration cost (favordynmods) and, with --ping, every peer.
+    Exit status 1 when any check FAILs."""
     failed = False
-    for check in (_keys, _backend, _agent, _pam, _peers):
+    for _name, check in CHECKS:
         for level, what, advice in check(args, cfg):
             failed |= level == "FAIL"
             print(f"{level:4}  {what}" + (f"\n      -> {advice}" if advice else ""))
@@ -57,11 +82,7 @@ def _keys(args: argparse.Namespace, cfg: Config) -> Iterator[Check]:
         advice = f"calleridctl keygen --dir {cfg.keys.dir} --name {node} --address <this node's IP>"
         yield "FAIL", f"keypair {secret}: {exc}", advice
         return
-    mode = stat.S_IMODE(secret.stat().st_mode)
-    if mode & 0o077:
-        yield "FAIL", f"secret key {secret} has mode {mode:o}", f"chmod 600 {secret}"
-    else:
-        yield "ok", f"keypair {secret} (mode {mode:o})", ""
+    yield from key_mode_checks(secret, cfg.keys.dir, cfg.keys.authorized)
     try:
         peers = PeerTable.load(cfg.keys.authorized, resolve=False)
     except OSError as exc:
@@ -75,6 +96,40 @@ def _keys(args: argparse.Namespace, cfg: Config) -> Iterator[Check]:
         )
     else:
         yield "ok", f"{len(peers)} authorized peer key(s) in {cfg.keys.authorized}", ""
+
+
+def key_mode_checks(secret: Path, keys_dir: Path, authorized: Path) -> Iterator[Check]:
+    """The secret key: root's, 0600. The key directories and authorized keys: root's, and
+    writable by nobody else (whoever can add a file to authorized/ joins the mesh)."""
+    st = secret.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077 or st.st_uid != 0:
+        yield (
+            "FAIL",
+            f"secret key {secret} has mode {mode:o}, owner uid {st.st_uid}",
+            f"chown root {secret} && chmod 600 {secret}",
+        )
+    else:
+        yield "ok", f"keypair {secret} (mode {mode:o}, owner root)", ""
+    paths = [keys_dir, authorized]
+    with contextlib.suppress(OSError):  # an unreadable directory is reported with the peers
+        paths += sorted(authorized.glob("*.key"))
+    bad = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if st.st_mode & 0o022 or st.st_uid != 0:
+            bad.append(f"{path} ({stat.S_IMODE(st.st_mode):o}, uid {st.st_uid})")
+    if bad:
+        yield (
+            "FAIL",
+            f"writable by others than root: {', '.join(bad[:3])}",
+            "chown root and chmod go-w them: whoever can write there can replace the keys",
+        )
+    else:
+        yield "ok", f"{keys_dir} and {authorized} are root's and not writable by others", ""
 
 
 def _backend(args: argparse.Namespace, cfg: Config) -> Iterator[Check]:
@@ -115,51 +170,31 @@ def _agent(args: argparse.Namespace, cfg: Config) -> Iterator[Check]:
         yield "FAIL", f"agent at {path} answered {reply!r}", "see journalctl -u callerid-agent"
 
 
+def _sshd(args: argparse.Namespace, cfg: Config) -> Iterator[Check]:
+    return sshd_checks(args.sshd, args.sshd_config)
+
+
 def _pam(args: argparse.Namespace, cfg: Config) -> Iterator[Check]:
-    modules = [d / "pam_callerid.so" for d in PAM_DIRS if (d / "pam_callerid.so").exists()]
-    if modules:
-        yield "ok", f"PAM module {modules[0]}", ""
+    found = [d / "pam_callerid.so" for d in PAM_DIRS if (d / "pam_callerid.so").exists()]
+    if found:
+        yield "ok", f"PAM module {found[0]}", ""
     else:
         yield "warn", "pam_callerid.so is not installed", "install libpam-callerid / callerid-pam"
+    yield from account_checks(args.pam_file)
+    yield from session_checks(args.pam_file)
+
+
+def _kernel(args: argparse.Namespace, cfg: Config) -> Iterator[Check]:
     try:
-        text = args.pam_file.read_text()
-    except OSError:
-        yield "warn", f"cannot read {args.pam_file}", ""
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    except OSError as exc:
+        yield "warn", f"cannot read /proc/self/mountinfo: {exc}", ""
         return
-    lines = [ln.split("#")[0].split() for ln in text.splitlines()]
-    lines = [ln for ln in lines if ln]
-    if not any(ln[0] == "account" and any("pam_callerid" in w for w in ln) for ln in lines):
-        yield (
-            "warn",
-            f"{args.pam_file} has no 'account ... pam_callerid.so' line",
-            "see README: Set-up",
-        )
-    else:
-        yield "ok", f"{args.pam_file} runs pam_callerid.so in its account stack", ""
-    if any(any("pam_systemd" in w for w in ln) for ln in lines) or _includes_systemd(
-        args.pam_file.parent, lines
-    ):
-        yield (
-            "FAIL",
-            f"{args.pam_file} (or a file it includes) uses pam_systemd",
-            "remove pam_systemd from sshd's session stack: it moves sessions out of the job",
-        )
-
-
-def _includes_systemd(pam_dir: Path, lines: list[list[str]]) -> bool:
-    for ln in lines:
-        if ln[0].startswith("@include") and len(ln) > 1:
-            target = pam_dir / ln[1]
-        elif len(ln) > 2 and ln[1] in ("include", "substack"):
-            target = pam_dir / ln[2]
-        else:
-            continue
-        try:
-            if re.search(r"^\s*session\s.*pam_systemd", target.read_text(), re.MULTILINE):
-                return True
-        except OSError:
-            continue
-    return False
+    try:
+        features: str | None = Path("/sys/kernel/cgroup/features").read_text()
+    except OSError:
+        features = None
+    yield from cgroup_migration_checks(mountinfo, os.uname().release, features)
 
 
 def _peers(args: argparse.Namespace, cfg: Config) -> Iterator[Check]:
@@ -190,4 +225,16 @@ _PING_ADVICE: dict[str, str] = {
     "unreachable": "is its agent running? is the mesh port open between the nodes?",
     "auth_failed": "the keys differ: redistribute its public key and reload (SIGHUP)",
     "timeout": "the agent accepts but does not answer: is it hung? see its journal",
+    "unknown_peer": "no authorized key matches that address: check the addresses in its key",
 }
+
+
+CHECKS: tuple[tuple[str, CheckFn], ...] = (
+    ("keys", _keys),
+    ("backend", _backend),
+    ("agent", _agent),
+    ("sshd", _sshd),
+    ("pam", _pam),
+    ("kernel", _kernel),
+    ("peers", _peers),
+)

@@ -125,6 +125,7 @@ async def _explain(
                 ask_source=ask_source,
                 executor=None,
                 clock=clock,
+                mode=cfg.mode,
             )
             req = PamRequest("account", user, "calleridctl", conn.remote.ip if conn else "", "")
             return await flow.account(req, os.getpid())

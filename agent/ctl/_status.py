@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import time
+from collections import Counter
 from urllib.parse import unquote
 
 from callerid.agent.config import Config
@@ -63,6 +64,17 @@ def audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job")
     p.add_argument("--since", help="passed to journalctl --since (e.g. '1 hour ago')")
     p.add_argument("--json", action="store_true", help="one JSON record per line")
+    p.add_argument(
+        "--would-deny",
+        action="store_true",
+        help="only the logins audit mode let through (what enforce mode would deny)",
+    )
+    p.add_argument(
+        "--summary",
+        action="store_true",
+        help="counts instead of records: decisions, and the would-be denials by reason, "
+        "node and user",
+    )
 
 
 def cmd_audit(args: argparse.Namespace, cfg: Config) -> int:
@@ -75,6 +87,7 @@ def cmd_audit(args: argparse.Namespace, cfg: Config) -> int:
         ("CALLERID_DECISION", args.decision),
         ("CALLERID_USER", args.user),
         ("CALLERID_JOB_ID", args.job),
+        ("CALLERID_REASON", "audit" if args.would_deny else None),
     ):
         if value:
             argv.append(f"{field}={value}")
@@ -83,10 +96,11 @@ def cmd_audit(args: argparse.Namespace, cfg: Config) -> int:
     out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
     if out.returncode != 0:
         raise CtlError(out.stderr.strip() or "journalctl failed")
-    for line in out.stdout.splitlines():
-        rec = json.loads(line)
-        if "CALLERID_DECISION" not in rec:
-            continue
+    records = [r for r in map(json.loads, out.stdout.splitlines()) if "CALLERID_DECISION" in r]
+    if args.summary:
+        _summary(records)
+        return 0
+    for rec in records:
         if args.json:
             print(
                 json.dumps({k: v for k, v in rec.items() if k.startswith(("CALLERID_", "MESSAGE"))})
@@ -100,5 +114,27 @@ def cmd_audit(args: argparse.Namespace, cfg: Config) -> int:
             f"{rec.get('CALLERID_REASON', '-'):16} {rec.get('CALLERID_USER', '-')} "
             f"job={rec.get('CALLERID_JOB_ID', '-')} src={rec.get('CALLERID_SRC', '-')} "
             f"peer={rec.get('CALLERID_PEER_STATUS', '-')} {rec.get('CALLERID_LATENCY_US', '?')}us"
-        )
+            + (f" would={rec['CALLERID_WOULD_DECISION']}:{rec.get('CALLERID_WOULD_REASON', '-')}"
+               if "CALLERID_WOULD_DECISION" in rec else "")
+        )  # fmt: skip
     return 0
+
+
+def _summary(records: list[dict[str, str]]) -> None:
+    """Decisions by kind, then what audit mode let through, by would-be reason, node, user."""
+    decisions = Counter(r["CALLERID_DECISION"] for r in records)
+    print(f"{len(records)} decisions: " + ", ".join(f"{n} {d}" for d, n in decisions.most_common()))
+    would = [r for r in records if r.get("CALLERID_REASON") == "audit"]
+    if not would:
+        print("no login was let through by audit mode (none that enforce would deny)")
+        return
+    print(f"{len(would)} logins enforce mode would deny (let through by audit mode):")
+    for title, key in (
+        ("by reason", "CALLERID_WOULD_REASON"),
+        ("by node", "CALLERID_NODE"),
+        ("by user", "CALLERID_USER"),
+    ):
+        counts = Counter(r.get(key, "-") for r in would)
+        listed = ", ".join(f"{v} {n}" for v, n in counts.most_common(20))
+        more = f" (+{len(counts) - 20} more)" if len(counts) > 20 else ""
+        print(f"  {title}: {listed}{more}")

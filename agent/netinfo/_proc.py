@@ -155,6 +155,13 @@ class ProcReader:
         except OSError:
             return None
 
+    def effective_gid(self, pid: int) -> int | None:
+        """``pid``'s effective gid (/proc/<pid>/status ``Gid:``), or None when it is gone."""
+        text = read_proc(f"{self._rs}/{pid}/status")
+        line = next((x for x in (text or "").splitlines() if x.startswith("Gid:")), "")
+        fields = line.split()  # "Gid:", real, effective, saved, fs
+        return int(fields[2]) if len(fields) > 2 and fields[2].isdigit() else None
+
     def cgroup_text(self, pid: int) -> str | None:
         """/proc/<pid>/cgroup as it is, or None when the process is gone."""
         return read_proc(f"{self._rs}/{pid}/cgroup")

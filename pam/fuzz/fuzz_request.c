@@ -1,14 +1,15 @@
 /*
  * fuzz_request.c - libFuzzer harness of cid_encode_request with arbitrary field strings.
  *
- * Input: byte 0 = flags (bit k set: field k is NULL; fields op, user, service, rhost, tty),
- * bytes 1-2 = the buffer's capacity (little endian, 0..65535), then the five field values
+ * Input: byte 0 = flags (bit k set: field k is NULL; fields op, user, service, rhost, tty, ns),
+ * bytes 1-2 = the buffer's capacity (little endian, 0..65535), then the six field values
  * separated by NUL bytes (missing ones are ""). Each value sits in its own buffer of exactly
  * its size, and so does the output buffer.
  *
  * Checked against a reference: CID_E_ARG exactly when op or user is NULL or the line would
  * not fit in min(cap, CID_LINE_MAX) bytes; otherwise one line of printable ASCII ending in
- * '\n', the fields in order, each value decoding back to what was given (NULL as "").
+ * '\n', the fields in order, each value decoding back to what was given (NULL as ""), but a
+ * NULL ns, which is left out.
  */
 #define _GNU_SOURCE
 #include <string.h>
@@ -16,9 +17,10 @@
 #include "client.h"
 #include "fuzz.h"
 
-#define NFIELDS 5
+#define NFIELDS 6
+#define NS_FIELD 5 /* optional: left out when NULL */
 
-static const char *const keys[NFIELDS] = {"op", "user", "service", "rhost", "tty"};
+static const char *const keys[NFIELDS] = {"op", "user", "service", "rhost", "tty", "ns"};
 
 static int safe(unsigned char c)
 {
@@ -72,7 +74,7 @@ static size_t check_field(const char *buf, size_t len, size_t pos, const char *k
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    char *vals[NFIELDS] = {NULL, NULL, NULL, NULL, NULL};
+    char *vals[NFIELDS] = {NULL, NULL, NULL, NULL, NULL, NULL};
     struct cid_request req;
     size_t cap;
     size_t want;
@@ -108,10 +110,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     req.service = vals[2];
     req.rhost = vals[3];
     req.tty = vals[4];
+    req.ns = vals[NS_FIELD];
 
     want = strlen(CID_MAGIC) + 1; /* the final '\n' */
     for (k = 0; k < NFIELDS; k++)
-        want += 2 + strlen(keys[k]) + encoded_len(vals[k]);
+        if (k != NS_FIELD || vals[k] != NULL)
+            want += 2 + strlen(keys[k]) + encoded_len(vals[k]);
     buf = xmalloc(cap); /* exactly cap bytes: one byte further is an ASan crash */
     rc = cid_encode_request(&req, buf, cap, &len);
     if (vals[0] == NULL || vals[1] == NULL || want > cap || want > CID_LINE_MAX) {
@@ -125,7 +129,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         CHECK(memcmp(buf, CID_MAGIC, strlen(CID_MAGIC)) == 0);
         pos = strlen(CID_MAGIC);
         for (k = 0; k < NFIELDS; k++)
-            pos = check_field(buf, len, pos, keys[k], vals[k]);
+            if (k != NS_FIELD || vals[k] != NULL)
+                pos = check_field(buf, len, pos, keys[k], vals[k]);
         CHECK(pos == len - 1);
     }
     free(buf);

@@ -50,7 +50,12 @@ PACKAGES = ("callerid", "libpam-callerid")
 UNIT = Path("/lib/systemd/system/callerid-agent.service")
 PY_DIR = Path("/usr/lib/python3/dist-packages/callerid")
 PY_DEPS = {"python3-zmq", "python3-msgpack", "python3-psutil", "python3-yaml", "python3-systemd"}
-RPM_PY_DEPS = PY_DEPS - {"python3-yaml"} | {"python3-pyyaml"}
+PY_DEPS |= {"python3-prometheus-client"}
+RPM_NAMES = {  # Fedora/RHEL names where they differ
+    "python3-yaml": "python3-pyyaml",
+    "python3-prometheus-client": "python3-prometheus_client",
+}
+RPM_PY_DEPS = {RPM_NAMES.get(d, d) for d in PY_DEPS}
 LOCK = Path("/run/lock/callerid-test-packages.lock")
 DONE = "account management done"
 STARTED_ID = "61573aec34b2455a97ff3885890c0ce8"  # "Agent started" in the catalog

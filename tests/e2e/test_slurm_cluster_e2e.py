@@ -1,14 +1,16 @@
 """End to end on a two-node Slurm cluster in network namespaces: ssh between the nodes of a job.
 
 One slurmd per node (tests/support/slurm_cluster.py), each in its node's network and UTS
-namespaces; real sshd + pam_callerid.so, real agents with the slurm backend, one private
-journald. A two-node job's batch step on node1 runs ssh to node2: node2's agent asks node1's
-over the CURVE mesh which job the connection comes from, and adopts the sshd session through
-node2's slurmstepd into that job's extern step on node2, as pam_slurm_adopt does.
+namespaces, set up once per Slurm release (the ``slurm_release`` fixture: 22.05, 24.11, 26.05);
+real sshd + pam_callerid.so, real agents with the slurm backend, one private journald. A two-node
+job's batch step on node1 runs ssh to node2: node2's agent asks node1's over the CURVE mesh which
+job the connection comes from, and adopts the sshd session through node2's slurmstepd into that
+job's extern step on node2, as pam_slurm_adopt does.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import psutil
@@ -18,6 +20,7 @@ from tests.support.cluster import require_cluster
 from tests.support.poll import wait_for
 from tests.support.slurm import CGROUP_ROOT, LOCK_TIMEOUT, require_slurm
 from tests.support.slurm_cluster import SlurmCalleridCluster
+from tests.support.slurm_release import SlurmRelease, release_names
 
 # the set-up may wait for another process's LocalSlurm (the machine-wide lock)
 pytestmark = [
@@ -28,11 +31,16 @@ pytestmark = [
 ]
 
 
+@pytest.fixture(scope="module", params=release_names())
+def slurm_release(request: pytest.FixtureRequest) -> SlurmRelease:
+    """Each Slurm release in turn (its tree unpacked, its packages installed)."""
+    return require_slurm(request.param)
+
+
 @pytest.fixture(scope="module")
-def sc() -> Iterator[SlurmCalleridCluster]:
-    require_slurm()
+def sc(slurm_release: SlurmRelease) -> Iterator[SlurmCalleridCluster]:
     require_cluster()
-    with SlurmCalleridCluster(2) as c:
+    with SlurmCalleridCluster(2, release=slurm_release) as c:
         yield c
     left = c.cc.cluster.leftovers()
     assert not left, f"the cluster left things behind: {left}"
@@ -45,9 +53,20 @@ def gone(proc: psutil.Process) -> bool:
         return True
 
 
+def adopted_by(sc: SlurmCalleridCluster, node: str, job: str, pid: int) -> bool:
+    """Whether ``node``'s slurmstepd of ``job``'s extern step logged adopting ``pid``."""
+    line = rf"_handle_add_extern_pid_internal: for \S*\b{job}\.extern\S*, pid {pid}$"
+    return re.search(line, sc.slurm.slurmd_log(node), re.MULTILINE) is not None
+
+
 def test_ssh_to_another_node_of_the_job_lands_in_its_extern_step_there(
     sc: SlurmCalleridCluster,
 ) -> None:
+    """The session is adopted by node2's stepd (its log says so, node1's does not) into the
+    job's extern step. With Debian's 22.05 node2's cgroups are its own (``/slurm_node2``),
+    so ``scontrol listpids`` on node1 does not list the session; the 24.11 and 26.05 trees
+    put both nodes' steps of the job in one ``/slurm/...`` cgroup (one kernel), so there it
+    does (`LocalSlurm.cgroup_prefix`)."""
     alice = sc.add_user()
     n1, n2 = sc.node("node1"), sc.node("node2")
     first = sc.submit(alice, nodes="node1,node2")
@@ -61,14 +80,17 @@ def test_ssh_to_another_node_of_the_job_lands_in_its_extern_step_there(
     monitor = int(rec["CALLERID_PID"])
     assert n2.sshd is not None and psutil.Process(monitor).ppid() == n2.sshd.pid
 
-    extern = f"/slurm_node2/uid_{alice.uid}/job_{job}/step_extern"
+    wait_for(lambda: adopted_by(sc, "node2", job, monitor), timeout=5, what="node2's stepd log")
+    assert not adopted_by(sc, "node1", job, monitor)
+    extern = f"{sc.slurm.cgroup_prefix('node2')}/uid_{alice.uid}/job_{job}/step_extern"
     assert session.controller("freezer") == extern, session.cgroup
     assert (CGROUP_ROOT / "freezer" / extern.lstrip("/")).is_dir()
     on_node2 = sc.slurm.step_pids(job, "node2")
     assert monitor in on_node2["extern"], sc.slurm.listpids(job, "node2")
     assert session.shell_pid in on_node2["extern"]
     assert "batch" not in on_node2  # the batch step runs on node1
-    assert monitor not in sc.slurm.step_pids(job, "node1").get("extern", [])
+    if sc.slurm.release.multiple_slurmd:
+        assert monitor not in sc.slurm.step_pids(job, "node1").get("extern", [])
     assert monitor not in sc.slurm.step_pids(first, "node2").get("extern", [])
 
     sessions = [psutil.Process(monitor), *psutil.Process(monitor).children(recursive=True)]

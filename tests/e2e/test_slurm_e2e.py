@@ -1,16 +1,16 @@
 """End to end with real Slurm: ssh from inside a Slurm job, adopted into its extern step.
 
-A real one-node Slurm 22.05 (tests/support/slurm.py), real OpenSSH sshds with the real
-pam_callerid.so, real callerid agents with ``backend: {type: slurm}`` and a private journald
-(tests/support/slurm_site.py), all for the whole module. Each test uses its own users and
-jobs. The ssh client runs in a job's batch step (sbatch); the login lands on this same Slurm
-node, either at n1 (127.0.0.1: the agent answers the source question itself) or at n2
-(127.0.0.2: n2's agent asks n1's over the CURVE mesh). What Slurm itself says is checked:
-``scontrol listpids`` lists the adopted sshd under the extern step, the remote shell is in the
-extern step's freezer cgroup, and ``scancel`` ends the session. Also: the single-job shortcut,
-a user with no job denied with callerid's message, another user's job never adopted, and the
-machine-wide LocalSlurm lock. tests/e2e/test_slurm_cluster_e2e.py does the same between two
-slurmd nodes in network namespaces.
+A real one-node Slurm (tests/support/slurm.py), real OpenSSH sshds with the real pam_callerid.so,
+real callerid agents with ``backend: {type: slurm}`` and a private journald
+(tests/support/slurm_site.py), set up once per Slurm release (the ``slurm_release`` fixture: 22.05,
+24.11, 26.05) for all the module's tests. Each test uses its own users and jobs. The ssh client
+runs in a job's batch step (sbatch); the login lands on this same Slurm node, either at n1
+(127.0.0.1: the agent answers the source question itself) or at n2 (127.0.0.2: n2's agent asks n1's
+over the CURVE mesh). What Slurm itself says is checked: ``scontrol listpids`` lists the adopted
+sshd under the extern step, the remote shell is in the extern step's freezer cgroup, and
+``scancel`` ends the session. Also: the single-job shortcut, a user with no job denied with
+callerid's message, another user's job never adopted, and the machine-wide LocalSlurm lock.
+tests/e2e/test_slurm_cluster_e2e.py does the same between two slurmd nodes in network namespaces.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ import pytest
 from tests.support.poll import wait_for
 from tests.support.slurm import (
     CGROUP_ROOT,
-    ETC,
     LOCK_FILE,
     LOCK_TIMEOUT,
     LocalSlurm,
     SlurmError,
     require_slurm,
 )
+from tests.support.slurm_release import SlurmRelease, release_names
 from tests.support.slurm_site import ADDRESSES, Session, SiteUser, SlurmSite
 from tests.support.users import require_useradd
 
@@ -47,13 +47,18 @@ pytestmark = [
 PAM_TIMEOUT_US = 2_000_000
 
 
+@pytest.fixture(scope="module", params=release_names())
+def slurm_release(request: pytest.FixtureRequest) -> SlurmRelease:
+    """Each Slurm release in turn (its tree unpacked, its packages installed)."""
+    return require_slurm(request.param)
+
+
 @pytest.fixture(scope="module")
-def slurm() -> Iterator[LocalSlurm]:
-    require_slurm()
+def slurm(slurm_release: SlurmRelease) -> Iterator[LocalSlurm]:
     require_useradd()
     if not Path("/usr/sbin/sshd").exists():
         pytest.skip("/usr/sbin/sshd is missing (apt-get install openssh-server)")
-    with LocalSlurm() as cluster:
+    with LocalSlurm(slurm_release) as cluster:
         yield cluster
 
 
@@ -64,7 +69,7 @@ def site(slurm: LocalSlurm) -> Iterator[SlurmSite]:
 
 
 def extern_freezer(slurm: LocalSlurm, user: SiteUser, job: str) -> str:
-    return f"/slurm_{slurm.node}/uid_{user.uid}/job_{job}/step_extern"
+    return f"{slurm.cgroup_prefix()}/uid_{user.uid}/job_{job}/step_extern"
 
 
 def gone(proc: psutil.Process) -> bool:
@@ -176,13 +181,16 @@ def test_a_second_local_slurm_waits_for_the_lock_and_touches_nothing(
 ) -> None:
     """The running cluster holds the machine-wide lock; another LocalSlurm (here a second
     open file description, as another process would have) waits, gives up, changes nothing."""
-    conf = (ETC / "slurm.conf").read_bytes()
+    conf = slurm.conf.read_bytes()
     assert LOCK_FILE.read_text().strip() == str(os.getpid())
     t0 = time.monotonic()
-    with pytest.raises(SlurmError, match=str(LOCK_FILE)), LocalSlurm(lock_timeout=0.5):
+    with (
+        pytest.raises(SlurmError, match=str(LOCK_FILE)),
+        LocalSlurm(slurm.release, lock_timeout=0.5),
+    ):
         pass
     assert time.monotonic() - t0 >= 0.5
-    assert (ETC / "slurm.conf").read_bytes() == conf
+    assert slurm.conf.read_bytes() == conf
     assert slurm.spool_dir.is_dir()
     assert LOCK_FILE.read_text().strip() == str(os.getpid())
     ellen = site.add_user()  # the running cluster still works

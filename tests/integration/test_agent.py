@@ -448,7 +448,7 @@ def test_calleridctl_doctor(agents: LoopbackAgents, tmp_path: Path) -> None:
     r = ctl(agents, "b", "doctor", "--ping", "--pam-file", str(pam))
     assert r.returncode == 1  # pam_systemd in an included file is a failure
     out = r.stdout
-    assert "ok    keypair" in out and "(mode 600)" in out
+    assert "ok    keypair" in out and "(mode 600, owner root)" in out
     assert "ok    2 authorized peer key(s)" in out
     assert "ok    cgroup backend readable" in out
     assert "ok    agent answers on" in out and "verdict=allow reason=root" in out

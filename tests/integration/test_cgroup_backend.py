@@ -7,8 +7,11 @@ test root is gone.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import grp
 import os
+import secrets
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -270,6 +273,49 @@ def test_without_uid_in_the_pattern_the_owner_comes_from_the_processes(
     backend.adopt(outsider.pid, job)
     assert flat_tree.cgroup_of(outsider.pid) == flat_tree.cgroup_path("302", "step_extern")
     assert _uid_of(outsider.pid) == bob.uid
+
+
+def _egid(pid: int) -> int:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x[:4] == "Gid:")
+    return int(line.split()[2])
+
+
+@contextlib.contextmanager
+def _secondary_group(user: ThrowawayUser) -> Iterator[int]:
+    """A throwaway group with ``user`` as a (secondary) member; its gid."""
+    name = f"cidg{secrets.token_hex(4)}"
+    subprocess.run(["groupadd", name], check=True, capture_output=True)
+    try:
+        subprocess.run(["usermod", "-aG", name, user.name], check=True, capture_output=True)
+        yield grp.getgrnam(name).gr_gid
+    finally:
+        subprocess.run(["groupdel", name], check=False, capture_output=True)
+
+
+def test_the_jobs_group_is_the_group_its_first_process_runs_with(
+    users: list[ThrowawayUser], tree: JobTree
+) -> None:
+    """A job started in a secondary group (as `sbatch --gid` or `newgrp; sbatch` would) keeps
+    that group, even when more processes of the user's primary group join it later (adopted
+    ssh sessions); a job started in the primary group has that one."""
+    alice, _bob = users
+    with _secondary_group(alice) as gid:
+        tree.add_job("401", alice.uid)
+        tree.add_job("402", alice.uid)
+        switch = ["setpriv", f"--reuid={alice.uid}", f"--regid={gid}", "--init-groups"]
+        first = tree.spawn_in("401", "step_batch", [*switch, *SLEEP])
+        wait_for(lambda: _egid(first.pid) == gid, what="setpriv to switch to the group")
+        ticks = _start_ticks(first.pid)
+        wait_for(functools.partial(_clock_past, ticks + 2), what="the clock to tick")
+        for _ in range(3):
+            tree.spawn_in("401", "step_extern", SLEEP, user=alice)
+        tree.spawn_in("402", "step_batch", SLEEP, user=alice)
+        backend = CgroupBackend(tree.backend_config())
+        found = {j.id: j.gid for j in backend.jobs_of(alice.uid)}
+        assert found == {"401": gid, "402": alice.gid}
+        job = backend.job_of_pid(first.pid)
+        assert job is not None
+        assert (job.id, job.gid) == ("401", gid)
 
 
 # --------------------------------------------------------------------------- v1, all hierarchies

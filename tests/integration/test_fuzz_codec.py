@@ -103,9 +103,11 @@ def _text(rng: random.Random, n: int) -> str:
 
 
 def agent_replies(count: int) -> Iterator[bytes]:
-    """Lines from the agent's encoder: every verdict, odd reasons and jobs, long messages."""
+    """Lines from the agent's encoder: every verdict, odd reasons, jobs and gids (the
+    encoder leaves out those the module would refuse), long messages."""
     rng = random.Random(1234)  # fixed: the same lines each run
     jobs = [None, "42", "42_7.extern-x", "j" * 64, "j" * 65, "4/2", "", "a b"]
+    gids = [None, 0, 1003, 2**32 - 2, 2**32 - 1, -1, 2**40]
     for i in range(count):
         yield format_reply(
             PamReply(
@@ -113,6 +115,7 @@ def agent_replies(count: int) -> Iterator[bytes]:
                 _text(rng, rng.choice([0, 8, 400])),
                 rng.choice(jobs),
                 _text(rng, rng.choice([0, 20, 700, 3000]) if i % 4 else 5000),
+                rng.choice(gids),
             )
         )
 

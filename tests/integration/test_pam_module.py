@@ -41,6 +41,8 @@ PAMTESTER_IGNORED = "Authentication service cannot retrieve authentication info"
 USER = "nobody"
 DONE = "account management done"  # pamtester's success line for acct_mgmt
 EXPORTED = {"pam_sm_acct_mgmt", "pam_sm_open_session", "pam_sm_close_session"}
+ENV_NAMES = ("CALLERID_JOB_ID", "SLURM_JOB_ID", "CALLERID_JOB_GID", "SLURM_JOB_GID")
+NO_ENV = dict.fromkeys(ENV_NAMES, "-")  # tst-retval prints '-' for an unset variable
 
 
 # -- fixtures and drivers ---------------------------------------------------------------------
@@ -365,7 +367,7 @@ def test_adopt_exports_job_id(built: Path, tmp_path: Path, sock: str) -> None:
     with FakeAgent(sock, reply=reply_line("adopt", job="42", reason="callerid")):
         run = retval(tmp_path, f"socket={sock}")
     assert run.codes == {"acct_mgmt": "PAM_SUCCESS"}
-    assert run.env == {"CALLERID_JOB_ID": "42", "SLURM_JOB_ID": "42"}
+    assert run.env == {**NO_ENV, "CALLERID_JOB_ID": "42", "SLURM_JOB_ID": "42"}
     assert run.conv == []
 
 
@@ -373,7 +375,54 @@ def test_allow_exports_nothing(built: Path, tmp_path: Path, sock: str) -> None:
     with FakeAgent(sock, reply=reply_line("allow", job="42")):
         run = retval(tmp_path, f"socket={sock}")
     assert run.codes == {"acct_mgmt": "PAM_SUCCESS"}
-    assert run.env == {"CALLERID_JOB_ID": "-", "SLURM_JOB_ID": "-"}
+    assert run.env == NO_ENV
+
+
+def test_adopt_with_gid_exports_the_jobs_group(built: Path, tmp_path: Path, sock: str) -> None:
+    with FakeAgent(sock, reply=reply_line("adopt", job="42", gid="1003", reason="callerid")):
+        run = retval(tmp_path, f"socket={sock}", "acct_mgmt", "open_session")
+    assert run.codes == {"acct_mgmt": "PAM_SUCCESS", "open_session": "PAM_SUCCESS"}
+    assert run.env == {
+        "CALLERID_JOB_ID": "42", "SLURM_JOB_ID": "42",
+        "CALLERID_JOB_GID": "1003", "SLURM_JOB_GID": "1003",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("verdict", ["allow", "deny"])
+def test_gid_without_adoption_exports_nothing(
+    built: Path, tmp_path: Path, sock: str, verdict: str
+) -> None:
+    with FakeAgent(sock, reply=reply_line(verdict, job="42", gid="1003")):
+        run = retval(tmp_path, f"socket={sock}")
+    assert run.env == NO_ENV
+
+
+def test_adopt_without_gid_leaves_the_group_unset(built: Path, tmp_path: Path, sock: str) -> None:
+    """An agent that does not send gid= (older, or the group is unknown): only the job."""
+    with FakeAgent(sock, reply=reply_line("adopt", job="42", reason="callerid")):
+        run = retval(tmp_path, f"socket={sock}")
+    assert run.env == {**NO_ENV, "CALLERID_JOB_ID": "42", "SLURM_JOB_ID": "42"}
+
+
+def test_adopt_replaces_a_group_set_before(built: Path, tmp_path: Path, sock: str) -> None:
+    """A SLURM_JOB_GID already in the PAM environment (here from pam_env) is replaced: the
+    variables describe the job the session was adopted into."""
+    envfile = tmp_path / "env"
+    envfile.write_text("SLURM_JOB_GID=1\nCALLERID_JOB_GID=1\n")
+    (tmp_path / "empty.conf").write_text("")
+    confdir = tmp_path / "pam.d"
+    confdir.mkdir()
+    pam_env = f"pam_env.so conffile={tmp_path / 'empty.conf'} envfile={envfile} readenv=1"
+    (confdir / "cid").write_text(
+        f"session required {pam_env}\nsession required {MODULE} socket={sock}\n"
+    )
+    argv = [str(TST_RETVAL), str(confdir), "cid", USER, "open_session"]
+    for reply, want in ((reply_line("allow"), "1"), (reply_line("adopt", gid="1003"), "1003")):
+        with FakeAgent(sock, reply=reply):
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+        run = parse_retval(proc.stdout)
+        assert run.codes == {"open_session": "PAM_SUCCESS"}
+        assert (run.env["SLURM_JOB_GID"], run.env["CALLERID_JOB_GID"]) == (want, want)
 
 
 def test_deny_shows_decoded_message(built: Path, tmp_path: Path, sock: str) -> None:
@@ -416,6 +465,15 @@ GARBAGE = {
     "raw-equals": b"CALLERID/1 verdict=allow msg=a=b\n",
     "bad-job": b"CALLERID/1 verdict=adopt job=..%2Fetc\n",
     "long-job": b"CALLERID/1 verdict=adopt job=" + b"1" * 65 + b"\n",
+    "gid-empty": b"CALLERID/1 verdict=adopt job=1 gid=\n",
+    "gid-sign": b"CALLERID/1 verdict=adopt job=1 gid=-5\n",
+    "gid-plus": b"CALLERID/1 verdict=adopt job=1 gid=+5\n",
+    "gid-leading-zero": b"CALLERID/1 verdict=adopt job=1 gid=01003\n",
+    "gid-not-digits": b"CALLERID/1 verdict=adopt job=1 gid=10a3\n",
+    "gid-no-group": b"CALLERID/1 verdict=adopt job=1 gid=4294967295\n",
+    "gid-11-digits": b"CALLERID/1 verdict=adopt job=1 gid=10000000000\n",
+    "gid-name": b"CALLERID/1 verdict=adopt job=1 gid=users\n",
+    "gid-twice": b"CALLERID/1 verdict=adopt job=1 gid=5 gid=5\n",
     "overlong": b"CALLERID/1 verdict=allow reason=" + b"x" * 5000,
     "4097-bytes": PAD + b"x" * (4097 - len(PAD) - 1) + b"\n",
     "no-newline": b"CALLERID/1 verdict=allow",
@@ -431,7 +489,7 @@ def test_garbage_is_an_agent_error(built: Path, tmp_path: Path, sock: str, reply
         ignored = retval(tmp_path, f"socket={sock} on_error=ignore")
     assert denied.codes == {"acct_mgmt": "PAM_PERM_DENIED"}
     assert denied.conv == [AGENT_DOWN]
-    assert denied.env == {"CALLERID_JOB_ID": "-", "SLURM_JOB_ID": "-"}
+    assert denied.env == NO_ENV
     assert ignored.codes == {"acct_mgmt": IGNORED}
     assert len(agent.seen) == 2
 
@@ -442,6 +500,9 @@ VALID = {  # reply -> (code, PAM_ERROR_MSG lines)
     "unknown-keys": (b"CALLERID/1 verdict=allow future=a%20b x_2= reason=r\n", OK, []),
     "lower-hex": (b"CALLERID/1 verdict=deny msg=%c3%a9t%c3%a9\n", NO, ["été"]),
     "64-char-job": (b"CALLERID/1 job=" + b"a" * 64 + b" verdict=adopt\n", OK, []),
+    "gid-0": (b"CALLERID/1 verdict=adopt job=1 gid=0\n", OK, []),
+    "gid-max": (b"CALLERID/1 verdict=adopt job=1 gid=4294967294\n", OK, []),
+    "gid-with-deny": (b"CALLERID/1 verdict=deny gid=7 msg=no\n", NO, ["no"]),
     "no-msg": (b"CALLERID/1 verdict=deny\n", NO, ["Access denied by callerid"]),
     # a deny stays a deny when its message is not UTF-8 (e.g. cut mid-character): cleaned
     "bad-utf8-msg": (b"CALLERID/1 verdict=deny msg=%C3%28%C2%9B%F0%9F%98\n", NO, ["?(?????"]),
@@ -463,10 +524,11 @@ def test_strict_but_valid_replies(
     ("reply", "code", "conv", "job"),
     [
         (PamReply("adopt", "callerid", job="42"), OK, [], "42"),
+        (PamReply("adopt", "callerid", job="42", gid=4294967294), OK, [], "42"),
         (PamReply("deny", "no_jobs", msg="Ünïcode = 100% sûr"), NO, ["Ünïcode = 100% sûr"], "-"),
         (PamReply("deny", "no_jobs", msg="é" * 3000), NO, None, "-"),  # cut to fit 4096 bytes
     ],
-    ids=["adopt", "deny-unicode", "deny-truncated"],
+    ids=["adopt", "adopt-gid", "deny-unicode", "deny-truncated"],
 )
 def test_contract_with_agent_pamproto(
     built: Path,
@@ -483,6 +545,8 @@ def test_contract_with_agent_pamproto(
         run = retval(tmp_path, f"socket={sock}", flags=("-r", "10.0.0.1", "-t", tty))
     assert run.codes == {"acct_mgmt": code}
     assert run.env["CALLERID_JOB_ID"] == job
+    gid = "-" if reply.gid is None else str(reply.gid)
+    assert (run.env["CALLERID_JOB_GID"], run.env["SLURM_JOB_GID"]) == (gid, gid)
     if conv is not None:
         assert run.conv == conv
     else:  # shown, and as much of it as fits in one line

@@ -1,20 +1,24 @@
-"""The slurm backend against a real local Slurm 22.05 cluster, and against fake stepds.
+"""The slurm backend against a real local Slurm cluster of each release, and against fake stepds.
 
-The real-cluster tests (marked ``slurm`` and ``root``) share one `LocalSlurm` and two jobs of a
-throwaway user for the whole module. The fake-stepd tests (real unix sockets, scripted
-`FakeStepd`) cover what a real stepd does not show on demand: a hung stepd, a 22.05 refusal
-(rc -1), a 26.05 refusal (connection closed), a refused handshake.
+The real-cluster tests (marked ``slurm`` and ``root``) run once per Slurm release (the
+``slurm_release`` fixture: 22.05, 24.11, 26.05; tests/support/slurm_release.py), each release
+sharing one `LocalSlurm` and two jobs of a throwaway user. The fake-stepd tests (real unix
+sockets, scripted `FakeStepd`) cover what a real stepd does not show on demand: a hung stepd,
+a 22.05 refusal (rc -1), a 26.05 refusal (connection closed), a refused handshake.
 
-Set ``CALLERID_CAPTURE_STEPD=1`` to rewrite tests/fixtures/stepd/*.json from the real stepd
-(replayed by tests/unit/test_stepd_codec.py); otherwise the capture goes to a temp dir.
+Set ``CALLERID_CAPTURE_STEPD=1`` to rewrite tests/fixtures/stepd/*.json from the real 22.05
+stepd (replayed by tests/unit/test_stepd_codec.py) and tests/fixtures/stepd/<release>/*.json
+from the others; otherwise the capture goes to a temp dir.
 """
 
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -31,9 +35,10 @@ from callerid.agent.backends.base import Backend, BackendError, Job, JobVanished
 from callerid.agent.backends.slurm import SlurmBackend, StepdTimeout
 from callerid.agent.config import BackendConfig, SlurmBackendConfig
 from tests.fakes import FakeClock
-from tests.support.fake_stepd import list_pids
+from tests.support.fake_stepd import Behaviour, list_pids
 from tests.support.poll import wait_for
 from tests.support.slurm import FakeStepd, LocalSlurm, require_slurm, stale_socket
+from tests.support.slurm_release import SlurmRelease, release_names
 from tests.support.users import ThrowawayUser, require_useradd, throwaway_user
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "stepd"
@@ -43,11 +48,16 @@ EXTERN = stepd.EXTERN_STEP
 # --------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(scope="module", params=release_names())
+def slurm_release(request: pytest.FixtureRequest) -> SlurmRelease:
+    """Each Slurm release in turn (its tree unpacked, its packages installed)."""
+    return require_slurm(request.param)
+
+
 @pytest.fixture(scope="module")
-def slurm() -> Iterator[LocalSlurm]:
-    require_slurm()
+def slurm(slurm_release: SlurmRelease) -> Iterator[LocalSlurm]:
     require_useradd()
-    with LocalSlurm() as cluster:
+    with LocalSlurm(slurm_release) as cluster:
         yield cluster
 
 
@@ -128,6 +138,47 @@ def test_jobs_of_lists_the_users_jobs_oldest_first(
     for job in found:
         assert job.start_time == slurm.extern_socket(job.id).lstat().st_ctime
     assert found[0].start_time < found[1].start_time
+
+
+@contextlib.contextmanager
+def secondary_group(user: ThrowawayUser) -> Iterator[int]:
+    """A throwaway group with ``user`` as a (secondary) member; its gid."""
+    name = f"cidg{secrets.token_hex(4)}"
+    subprocess.run(["groupadd", name], check=True, capture_output=True)
+    try:
+        subprocess.run(["usermod", "-aG", name, user.name], check=True, capture_output=True)
+        yield grp.getgrnam(name).gr_gid
+    finally:
+        subprocess.run(["groupdel", name], check=False, capture_output=True)
+
+
+@pytest.mark.slurm
+@pytest.mark.root
+def test_the_jobs_group_is_its_gid_as_submitted(
+    slurm: LocalSlurm, backend: SlurmBackend, jobs: list[str], alice: ThrowawayUser
+) -> None:
+    """`sbatch --gid` of a secondary group: the stepd's GETPW tells that group (the extern
+    step's own process runs as root in 22.05, so /proc could not), and job_of_pid too."""
+    with secondary_group(alice) as gid:
+        args = [f"--uid={alice.name}", f"--gid={gid}"]  # --gid is root's: submitted for alice
+        other = slurm.submit("root", wrap="sleep 300", args=args)
+        try:
+            slurm.wait_running(other)
+            found = {j.id: j for j in backend.jobs_of(alice.uid)}
+            assert {found[j].gid for j in jobs} == {alice.gid}
+            assert (found[other].uid, found[other].gid) == (alice.uid, gid)
+            batch = slurm.step_pids(other)["batch"][0]
+            assert _status_gids(batch)[1] == gid  # what the job's processes run with
+            job = backend.job_of_pid(batch)
+            assert job is not None
+            assert (job.id, job.gid) == (other, gid)
+        finally:
+            slurm.cancel(other)
+
+
+def _status_gids(pid: int) -> list[int]:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x[:4] == "Gid:")
+    return [int(x) for x in line.split()[1:]]
 
 
 @pytest.mark.slurm
@@ -276,11 +327,20 @@ def _capture(conn: socket.socket, exchange: stepd.Exchange[Any], arg: int | None
 def test_capture_real_stepd_exchanges(
     slurm: LocalSlurm, jobs: list[str], alice: ThrowawayUser, tmp_path: Path
 ) -> None:
-    out = FIXTURES if os.environ.get("CALLERID_CAPTURE_STEPD") == "1" else tmp_path
+    """What each release's stepd really answers. They differ in: the version it answers (and
+    the lowest it accepts: 24.11 and 26.05 refuse 22.05's); whether the extern step holds a
+    process of its own (22.05 and 24.11 a `sleep`, 26.05 none); and how an unauthorised
+    ADD_EXTERN_PID is refused (22.05, 24.11: rc -1; 26.05: the connection is closed)."""
+    release = slurm.release
+    out = tmp_path
+    if os.environ.get("CALLERID_CAPTURE_STEPD") == "1":
+        out = FIXTURES if release.name == "22.05" else FIXTURES / release.name
     out.mkdir(parents=True, exist_ok=True)
     path = slurm.extern_socket(jobs[0])
-    extern_pid = slurm.step_pids(jobs[0])["extern"][0]
-    version = subprocess.run(["slurmd", "-V"], capture_output=True, text=True).stdout.strip()
+    extern_pids = slurm.step_pids(jobs[0]).get("extern", [])
+    assert bool(extern_pids) == (release.name != "26.05"), slurm.listpids(jobs[0])
+    slurmd = str(release.sbin / "slurmd")
+    version = subprocess.run([slurmd, "-V"], capture_output=True, text=True).stdout.strip()
     head = {"source": f"{version}, Debian 12, {os.uname().machine}", "byteorder": "little"}
 
     def talk(
@@ -305,20 +365,24 @@ def test_capture_real_stepd_exchanges(
             (stepd.state(), None),
             (stepd.daemon_pid(), None),
             (list_pids(), None),
-            (stepd.pid_in_container(extern_pid), extern_pid),
             (stepd.pid_in_container(os.getpid()), os.getpid()),
+            *[(stepd.pid_in_container(pid), pid) for pid in extern_pids],
         ],
     )
-    assert values[0] == stepd.PROTOCOL_22_05
+    own = release.protocol_version
+    assert values[0] == own
     assert values[1] == alice.uid
     assert stepd.state_name(values[2], values[0]) == "running"
     assert Path(f"/proc/{values[3]}/exe").resolve().name.startswith("slurmstepd")
-    assert extern_pid in values[4]
-    assert values[5:] == [True, False]
+    assert sorted(values[4]) == sorted(extern_pids)
+    assert values[5:] == [False] + [True] * len(extern_pids)
 
-    assert talk("hello_22_05", [(stepd.hello(stepd.PROTOCOL_22_05), stepd.PROTOCOL_22_05)]) == [
-        stepd.PROTOCOL_22_05
-    ]
+    old = stepd.PROTOCOL_22_05  # accepted by a stepd whose minimum is 22.05 or below
+    accepted = talk("hello_22_05", [(stepd.hello(old), old), (stepd.step_uid(), None)])
+    if release.min_protocol_version <= old:
+        assert accepted == [own, alice.uid]
+    else:
+        assert accepted == [-1, "StepdClosed"]
     refused = talk("hello_refused", [(stepd.hello(1), 1), (stepd.step_uid(), None)])
     assert refused == [-1, "StepdClosed"]
 
@@ -334,7 +398,10 @@ def test_capture_real_stepd_exchanges(
             ],
             uid=alice.uid,
         )
-        assert as_user == [stepd.PROTOCOL_22_05, -1, False]
+        if release.name == "26.05":
+            assert as_user == [own, "StepdClosed", "StepdClosed"]
+        else:
+            assert as_user == [own, -1, False]
         as_root = talk(
             "add_extern_pid",
             [
@@ -345,7 +412,7 @@ def test_capture_real_stepd_exchanges(
                 (stepd.pid_in_container(pid), pid),
             ],
         )
-        assert as_root == [stepd.PROTOCOL_22_05, alice.uid, 2, 0, True]
+        assert as_root == [own, alice.uid, 2, 0, True]
     finally:
         proc.kill()
         proc.wait(timeout=10)
@@ -401,6 +468,8 @@ def _ext(spool: Path, jobid: int, node: str = "fake") -> Path:
 
 
 UID = 4242
+GID = 4343
+ASK_OWNER = [stepd.Request.STEP_UID, stepd.Request.GETPW]  # pipelined on one connection
 
 
 def test_fake_stepd_adopt_and_list(spool: Path) -> None:
@@ -420,15 +489,53 @@ def test_a_steps_owner_is_asked_once_and_a_new_stepd_is_asked_again(spool: Path)
             assert [j.id for j in backend.jobs_of(UID)] == ["7"]
         clock.advance(9.0)
         assert [j.id for j in backend.jobs_of(UID)] == ["7"]
-        assert [r for r, _arg in fake.requests] == [stepd.Request.STEP_UID]
+        assert [r for r, _arg in fake.requests] == ASK_OWNER
         clock.advance(1.0)  # remembered for 10 s: then asked again
         assert [j.id for j in backend.jobs_of(UID)] == ["7"]
-        assert [r for r, _arg in fake.requests] == [stepd.Request.STEP_UID] * 2
+        assert [r for r, _arg in fake.requests] == ASK_OWNER * 2
     assert backend.jobs_of(UID) == []  # the step ended: its socket is gone, so is the job
     with FakeStepd(_ext(spool, 7), uid=UID + 1) as again:  # requeued under another owner
         assert backend.jobs_of(UID) == []
         assert [j.uid for j in backend.jobs_of(UID + 1)] == [UID + 1]
-        assert [r for r, _arg in again.requests] == [stepd.Request.STEP_UID]
+        assert [r for r, _arg in again.requests] == ASK_OWNER
+
+
+def test_the_jobs_group_comes_with_its_owner_and_is_remembered_with_it(spool: Path) -> None:
+    backend = _fake_backend(spool, clock=FakeClock())
+    with (
+        FakeStepd(_ext(spool, 7), uid=UID, gid=GID) as fake,
+        FakeStepd(_ext(spool, 8), uid=UID) as no_entry,  # GETPW "not found"
+    ):
+        for _ in range(3):
+            assert [(j.id, j.gid) for j in backend.jobs_of(UID)] == [("7", GID), ("8", None)]
+        assert [r for r, _arg in fake.requests] == ASK_OWNER  # one pipelined exchange
+        assert [r for r, _arg in no_entry.requests] == ASK_OWNER
+        (mode,) = [arg for r, arg in fake.requests if r == stepd.Request.GETPW]
+        assert mode == 1  # GETPW_MATCH_ALWAYS
+
+
+@pytest.mark.parametrize("how", ["close", "refuse"])
+def test_a_failed_getpw_keeps_the_job_without_a_group(spool: Path, how: Behaviour) -> None:
+    """A stepd that closes on GETPW (or answers garbage) still told the owner: the job is
+    listed and adoptable, its group unknown, and GETPW is asked again next time."""
+    backend = _fake_backend(spool, clock=FakeClock())
+    with FakeStepd(_ext(spool, 7), uid=UID, gid=GID, on_getpw=how) as fake:
+        for _ in range(2):
+            assert [(j.id, j.uid, j.gid) for j in backend.jobs_of(UID)] == [("7", UID, None)]
+        assert [r for r, _arg in fake.requests] == ASK_OWNER * 2
+        backend.adopt(os.getpid(), backend.jobs_of(UID)[0])
+        assert fake.adopted == [os.getpid()]
+
+
+def test_job_of_pid_tells_the_group_too(spool: Path, tmp_path: Path) -> None:
+    pid = os.getpid()
+    (tmp_path / str(pid)).mkdir()
+    (tmp_path / str(pid) / "cgroup").write_text("0::/user.slice\n")
+    with FakeStepd(_ext(spool, 8), uid=UID, gid=GID, pids=(pid,)):
+        cfg = SlurmBackendConfig(spool_dir=spool, node_name="fake", timeout_ms=2000)
+        job = SlurmBackend(cfg, proc_root=tmp_path).job_of_pid(pid)
+    assert job is not None
+    assert (job.id, job.uid, job.gid) == ("8", UID, GID)
 
 
 def test_the_factory_builds_the_configured_backend_and_a_dry_run_never_adopts(
@@ -501,7 +608,7 @@ def test_refusal_by_closing_is_a_backend_error(spool: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("version", "state"), [(stepd.PROTOCOL_22_05, 3), (stepd.PROTOCOL_26_05, 4)]
+    ("version", "state"), [(stepd.PROTOCOL_22_05, 3), (42 << 8, 4), (stepd.PROTOCOL_26_05, 4)]
 )
 def test_adopt_into_an_ending_step_raises_job_vanished(
     spool: Path, version: int, state: int

@@ -85,7 +85,27 @@ def _request() -> Generator[int, bytes, tuple[stepd.Request, int | None]]:
         msg = f"unknown request code {code}"
         raise stepd.StepdProtocolError(msg) from None
     arg = (yield from _int32()) if request in _WITH_PID else None
+    if request == stepd.Request.GETPW:  # mode, uid, name length, name: the mode is the arg
+        arg = yield from _int32()
+        yield 4
+        length = yield from _int32()
+        if not 0 <= length <= stepd.MAX_PASSWD_FIELD:
+            msg = f"GETPW name length {length}"
+            raise stepd.StepdProtocolError(msg)
+        yield length
     return request, arg
+
+
+def _passwd_reply(pw: stepd.StepPasswd | None) -> bytes:
+    """GETPW's reply: found, then name, "*", uid, gid, gecos, home, shell (found=0: nothing)."""
+    if pw is None:
+        return _INT.pack(0)
+
+    def text(value: str) -> bytes:
+        return _INT.pack(len(value.encode())) + value.encode()
+
+    head = _INT.pack(1) + text(pw.name) + text("*") + _UINT.pack(pw.uid) + _UINT.pack(pw.gid)
+    return head + text("") + text("/nonexistent") + text("/bin/sh")
 
 
 def request_reader() -> stepd.Reader[tuple[stepd.Request, int | None]]:
@@ -105,6 +125,8 @@ def encode_reply(request: stepd.Request | str, value: Any) -> bytes:
         return _UINT.pack(value)
     if request == stepd.Request.PID_IN_CONTAINER:
         return _BOOL.pack(bool(value))
+    if request == stepd.Request.GETPW:  # an int: a bare (bogus) found flag
+        return _INT.pack(value) if isinstance(value, int) else _passwd_reply(value)
     if request == stepd.Request.STEP_LIST_PIDS:
         pids = list(value)
         return _UINT.pack(len(pids)) + struct.pack(f"={len(pids)}I", *pids)
@@ -130,7 +152,8 @@ class FakeStepd:
     `adopted`), "refuse" (rc -1, as 22.05 does), "close" (close without a reply, as 26.05 does),
     "hang". STEP_UID answers ``uid``; PID_IN_CONTAINER answers whether the pid was adopted (or
     is in ``pids``); STEP_LIST_PIDS lists those; DAEMON_PID answers the serving thread's id (not
-    the test's pid); STATE ``state`` (2: running).
+    the test's pid); STATE ``state`` (2: running); GETPW the job's entry with ``gid`` (None:
+    "not found", as a stepd without a complete entry answers), met as ``on_getpw`` says.
     """
 
     def __init__(
@@ -143,9 +166,12 @@ class FakeStepd:
         on_add: Behaviour = "answer",
         pids: tuple[int, ...] = (),
         state: int = 2,
+        gid: int | None = None,
+        on_getpw: Behaviour = "answer",
     ) -> None:
         self.path, self.uid, self.version = path, uid, version
         self.on_hello, self.on_add = on_hello, on_add
+        self.gid, self.on_getpw = gid, on_getpw
         self.adopted: list[int] = []
         self.pids = list(pids)
         self.state = state
@@ -220,6 +246,12 @@ class FakeStepd:
             if ok and self.on_add == "answer":
                 self.adopted.append(arg)
             return ok
+        if request == stepd.Request.GETPW and self.on_getpw != "answer":
+            return self._act(sel, peer, self.on_getpw, request, 0)
+        if request == stepd.Request.GETPW:
+            pw = None if self.gid is None else stepd.StepPasswd("fake", self.uid, self.gid)
+            peer.sock.sendall(encode_reply(request, pw))
+            return True
         value: object = {
             stepd.Request.STEP_UID: self.uid,
             stepd.Request.PID_IN_CONTAINER: arg in self.adopted or arg in self.pids,

@@ -1,4 +1,4 @@
-"""A real Slurm 22.05 cluster on this machine for tests and demos (one node, or several).
+"""A real Slurm cluster on this machine for tests and demos (one node, or several).
 
     with LocalSlurm() as slurm:                       # munged + slurmctld + slurmd, node idle
         job = slurm.submit(alice.name, wrap="sleep 300")
@@ -7,18 +7,23 @@
         slurm.listpids(job)                           # `scontrol listpids <job>` output
         slurm.cancel(job)
 
-`LocalSlurm` runs Debian's packages (``slurmd slurmctld slurm-client munge``; installed with
-apt-get when missing) the way reference/slurm-local ran them on this machine: proctrack/cgroup,
-task/cgroup, cgroup/v1 (hybrid hosts), ``PrologFlags=contain``. Everything it creates lives in
-one temp dir (spool, state, logs, a private munged with its own key and socket), except
-``/etc/slurm/slurm.conf`` and ``cgroup.conf``, which Debian's tools read: any existing files are
+`LocalSlurm(release="22.05")` runs one Slurm release (tests/support/slurm_release.py):
+Debian's packages (``slurmd slurmctld slurm-client munge``; installed with apt-get when missing)
+or, with ``release="24.11"`` or ``"26.05"``, the upstream tree unpacked under
+``/opt/slurm-<release>`` (`require_slurm` unpacks it), every daemon and command by its full
+path. It runs them the way reference/slurm-local ran 22.05 on this machine: proctrack/cgroup,
+task/cgroup, cgroup/v1 (hybrid hosts), ``PrologFlags=contain``; the releases' configs differ
+only in the ``*/none`` plugin lines 23.11 removed. Everything it creates lives in one temp dir
+(spool, state, logs, a private munged with its own key and socket), except ``slurm.conf`` and
+``cgroup.conf`` in the release's sysconfdir (`SlurmRelease.etc`: ``/etc/slurm`` for Debian's,
+``/opt/slurm-<release>/etc`` for the trees), where its tools look: any existing files are
 backed up and restored at teardown. Only one LocalSlurm runs on the machine at a time: `start`
 first takes an exclusive ``flock`` on ``/run/callerid-test-slurm.lock`` (waiting up to
 ``lock_timeout`` seconds, 15 minutes by default, for another process's LocalSlurm to finish),
-and `stop` releases it last. It refuses to start while a slurmctld or slurmd it did not start
-runs. Teardown cancels every job, waits for their slurmstepd to exit, stops exactly the daemons
-it started, removes the cgroups Slurm left (``<hierarchy>/slurm_<node>`` when empty, and only if
-it was not there before) and the temp dir.
+and `stop` releases it last. It refuses to start while a slurmctld or slurmd (of any release)
+it did not start runs. Teardown cancels every job, waits for their slurmstepd to exit, stops
+exactly the daemons it started, removes the cgroups Slurm left (`cgroup_prefix` in each
+hierarchy, when empty, and only if it was not there before) and the temp dir.
 
 One node (the default): NodeName is the short hostname (or ``node_name``), daemons listen on
 127.0.0.1 only (``CommunicationParameters=NoInAddrAny``) on free ports (6817/6818 when free).
@@ -32,8 +37,11 @@ address is ``address`` and a UTS namespace whose hostname is ``name``; see
 tests/support/cluster.py). Each node runs its own slurmd (``-N name``) through its entry, with
 its own spool dir (``SlurmdSpoolDir=<top>/spool/%n``); slurmctld and every client command
 (sbatch, squeue, scancel, sinfo) run in the first node; ``scontrol listpids`` runs in the node
-asked about (it finds the stepds by its hostname). Slurm names each node's cgroups
-``slurm_<NodeName>``, so nodes sharing this kernel do not mix their jobs' cgroups.
+asked about (it finds the stepds by its hostname). Debian's 22.05 (built for multiple slurmds)
+names each node's cgroups ``/slurm_<NodeName>``, so nodes sharing this kernel do not mix their
+jobs' cgroups; the upstream 24.11 and 26.05 trees use ``/slurm`` for every node, so the nodes
+of one job share its cgroups there (`cgroup_prefix`; `scontrol listpids` on one node then
+lists the other's processes of that job too).
 
 `FakeStepd` (tests/support/fake_stepd.py, re-exported here) is a slurmstepd stand-in on a real
 unix socket, for failure modes a real stepd does not show on demand.
@@ -63,10 +71,20 @@ import pytest
 from callerid.agent.backends import stepd
 from tests.support.fake_stepd import FakeStepd, stale_socket
 from tests.support.poll import wait_for
+from tests.support.slurm_release import (
+    DEBIAN_PACKAGES,
+    RELEASES,
+    SlurmRelease,
+    SlurmUnavailable,
+    TreesNotVisible,
+    missing_packages,
+    prepare,
+)
 
 __all__ = [
     "LOCK_FILE",
     "PACKAGES",
+    "RELEASES",
     "FakeStepd",
     "LocalSlurm",
     "SlurmError",
@@ -77,12 +95,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PACKAGES = ("slurmd", "slurmctld", "slurm-client", "munge")
+PACKAGES = DEBIAN_PACKAGES
 LOCK_FILE = Path("/run/callerid-test-slurm.lock")
 LOCK_TIMEOUT = 15 * 60.0
-ETC = Path("/etc/slurm")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-_DAEMONS = ("/usr/sbin/slurmctld", "/usr/sbin/slurmd")
+_DAEMONS = tuple(d for r in RELEASES.values() for d in r.daemons)
+_TOOLS = frozenset({"sbatch", "scancel", "scontrol", "sinfo", "squeue", "srun"})
 _START_TIMEOUT = 60.0
 _JOB_TIMEOUT = 30.0
 
@@ -114,10 +132,7 @@ SelectTypeParameters=CR_Core
 SchedulerType=sched/builtin
 MpiDefault=none
 MailProg=/bin/true
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-ReturnToService=2
+{none_plugins}{namespace_line}ReturnToService=2
 SlurmdTimeout=300
 SlurmctldTimeout=120
 InactiveLimit=0
@@ -125,6 +140,12 @@ KillWait=2
 MinJobAge=10
 {node_lines}
 PartitionName=cid Nodes={node_list} Default=YES MaxTime=INFINITE OverSubscribe=FORCE:8 State=UP
+"""
+# 23.11 removed these plugins (unset means none); 22.05 wants them named.
+_NONE_PLUGINS = """\
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
 """
 _NODE_LINE = "NodeName={name} NodeAddr={address} CPUs={cpus} RealMemory=500 State=UNKNOWN"
 
@@ -138,37 +159,47 @@ ConstrainDevices=no
 """
 
 
+# job_container/tmpfs (24.11) and namespace/tmpfs (26.05): every job gets a private /tmp
+# (bind-mounted from <BasePath>/<job>/.<job>/_tmp in a mount namespace the extern stepd makes
+# and pins on <BasePath>/<job>/.ns).
+_JOB_CONTAINER_CONF = """\
+# Written by callerid's tests/support/slurm.py (LocalSlurm); restored at teardown.
+AutoBasePath=true
+BasePath={base}
+Dirs=/tmp
+"""
+
+
 class SlurmError(RuntimeError):
     """The local cluster could not be started or driven; the message carries log tails."""
 
 
-def _missing_packages() -> list[str]:
-    missing = []
-    for pkg in PACKAGES:
-        proc = subprocess.run(
-            ["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True
-        )
-        if "install ok installed" not in proc.stdout:
-            missing.append(pkg)
-    return missing
-
-
-def require_slurm() -> None:
-    """Skip unless we are root and Slurm's packages are (or can be made) installed."""
+def require_slurm(release: str | SlurmRelease = "22.05") -> SlurmRelease:
+    """Skip unless we are root on Debian; install the packages ``release`` needs, unpack its
+    tree (24.11, 26.05) and check its slurmd. A tree that cannot be had fails the test."""
+    rel = RELEASES[release] if isinstance(release, str) else release
     if os.geteuid() != 0:
         pytest.skip("a local Slurm cluster needs root")
     if shutil.which("dpkg-query") is None:
-        pytest.skip("not a Debian system: cannot install " + " ".join(PACKAGES))
-    missing = _missing_packages()
-    if not missing:
-        return
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
-    update = subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True, env=env)
-    proc = subprocess.run(install, capture_output=True, text=True, env=env)
-    if proc.returncode != 0 or _missing_packages():
-        tail = (update.stderr + proc.stderr).strip()[-400:]
-        pytest.skip(f"cannot install {' '.join(missing)} with apt-get: {tail}")
+        pytest.skip("not a Debian system: cannot install " + " ".join(rel.packages))
+    missing = missing_packages(rel)
+    if missing:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+        update = subprocess.run(
+            ["apt-get", "update", "-q"], capture_output=True, text=True, env=env
+        )
+        proc = subprocess.run(install, capture_output=True, text=True, env=env)
+        if proc.returncode != 0 or missing_packages(rel):
+            tail = (update.stderr + proc.stderr).strip()[-400:]
+            pytest.skip(f"cannot install {' '.join(missing)} with apt-get: {tail}")
+    try:
+        prepare(rel)
+    except TreesNotVisible as exc:
+        pytest.skip(f"Slurm {rel.name}: {exc}")
+    except SlurmUnavailable as exc:
+        pytest.fail(f"Slurm {rel.name}: {exc}", pytrace=False)
+    return rel
 
 
 def _try_flock(fd: int) -> bool:
@@ -235,16 +266,25 @@ class _Daemon:
 
 
 class LocalSlurm:
-    """Slurm 22.05 (munged, slurmctld, one slurmd per node) owned by this object."""
+    """One Slurm release (munged, slurmctld, one slurmd per node) owned by this object."""
 
     def __init__(
         self,
+        release: str | SlurmRelease = "22.05",
         *,
         node_name: str | None = None,
         nodes: Sequence[SlurmNode] | None = None,
         slurmd_debug: str = "debug",
         lock_timeout: float = LOCK_TIMEOUT,
+        namespaces: str | None = None,
     ) -> None:
+        self.release = RELEASES[release] if isinstance(release, str) else release
+        plugins = dict(self.release.namespace_plugins)
+        if namespaces is not None and namespaces not in plugins:
+            msg = f"Slurm {self.release.name} has no {namespaces!r} namespace plugin ({plugins})"
+            raise ValueError(msg)
+        self.namespaces = namespaces
+        self.namespace_plugin = plugins.get(namespaces or "")
         host = socket.gethostname().split(".")[0]
         self.multi = nodes is not None
         self.nodes = list(nodes) if nodes is not None else [SlurmNode(node_name or host)]
@@ -267,6 +307,15 @@ class LocalSlurm:
     # ----------------------------------------------------------------------- paths
 
     @property
+    def etc(self) -> Path:
+        """Where this release's slurm.conf and cgroup.conf are (written while we run)."""
+        return self.release.etc
+
+    @property
+    def conf(self) -> Path:
+        return self.etc / "slurm.conf"
+
+    @property
     def spool_dir(self) -> Path:
         """The (first) node's SlurmdSpoolDir."""
         return self.spool_of(self.node)
@@ -276,12 +325,36 @@ class LocalSlurm:
         return self.top / "spool" / node if self.multi else self.top / "spool"
 
     @property
+    def ns_base(self) -> Path:
+        """The namespace plugin's BasePath: ``<BasePath>/<job>/.ns`` pins a job's mount
+        namespace. Not under /tmp: the job's private /tmp is mounted over /tmp in its
+        namespace before the plugin chowns ``<BasePath>/<job>/.<job>``, which must stay
+        visible there (under /tmp it is not: "chown failed ... No such file or directory",
+        and the extern step fails with "container_g_stepd_create(1): Not a directory").
+        So with ``namespaces`` the whole `top` (spool dir with the batch scripts, munge
+        socket) is under /var/tmp, where the jobs see it."""
+        return self.top / "ns"
+
+    @property
     def log_dir(self) -> Path:
         return self.top / "log"
 
     @property
     def munge_socket(self) -> Path:
         return self.top / "munge" / "munge.socket"
+
+    def cgroup_prefix(self, node: str | None = None) -> str:
+        """The top of the cgroups ``node``'s slurmd makes in each v1 hierarchy:
+        ``/slurm_<node>`` (a multiple-slurmd build, Debian's), else ``/slurm`` for every node
+        (then the nodes of one kernel share a job's cgroups)."""
+        return f"/slurm_{node or self.node}" if self.release.multiple_slurmd else "/slurm"
+
+    def slurmd_log(self, node: str | None = None) -> str:
+        """The node's slurmd log (its slurmstepds write there too)."""
+        name = f"slurmd-{node or self.node}.log" if self.multi else "slurmd.log"
+        with contextlib.suppress(OSError):
+            return (self.log_dir / name).read_text(errors="replace")
+        return ""
 
     def node_of(self, name: str) -> SlurmNode:
         for node in self.nodes:
@@ -338,11 +411,13 @@ class LocalSlurm:
             listing = ", ".join(f"{exe} (pid {pid})" for pid, exe in sorted(foreign.items()))
             msg = f"refusing to start: Slurm daemons not started by us are running: {listing}"
             raise SlurmError(msg)
-        missing = _missing_packages()
-        if missing:
-            msg = f"packages missing: {' '.join(missing)} (see require_slurm)"
+        missing = missing_packages(self.release)
+        if missing or not Path(self.release.daemons[1]).exists():
+            what = " ".join(missing) or self.release.daemons[1]
+            msg = f"Slurm {self.release.name}: missing {what} (see require_slurm)"
             raise SlurmError(msg)
-        self.top = Path(tempfile.mkdtemp(prefix="cidslurm", dir="/tmp"))
+        where = "/tmp" if self.namespaces is None else "/var/tmp"  # see ns_base
+        self.top = Path(tempfile.mkdtemp(prefix="cidslurm", dir=where))
         self.top.chmod(0o755)  # job users reach the munge socket below it
         for sub in ("state", "spool", "log"):
             (self.top / sub).mkdir(mode=0o755)
@@ -352,12 +427,13 @@ class LocalSlurm:
         self.ctld_port, self.slurmd_port = _pick_ports()
         self._start_munged()
         self._write_configs()
-        conf = str(ETC / "slurm.conf")
-        self._spawn("slurmctld", ["/usr/sbin/slurmctld", "-D", "-f", conf], self._ctld)
+        conf = str(self.conf)
+        ctld, slurmd = self.release.daemons
+        self._spawn("slurmctld", [ctld, "-D", "-f", conf], self._ctld)
         self._wait("slurmctld to answer", lambda: self._run(["scontrol", "ping"]).returncode == 0)
         for node in self.nodes:
             name = f"slurmd-{node.name}" if self.multi else "slurmd"
-            self._spawn(name, ["/usr/sbin/slurmd", "-D", "-f", conf, "-N", node.name], node)
+            self._spawn(name, [slurmd, "-D", "-f", conf, "-N", node.name], node)
         self._wait("every node to become idle", self._nodes_idle)
 
     def stop(self) -> None:
@@ -431,7 +507,8 @@ class LocalSlurm:
         args: list[str] | None = None,
     ) -> str:
         """sbatch as ``user`` (a script text, or ``wrap`` for --wrap); returns the job id."""
-        argv = ["runuser", "-u", user, "--", "sbatch", "--parsable", "--chdir=/tmp",
+        sbatch = self.release.tool("sbatch")
+        argv = ["runuser", "-u", user, "--", sbatch, "--parsable", "--chdir=/tmp",
                 "--output=/dev/null", "--error=/dev/null", *(args or [])]  # fmt: skip
         if wrap is not None:
             argv.append(f"--wrap={wrap}")
@@ -509,9 +586,12 @@ class LocalSlurm:
     def _run(
         self, argv: list[str], input: str | None = None, node: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """A Slurm command, in ``node`` (default: where slurmctld runs)."""
+        """A Slurm command (this release's, when named bare: "scontrol"), in ``node``
+        (default: where slurmctld runs)."""
         entry = self.node_of(node).entry if node else self._ctld.entry
-        env = dict(os.environ, SLURM_CONF=str(ETC / "slurm.conf"))
+        env = dict(os.environ, SLURM_CONF=str(self.conf))
+        if argv[0] in _TOOLS:
+            argv = [self.release.tool(argv[0]), *argv[1:]]
         return subprocess.run(
             [*entry, *argv], capture_output=True, text=True, input=input, env=env, timeout=30
         )
@@ -557,8 +637,8 @@ class LocalSlurm:
         self._wait("munged's socket", self.munge_socket.exists)
 
     def _write_configs(self) -> None:
-        if not ETC.exists():
-            ETC.mkdir(mode=0o755)
+        if not self.etc.exists():
+            self.etc.mkdir(mode=0o755)
             self._etc_created = True
         cpus = os.cpu_count() or 1
         text = _SLURM_CONF.format(
@@ -572,13 +652,22 @@ class LocalSlurm:
             spool=self.top / "spool" / "%n" if self.multi else self.top / "spool",
             per_node="-%n" if self.multi else "",
             debug=self.slurmd_debug,
+            none_plugins=_NONE_PLUGINS if self.release.none_plugins else "",
+            namespace_line=(
+                f"{self.release.namespace_key}={self.namespace_plugin}\n"
+                if self.namespace_plugin
+                else ""
+            ),
             node_lines="\n".join(
                 _NODE_LINE.format(name=n.name, address=n.address, cpus=cpus) for n in self.nodes
             ),
             node_list=",".join(n.name for n in self.nodes),
         )
-        for name, content in (("slurm.conf", text), ("cgroup.conf", _CGROUP_CONF)):
-            path = ETC / name
+        files = [("slurm.conf", text), ("cgroup.conf", _CGROUP_CONF)]
+        if self.namespaces == "tmpfs":
+            files.append(("job_container.conf", _JOB_CONTAINER_CONF.format(base=self.ns_base)))
+        for name, content in files:
+            path = self.etc / name
             if path not in self._backups:
                 self._backups[path] = path.read_bytes() if path.exists() else None
             tmp = path.with_name(f".{name}.cid-tmp")
@@ -595,7 +684,7 @@ class LocalSlurm:
         self._backups.clear()
         if self._etc_created:
             with contextlib.suppress(OSError):
-                ETC.rmdir()
+                self.etc.rmdir()
             self._etc_created = False
 
     def _spawn(self, name: str, argv: list[str], node: SlurmNode | None = None) -> None:
@@ -625,14 +714,15 @@ class LocalSlurm:
             errors.append(f"{daemon.name} (pid {daemon.proc.pid}) ignored SIGTERM")
 
     def _slurm_cgroups(self) -> Iterator[Path]:
+        tops = {self.cgroup_prefix(node.name).lstrip("/") for node in self.nodes}
         for hierarchy in CGROUP_ROOT.iterdir():
-            for node in self.nodes:
-                candidate = hierarchy / f"slurm_{node.name}"
+            for top in sorted(tops):
+                candidate = hierarchy / top
                 if candidate.is_dir():
                     yield candidate
 
     def _remove_cgroups(self) -> None:
-        """rmdir the slurm_<node> trees Slurm created (bottom-up; busy ones are left)."""
+        """rmdir the `cgroup_prefix` trees Slurm created (bottom-up; busy ones are left)."""
         for top in self._slurm_cgroups():
             if top in self._cgroups_before:
                 continue

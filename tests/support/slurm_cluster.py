@@ -1,6 +1,6 @@
 """A multi-node Slurm cluster in network namespaces, with callerid agents on the slurm backend.
 
-    with SlurmCalleridCluster(2) as sc:
+    with SlurmCalleridCluster(2, release="26.05") as sc:   # default: Debian's 22.05
         alice = sc.add_user()
         job = sc.submit(alice, sc.ssh_script(alice, "node1", "node2"), nodes="node1,node2")
         session = sc.wait_session(alice)          # the remote shell's pid and cgroup lines
@@ -10,7 +10,8 @@
 The nodes are those of the virtual cluster (tests/support/callerid_cluster.py and cluster.py):
 one network + UTS namespace each (hostname ``nodeI``), joined by a bridge, each with a real
 sshd whose account stack starts with pam_callerid.so, a real callerid agent and one private
-journald. On top, `LocalSlurm` (tests/support/slurm.py) runs slurmctld in node1 and one slurmd
+journald. On top, `LocalSlurm` (tests/support/slurm.py) runs one Slurm release (``release=``:
+"22.05", "24.11", "26.05"; ready it first with `require_slurm`): slurmctld in node1 and one slurmd
 per node, each inside its node (``NodeName=nodeI NodeAddr=<its address>``, spool
 ``<top>/spool/nodeI``), with a private munged. Every agent is started (after Slurm is up) with
 ``backend: {type: slurm, slurm: {spool_dir: <its node's spool>, node_name: nodeI}}``.
@@ -40,6 +41,7 @@ from tests.support.callerid_cluster import CalleridCluster
 from tests.support.cluster import ClusterUser, Node
 from tests.support.poll import wait_for
 from tests.support.slurm import LocalSlurm, SlurmNode
+from tests.support.slurm_release import SlurmRelease
 from tests.support.slurm_site import READY, REMOTE_CMD, Session
 
 __all__ = ["SlurmCalleridCluster"]
@@ -68,7 +70,14 @@ class _SlurmAgents(CalleridCluster):
 
 
 class SlurmCalleridCluster:
-    def __init__(self, n: int = 2, *, policy: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        n: int = 2,
+        *,
+        release: str | SlurmRelease = "22.05",
+        policy: dict[str, Any] | None = None,
+    ) -> None:
+        self.release = release
         self.cc = _SlurmAgents(n, policy=policy, peer={"timeout_ms": 500})
         self._slurm: LocalSlurm | None = None
         self.out = Path("/nonexistent")
@@ -104,7 +113,7 @@ class SlurmCalleridCluster:
         self._stack.enter_context(self.cc)
         cluster.agent_cmd = agent_cmd
         nodes = [SlurmNode(n.name, n.ipv4, tuple(n.entry())) for n in cluster]
-        self._slurm = self._stack.enter_context(LocalSlurm(nodes=nodes))
+        self._slurm = self._stack.enter_context(LocalSlurm(self.release, nodes=nodes))
         self.cc.slurm = self._slurm
         for node in cluster:
             cluster.start_agent(node)

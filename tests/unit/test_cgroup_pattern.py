@@ -240,12 +240,18 @@ def _fake_system(tmp_path: Path) -> tuple[Path, Path]:
     return proc, cg
 
 
-def _fake_process(proc: Path, pid: int, uid: int, start_ticks: int, cgroup: str) -> None:
+def _fake_process(
+    proc: Path, pid: int, uid: int, start_ticks: int, cgroup: str, gid: int | None = None
+) -> None:
+    """A /proc/<pid>; with ``gid`` a status file whose effective gid it is (real differs)."""
     d = proc / str(pid)
     d.mkdir()
     fields = ["S"] + ["0"] * 18 + [str(start_ticks)] + ["0"] * 10
     (d / "stat").write_text(f"{pid} (odd) name) " + " ".join(fields) + "\n")
     (d / "cgroup").write_text(f"0::{cgroup}\n")
+    if gid is not None:
+        ids = f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}\nGid:\t{uid}\t{gid}\t{gid}\t{gid}\n"
+        (d / "status").write_text(f"Name:\todd\nUmask:\t0022\nState:\tS\n{ids}Groups:\t\n")
     os.chown(d, uid, uid)
 
 
@@ -280,6 +286,29 @@ def test_owner_and_start_time_come_from_the_processes(tmp_path: Path) -> None:
     assert backend.job_of_pid(12) == job1
     assert backend.job_of_pid(99) is None
     assert empty.is_dir()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown of the fake /proc entries needs root")
+@pytest.mark.parametrize("pattern", ["jobs/job_{job}", "slurm/uid_{uid}/job_{job}"])
+def test_the_jobs_group_is_the_effective_gid_of_the_owners_oldest_process(
+    tmp_path: Path, pattern: str
+) -> None:
+    proc, cg = _fake_system(tmp_path)
+    hz = os.sysconf("SC_CLK_TCK")
+    where = pattern.format(uid=2001, job=1)
+    _fake_process(proc, 10, 0, 2 * hz, f"/{where}/step_extern", gid=0)  # root: not the owner
+    _fake_process(proc, 11, 2001, 3 * hz, f"/{where}/step_batch")  # exited: no status file
+    _fake_process(proc, 12, 2001, 4 * hz, f"/{where}/step_batch", gid=3005)  # sbatch --gid
+    for pid in (13, 14, 15):  # adopted sessions later, with the primary group: outnumber it
+        _fake_process(proc, pid, 2001, (5 + pid) * hz, f"/{where}/step_extern", gid=2001)
+    _fake_job(cg, where, {"step_extern": [10, 13, 14, 15], "step_batch": [11, 12]})
+    _fake_job(cg, pattern.format(uid=2001, job=2), {"step_extern": [10]})  # root only
+    backend = CgroupBackend(CgroupBackendConfig(root=cg, jobs=pattern), proc_root=proc)
+
+    jobs = {j.id: j for j in backend.jobs_of(2001)}
+    assert jobs["1"].gid == 3005
+    assert backend.job_of_pid(15) == jobs["1"]
+    assert jobs.get("2") is None or jobs["2"].gid is None  # no process of its owner: unknown
 
 
 def test_a_job_without_processes_starts_at_its_directory_ctime(tmp_path: Path) -> None:

@@ -177,6 +177,7 @@ def test_bounds_accept_the_edges() -> None:
             "policy": {
                 "deny_message": "Zugang verweigert auf {node} \u2014 ok",
                 "exempt_users": ["a.b-c_d@EXAMPLE"],
+                "wait_for_job_ms": 0,
             },
             "pam_socket": "/run/" + "s" * 102,
         }
@@ -219,3 +220,13 @@ def test_rendered_file_documents_the_bounds() -> None:
     assert "# Range: 1 .. 65535." in text
     assert f"# Range: 1 .. {MS}." in text
     assert "at most 256 characters" in text
+
+
+def test_the_peer_timeout_and_the_job_wait_fit_in_the_pam_timeout() -> None:
+    cfg = config.parse({"pam_timeout_ms": 2000, "peer": {"timeout_ms": 500}})
+    assert cfg.policy.wait_for_job_ms == 500 and cfg.mode == "enforce"
+    # a wait longer than what is left of the PAM deadline is cut short by the flow, not refused
+    assert config.parse({"peer": {"timeout_ms": 1500}}).policy.wait_for_job_ms == 500
+    assert config.parse({"mode": "audit"}).mode == "audit"
+    with pytest.raises(config.ConfigError, match="mode"):
+        config.parse({"mode": "dry"})

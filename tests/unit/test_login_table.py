@@ -14,6 +14,7 @@ import asyncio
 import os
 import random
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,13 @@ class Row:
     owner_fail: Exception | None = None
     fail: dict[str, Exception] = field(default_factory=dict)
     adopted: int | None = HOLDER  # the pid adopted when the verdict is adopt
+    later: tuple[int, list[Job]] | None = None  # jobs that appear on the n-th listing
+    mode: str = "enforce"
+    would: tuple[str, str] | None = None  # audit mode: what enforce would have done
+    waited: bool = False  # the record says how long it waited for the named job
+    ns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # job id -> its namespaces
+    join: str | None = None  # the request's ns= (the module enters namespaces: 1, or not: 0)
+    sent_ns: str | None = None  # the reply's ns= (as many fds came with it)
 
 
 ROWS = [
@@ -88,9 +96,22 @@ ROWS = [
     Row("exempt group", ("allow", "exempt_group", None), "skipped", user="carol",
         policy={"exempt_groups": ["staff"]}),
     Row("unknown user", ("deny", "unknown_user", None), "skipped", user="mallory"),
-    Row("no jobs: deny", ("deny", "no_jobs", None), "skipped", user="bob"),
-    Row("no jobs: allow", ("allow", "no_jobs", None), "skipped", user="bob",
+    Row("no jobs: deny", ("deny", "no_jobs", None), "not_found", user="bob"),
+    Row("no jobs: allow", ("allow", "no_jobs", None), "not_found", user="bob",
         policy={"no_jobs": "allow"}),
+    Row("no jobs, no waiting: the source is not asked", ("deny", "no_jobs", None), "skipped",
+        user="bob", policy={"wait_for_job_ms": 0}),
+    Row("the named job appears while the login waits", ("adopt", "callerid", "43"), "found",
+        jobs=[], answer=found("43"), later=(3, [Job("43", ALICE, 300.0)]), waited=True),
+    Row("the named job never appears", ("deny", "no_jobs", None), "found", jobs=[],
+        answer=found("43"), waited=True),
+    Row("audit: a denial let through", ("allow", "audit", None), "not_found", user="bob",
+        mode="audit", would=("deny", "no_jobs")),
+    Row("audit: an error let through", ("allow", "audit", None), "skipped", mode="audit",
+        fail={"jobs_of": BackendError("cannot read the job directory")},
+        would=("error", "backend_error")),
+    Row("audit: adoption as usual", ("adopt", "single_job", "41"), "skipped", jobs=[J41],
+        mode="audit"),
     Row("single job", ("adopt", "single_job", "41"), "skipped", jobs=[J41]),
     Row("callerid", ("adopt", "callerid", "41"), "found", answer=found("41")),
     Row("newest", ("adopt", "unknown_newest", "42"), "not_found"),
@@ -100,8 +121,8 @@ ROWS = [
         policy={"unknown": "deny"}),
     Row("unknown: allow", ("allow", "unknown_allow", None), "not_found",
         policy={"unknown": "allow"}),
-    Row("a job of another user named", ("adopt", "unknown_newest", "42"), "found",
-        answer=found("77")),
+    Row("a job not here named", ("adopt", "unknown_newest", "42"), "found",
+        answer=found("77"), waited=True),
     Row("source error", ("adopt", "unknown_newest", "42"), "error", answer=SOURCE_ERROR),
     Row("unreachable", ("adopt", "unknown_newest", "42"), "unreachable",
         answer=("unreachable", None)),
@@ -122,6 +143,16 @@ ROWS = [
     Row("adoption fails: allow", ("allow", "adopt_failed", None), "found",
         answer=found("42"), policy={"adopt_failure": "allow"},
         fail={"adopt": BackendError("process 4242 vanished")}),
+    Row("namespaces handed over", ("adopt", "single_job", "41"), "skipped", jobs=[J41],
+        ns={"41": ("mnt", "uts")}, join="1", sent_ns="mnt,uts"),
+    Row("namespaces: join_container=0 at the module", ("adopt", "single_job", "41"), "skipped",
+        jobs=[J41], ns={"41": ("mnt",)}, join="0"),
+    Row("namespaces: none to join", ("adopt", "single_job", "41"), "skipped", jobs=[J41],
+        join="1"),
+    Row("namespaces: an old module", ("deny", "namespace_unsupported", None), "skipped",
+        jobs=[J41], ns={"41": ("mnt",)}),
+    Row("namespaces cannot be had", ("deny", "namespace_failed", None), "skipped", jobs=[J41],
+        join="1", fail={"namespaces": BackendError("job 41: its oldest process is gone")}),
     Row("backend error", ("error", "backend_error", None), "skipped",
         fail={"jobs_of": BackendError("cannot read the job directory")}),
     Row("decision timeout", ("error", "timeout", None), None, answer=None),
@@ -131,10 +162,12 @@ ROWS = [
 
 
 def build(row: Row, journal: FakeJournal) -> tuple[PamServer, FakeBackend]:
-    cfg = parse({"node_name": "b", "policy": row.policy})
+    cfg = parse({"node_name": "b", "policy": row.policy, "mode": row.mode})
     clock = FakeClock()
     pid_jobs = {OWNER.pid: J41}
-    backend = FakeBackend(row.jobs, pid_jobs=pid_jobs, fail=row.fail)
+    backend = FakeBackend(
+        row.jobs, pid_jobs=pid_jobs, fail=row.fail, later=row.later, ns=row.ns
+    )
     owners = FakeOwners(row.owner, row.owner_fail)
     source = SourceAnswer(node="b", owners=owners, backend=backend, executor=None, clock=clock)
     peers = FakePeers({} if row.answer is None else {SOURCE_IP: row.answer})
@@ -150,19 +183,28 @@ def build(row: Row, journal: FakeJournal) -> tuple[PamServer, FakeBackend]:
         executor=None,
         clock=clock,
         rng=random.Random(1),  # the random row's choice: job 41
+        mode=cfg.mode,
     )
     timeout = 0.2 if row.answer is None else 5.0
     server = PamServer(flow, journal, timeout_s=timeout, clock=clock, allowed_uid=os.getuid())
     return server, backend
 
 
-async def login(path: Path, user: str) -> str:
-    reader, writer = await asyncio.open_unix_connection(str(path))
-    writer.write(f"CALLERID/1 op=account user={user} service=sshd rhost={SOURCE_IP}\n".encode())
-    line = await reader.readline()
-    writer.close()
-    await writer.wait_closed()
-    return line.decode().strip()
+def login(path: Path, user: str, join: str | None = None) -> tuple[str, list[int]]:
+    """One account exchange as the module makes it: the reply line and the fds it carried."""
+    ns = f" ns={join}" if join is not None else ""
+    line = f"CALLERID/1 op=account user={user} service=sshd rhost={SOURCE_IP}{ns}\n"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(line.encode())
+        data, fds = b"", []
+        while not data.endswith(b"\n"):
+            part, got, _flags, _addr = socket.recv_fds(sock, 4096, 8, socket.MSG_CMSG_CLOEXEC)
+            if not part:
+                break
+            data, fds = data + part, fds + got
+    return data.decode().strip(), fds
 
 
 def reply_fields(line: str) -> dict[str, str]:
@@ -176,19 +218,29 @@ def test_row(row: Row, tmp_path: Path) -> None:
     journal = FakeJournal()
     server, backend = build(row, journal)
 
-    async def run() -> str:
+    async def run() -> tuple[str, list[int]]:
         await server.start(tmp_path / "agent.sock")
         try:
-            return await login(tmp_path / "agent.sock", row.user)
+            return await asyncio.to_thread(login, tmp_path / "agent.sock", row.user, row.join)
         finally:
             await server.stop()
 
-    got = reply_fields(asyncio.run(run()))
+    line, fds = asyncio.run(run())
+    got = reply_fields(line)
+    for fd in fds:
+        os.close(fd)
+    assert got.get("ns") == row.sent_ns
+    assert len(fds) == (len(row.sent_ns.split(",")) if row.sent_ns else 0)
+    assert all(ns.fds == () for ns in backend.handed)  # the agent's copies are all closed
+    asked = [c for c in backend.calls if c[0] == "namespaces"]
+    assert bool(asked) == (verdict_of(row) == "adopt" and row.join != "0")
     verdict, reason, job = row.reply
     assert (got["verdict"], got["reason"], got.get("job")) == (verdict, reason, job)
     assert len(journal.records) == 1
     rec = journal.records[0]
     assert (rec.decision, rec.reason, rec.job, rec.peer_status) == (verdict, reason, job, row.peer)
+    assert (rec.would_decision, rec.would_reason) == (row.would or (None, None))
+    assert (rec.waited_ms is not None) == row.waited
     assert rec.user == row.user and rec.node == "b" and rec.service == "sshd"
     by_server = reason in ("timeout", "agent_error")  # answered by the PAM server itself
     assert rec.uid == (USERS[row.user][0] if row.user in USERS and not by_server else None)
@@ -196,13 +248,18 @@ def test_row(row: Row, tmp_path: Path) -> None:
     if verdict == "adopt":
         assert backend.adopted == [(row.adopted, job)]
         assert rec.pid == row.adopted
-    elif reason == "adopt_failed":
+    elif "adopt_failed" in (reason, rec.would_reason) or reason.startswith("namespace_"):
         assert len(adopted) == 1  # tried once, then the policy's adopt_failure
     else:
         assert adopted == []
     if rec.peer_status not in (None, "skipped", "no_connection"):
         assert row.conn is not None
         assert (rec.src, rec.dst) == (str(row.conn.remote), str(row.conn.local))
+
+
+def verdict_of(row: Row) -> str:
+    """The verdict before the namespaces step (a namespace_* deny was an adoption first)."""
+    return "adopt" if row.reply[1].startswith("namespace_") else row.reply[0]
 
 
 def documented(column: str) -> set[str]:

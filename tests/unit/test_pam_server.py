@@ -50,10 +50,10 @@ class Adopter:
         self.order.append(pid)
         return Outcome(PamReply("allow", "root"), record(req, pid, "allow", "root"))
 
-    def error_record(
+    def error_outcome(
         self, req: PamRequest, pid: int, started: float, reason: str, text: str
-    ) -> DecisionRecord:
-        return record(req, pid, "error", reason)
+    ) -> Outcome:
+        return Outcome(PamReply("error", reason), record(req, pid, "error", reason))
 
 
 async def serve(

@@ -164,6 +164,17 @@ def test_reply_nul_becomes_a_question_mark_and_invalid_jobs_are_left_out() -> No
     assert b" job=" + b"j" * 64 + b" " in format_reply(PamReply("adopt", "callerid", "j" * 64))
 
 
+def test_the_jobs_group_is_sent_with_an_adoption_only() -> None:
+    out = format_reply(PamReply("adopt", "callerid", "42", "", gid=1003))
+    assert out == b"CALLERID/1 verdict=adopt reason=callerid job=42 gid=1003 msg=\n"
+    assert b" gid=0 " in format_reply(PamReply("adopt", "single_job", "7", gid=0))
+    for verdict in ("allow", "deny", "error"):
+        assert b"gid=" not in format_reply(PamReply(verdict, "r", "42", gid=1003))  # type: ignore[arg-type]
+    for gid in (None, -1, 2**32 - 1, 2**40, True):  # (gid_t)-1 is "no group": never sent
+        assert b"gid=" not in format_reply(PamReply("adopt", "callerid", "42", gid=gid))
+    assert b" gid=4294967294 " in format_reply(PamReply("adopt", "x", "1", gid=2**32 - 2))
+
+
 def test_a_long_reason_is_cut_and_the_line_still_fits() -> None:
     out = format_reply(PamReply("error", "\u00e9" * 5000, "1", "m" * 5000))
     assert len(out) == MAX_LINE and out.endswith(b"\n")
@@ -208,13 +219,17 @@ def c_parse_reply(line: bytes) -> dict[str, str] | None:
         if b"\0" in value:
             return None
         name = key.decode()
-        if name in ("verdict", "job", "reason", "msg"):
+        if name in ("verdict", "job", "reason", "msg", "gid"):
             if name in out:
                 return None
             out[name] = value.decode("utf-8", errors="surrogateescape")
     if out.get("verdict") not in ("adopt", "allow", "deny", "error"):
         return None
     if "job" in out and not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", out["job"]):
+        return None
+    if "gid" in out and not (
+        re.fullmatch(r"0|[1-9][0-9]{0,9}", out["gid"]) and int(out["gid"]) <= 2**32 - 2
+    ):
         return None
     return out
 
@@ -296,11 +311,17 @@ _any_text = st.text(max_size=120) | st.text(max_size=6000, alphabet="\u00e9\0x %
 
 
 @PROPS
-@given(_verdict, _any_text, st.none() | st.text(max_size=70), _any_text)
+@given(
+    _verdict,
+    _any_text,
+    st.none() | st.text(max_size=70),
+    _any_text,
+    st.none() | st.integers(min_value=-3, max_value=2**33),
+)
 def test_every_reply_is_one_line_the_module_accepts(
-    verdict: str, reason: str, job: str | None, msg: str
+    verdict: str, reason: str, job: str | None, msg: str, gid: int | None
 ) -> None:
-    out = format_reply(PamReply(verdict, reason, job, msg))  # type: ignore[arg-type]
+    out = format_reply(PamReply(verdict, reason, job, msg, gid))  # type: ignore[arg-type]
     assert len(out) <= MAX_LINE and out.isascii()
     assert out.endswith(b"\n") and out.count(b"\n") == 1
     assert all(0x20 <= b <= 0x7E for b in out[:-1])
@@ -314,6 +335,8 @@ def test_every_reply_is_one_line_the_module_accepts(
     assert parsed.get("job") == (
         job if job and re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", job) else None
     )
+    sent = verdict == "adopt" and gid is not None and 0 <= gid <= 2**32 - 2
+    assert parsed.get("gid") == (str(gid) if sent else None)
 
 
 # -- through the real PAM server on a real unix socket ------------------------------------------
@@ -342,13 +365,13 @@ class NssFlow:
     def close_session(self, pid: int) -> PamReply:
         return PamReply("allow", "closed")
 
-    def error_record(
+    def error_outcome(
         self, req: PamRequest, pid: int, started: float, reason: str, text: str
-    ) -> DecisionRecord:
-        return DecisionRecord(
+    ) -> Outcome:
+        return Outcome(PamReply("error", reason), DecisionRecord(
             decision="error", reason=reason, user=req.user, uid=None, pid=pid, job=None, src=None,
             dst=None, peer_status=None, latency_us=0, message=text,
-        )  # fmt: skip
+        ))  # fmt: skip
 
 
 async def _ask_server(sock_dir: Path, line: bytes) -> tuple[bytes, PamServer, NssFlow, FakeJournal]:

@@ -52,8 +52,25 @@ CASES = [
     ),
     ("unknown-user", facts(uid=None), pol(), "deny", "unknown_user", None),
     ("needs-jobs", facts(), pol(), Need.JOBS, "", None),
-    ("no-jobs-deny", facts(jobs=()), pol(), "deny", "no_jobs", None),
-    ("no-jobs-allow", facts(jobs=()), pol(no_jobs="allow"), "allow", "no_jobs", None),
+    ("no-jobs-ask-first", facts(jobs=()), pol(), Need.CALLERID, "", None),
+    ("no-jobs-deny", facts(jobs=(), callerid_asked=True), pol(), "deny", "no_jobs", None),
+    ("no-jobs-no-wait", facts(jobs=()), pol(wait_for_job_ms=0), "deny", "no_jobs", None),
+    (
+        "no-jobs-allow",
+        facts(jobs=(), callerid_asked=True, callerid_job="5"),
+        pol(no_jobs="allow"),
+        "allow",
+        "no_jobs",
+        None,
+    ),
+    (
+        "awaited-job-beats-the-shortcut",
+        facts(jobs=(MID,), callerid_asked=True, callerid_job="9"),
+        pol(),
+        "adopt",
+        "callerid",
+        "9",
+    ),
     ("single-job", facts(jobs=(MID,)), pol(), "adopt", "single_job", "9"),
     (
         "single-job-no-shortcut",
@@ -159,7 +176,7 @@ def test_decide(
 
 
 def test_deny_message_names_the_node() -> None:
-    out = decide(facts(jobs=()), pol(), "node2", RNG)
+    out = decide(facts(jobs=(), callerid_asked=True), pol(), "node2", RNG)
     assert isinstance(out, Decision)
     assert out.user_message == "Access denied by callerid: you have no active job on node2"
 

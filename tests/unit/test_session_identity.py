@@ -34,7 +34,7 @@ def flow(procs: FakeProcs, backend: FakeBackend) -> LoginFlow:
         raise AssertionError("no source question in these cases")
 
     return LoginFlow(
-        parse({"policy": {"no_jobs": "allow"}}).policy,
+        parse({"policy": {"no_jobs": "allow", "wait_for_job_ms": 0}}).policy,
         node="b",
         users=FakeUsers(USERS),
         sessions=FakeSessions(CONN, holder=PID, start=procs.start_time(PID) or 0.0),

@@ -261,3 +261,54 @@ def test_any_bytes_decode_or_raise_protocol_error(
         return
     assert taken <= len(data)
     assert reader.done or reader.needed > 0
+
+
+# --------------------------------------------------------------------------- GETPW
+
+
+def _passwd_bytes(name: bytes, uid: int, gid: int, *, shell: bytes = b"/bin/sh") -> bytes:
+    """A GETPW reply laid out as 22.05-26.05 `_handle_getpw` writes it."""
+
+    def text(value: bytes) -> bytes:
+        return struct.pack("=i", len(value)) + value
+
+    head = struct.pack("=i", 1) + text(name) + text(b"*") + struct.pack("=II", uid, gid)
+    return head + text(b"") + text(b"/home/" + name) + text(shell)
+
+
+def test_getpw_request_asks_always_about_nobody_in_particular() -> None:
+    assert stepd.getpw().data == struct.pack("=iiIi", 24, 1, 2**32 - 1, 0)
+
+
+def test_getpw_reply_gives_the_jobs_group() -> None:
+    data = _passwd_bytes(b"alice", 1001, 1002)
+    assert _decode(stepd.getpw(), data) == stepd.StepPasswd("alice", 1001, 1002)
+    trickle = stepd.getpw().reader()
+    for i in range(len(data)):
+        assert not trickle.done
+        assert trickle.feed(data[i : i + 1]) == 1
+    assert trickle.value == stepd.StepPasswd("alice", 1001, 1002)
+    assert _decode(stepd.getpw(), struct.pack("=i", 0)) is None  # "not found"
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (struct.pack("=i", 7), "found flag"),
+        (struct.pack("=i", -1), "found flag"),
+        (struct.pack("=ii", 1, -1), "length"),
+        (struct.pack("=ii", 1, stepd.MAX_PASSWD_FIELD + 1), "length"),
+    ],
+)
+def test_bad_getpw_replies_are_protocol_errors(data: bytes, match: str) -> None:
+    with pytest.raises(stepd.StepdProtocolError, match=match):
+        stepd.getpw().reader().feed(data)
+
+
+def test_getpw_request_is_understood_by_the_stand_in() -> None:
+    request = request_reader()
+    data = stepd.getpw().data
+    assert request.feed(data + b"next") == len(data)
+    assert request.value == (stepd.Request.GETPW, 1)
+    pw = stepd.StepPasswd("fake", 5, 6)
+    assert _decode(stepd.getpw(), encode_reply(stepd.Request.GETPW, pw)) == pw
