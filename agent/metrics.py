@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 REASONS: Final = frozenset({
     "root", "exempt_user", "exempt_group", "unknown_user", "no_jobs", "single_job", "callerid",
     "unknown_newest", "unknown_oldest", "unknown_random", "unknown_deny", "unknown_allow",
-    "adopt_failed", "backend_error", "timeout", "agent_error", "audit",
+    "adopt_failed", "namespace_failed", "namespace_unsupported", "backend_error", "timeout",
+    "agent_error", "audit",
 })  # fmt: skip
 PEER_STATUSES: Final = frozenset({
     "found", "not_found", "error", "unreachable", "timeout", "auth_failed", "unknown_peer",

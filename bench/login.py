@@ -54,23 +54,19 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from bench._common import TOP, apt_install, bench_argv, need_root, poll, write_rows
+from bench._login_analyze import analyze
 from bench._login_logs import (
-    bootstrap_ci,
-    cid_split,
-    psa_split,
     records,
     slurmd_callerid_ms,
-    spans,
-    stats,
     timing_marks,
 )
 from bench._login_report import print_report, report_rows
 from bench._sshbench import SSHD_HOST, AgentSet, SshdFarm, SyslogSink
+from tests.support.psa_sshd import psa_module
 from tests.support.slurm import PACKAGES, LocalSlurm
 from tests.support.slurm_release import RELEASES, SlurmRelease, prepare
 from tests.support.users import ThrowawayUser, create_user, delete_user
@@ -96,13 +92,9 @@ TARGETS = {  # target -> (agent serving it or None, pam_slurm_adopt options or N
 }
 STALLED = ("psa-rpc", "cid-slurm-rpc")
 ALWAYS = ("plain", "psa", "psa-rpc")  # every run measures the baseline and the reference
-# Each release's own pam_slurm_adopt, by full path: the trees' Slurm `make install` would have
-# overwritten Debian's in /lib/security (reference/slurm-builds/README.md, "Trap").
-PSA_MODULES = {
-    "22.05": "/lib/security/pam_slurm_adopt.so",  # Debian 12's libpam-slurm-adopt
-    "24.11": "/opt/slurm-24.11/lib/security/pam_slurm_adopt.so",
-    "26.05": "/opt/slurm-26.05/lib/security/pam_slurm_adopt.so",
-}
+# Each release's own pam_slurm_adopt, by full path (tests/support/psa_sshd.py): Debian's in
+# /lib/security, each tree's in <prefix>/lib/security (reference/slurm-builds/README.md, "Trap")
+PSA_MODULES = {name: str(psa_module(rel)) for name, rel in RELEASES.items()}
 # Options a release's module needs beyond service= and log_level= (none so far: NodeName is
 # the short hostname, which every release's module guesses; see docs/performance.md).
 PSA_OPTIONS: dict[str, str] = {"22.05": "", "24.11": "", "26.05": ""}
@@ -253,65 +245,6 @@ def job_failed(slurm: LocalSlurm, job: str, work: Path) -> str | None:
     return "failed" if state in ("", "FAILED", "CANCELLED", "COMPLETED") else None
 
 
-def analyze(
-    samples: dict[str, Any],
-    lines: list[str],
-    recs: dict[str, list[dict[str, str]]],
-    *,
-    slurmd: list[float],
-    rounds: int,
-    timings: dict[str, list[dict[str, float]]],
-    targets: list[str],
-) -> dict[str, Any]:
-    from bench._common import median, pct
-
-    by_target: dict[str, list[float]] = defaultdict(list)
-    for login in samples["rounds"]:
-        by_target[login["target"]].append(login["ms"])
-    st: dict[str, Any] = {"ssh": {}, "module": {}, "agent": {}, "errors": {}, "rounds": rounds}
-    for name, ms in by_target.items():
-        st["ssh"][name] = {
-            "n": len(ms),
-            "median": median(ms),
-            "p90": pct(ms, 90),
-            "ci90": bootstrap_ci(ms, by_target["plain"]),
-        }
-    measured = spans(lines, samples["rounds"])
-    st["split"] = {}
-    for name, want in (("psa", "adopted into job"), ("psa-rpc", "member of job")):
-        got = measured.get(name, [])
-        st["module"][name] = stats([s["ms"] for s in got])
-        st["errors"][name] = rounds - sum(1 for s in got if want in s["text"])
-        st["split"][name] = psa_split([s["text"] for s in got])
-    for name in targets:
-        agent = TARGETS[name][0]
-        if agent is None:
-            continue
-        st["module"][name] = stats([s["ms"] for s in measured.get(name, [])])
-        rs = recs[agent][WARMUP : WARMUP + rounds]
-        want = "callerid" if agent.endswith("rpc") else "single_job"
-        st["agent"][name] = stats([int(r["CALLERID_LATENCY_US"]) / 1000 for r in rs])
-        st["split"][name] = cid_split(timings[agent][WARMUP : WARMUP + rounds])
-        st["errors"][name] = rounds - sum(
-            1
-            for r in rs
-            if (r.get("CALLERID_DECISION"), r.get("CALLERID_REASON")) == ("adopt", want)
-        )
-    st["slurmd_callerid"] = stats(slurmd)
-    if samples.get("stalled"):
-        stalled: dict[str, list[float]] = defaultdict(list)
-        for login in samples["stalled"]:
-            stalled[login["target"]].append(login["ms"])
-        st["stalled"] = {n: stats(v) for n, v in stalled.items()}
-        sp = spans(lines, samples["stalled"]).get("psa-rpc", [])
-        st["stalled"]["psa-rpc module"] = stats([s["ms"] for s in sp])
-        rs = recs["dslurmrpc"][WARMUP + rounds :]
-        st["stalled"]["cid agent"] = stats([int(r["CALLERID_LATENCY_US"]) / 1000 for r in rs])
-        st["stalled"]["cid peer status"] = [r.get("CALLERID_PEER_STATUS") for r in rs]
-        st["stalled"]["psa text"] = sp[0]["text"] if sp else ""
-    return st
-
-
 def chosen_targets(arg: str | None) -> list[str]:
     """The targets to measure, in TARGETS order (`ALWAYS` included)."""
     wanted = set(arg.split(",")) if arg else set(TARGETS)
@@ -381,6 +314,8 @@ def measure(args: argparse.Namespace, release: SlurmRelease) -> dict[str, Any]:
             rounds=args.rounds,
             timings=timings,
             targets=targets,
+            agent_of={name: agent for name, (agent, _) in TARGETS.items()},
+            warmup=WARMUP,
         )
         st["migration_ms"] = [migration_probe(), migration_probe()]
         st["release"] = {"name": release.name, "version": release.version}

@@ -1,7 +1,7 @@
 /*
  * tst-retval.c - run PAM phases against a private service file and print exact results.
  *
- *   tst-retval [-r RHOST] [-t TTY] [-s] [-n] CONFDIR SERVICE USER OP...
+ *   tst-retval [-r RHOST] [-t TTY] [-s] [-n] [-f PATH] CONFDIR SERVICE USER OP...
  *
  * OP is acct_mgmt, open_session or close_session. The service is read from CONFDIR/SERVICE
  * through pam_start_confdir (Linux-PAM >= 1.4), so /etc/pam.d is never touched. -s passes
@@ -13,6 +13,8 @@
  *   env SLURM_JOB_ID=<value>|-
  *   env CALLERID_JOB_GID=<value>|-
  *   env SLURM_JOB_GID=<value>|-
+ *   file <PATH>=yes|no                  (-f: whether PATH exists for this process after the
+ *                                        OPs: in the namespaces the module entered, if any)
  *
  * Exit status: 0 when every OP ran (whatever it returned), 2 on usage or pam_start failure.
  */
@@ -23,6 +25,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/stat.h>
 
 static const char *const rc_names[] = {
     "PAM_SUCCESS",
@@ -126,13 +129,15 @@ int main(int argc, char **argv)
     pam_handle_t *pamh = NULL;
     const char *rhost = NULL;
     const char *tty = NULL;
+    const char *probe = NULL;
+    struct stat st;
     int flags = 0;
     int status = 2;
     int c;
     int i;
     int rc;
 
-    while ((c = getopt(argc, argv, "r:t:sn")) != -1) {
+    while ((c = getopt(argc, argv, "r:t:snf:")) != -1) {
         switch (c) {
         case 'r':
             rhost = optarg;
@@ -145,6 +150,9 @@ int main(int argc, char **argv)
             break;
         case 'n':
             conv.conv = NULL;
+            break;
+        case 'f':
+            probe = optarg;
             break;
         default:
             goto usage;
@@ -172,11 +180,14 @@ int main(int argc, char **argv)
     print_env(pamh, "SLURM_JOB_ID");
     print_env(pamh, "CALLERID_JOB_GID");
     print_env(pamh, "SLURM_JOB_GID");
+    if (probe != NULL)
+        printf("file %s=%s\n", probe, stat(probe, &st) == 0 ? "yes" : "no");
     status = 0;
 out:
     pam_end(pamh, PAM_SUCCESS);
     return status;
 usage:
-    fprintf(stderr, "usage: tst-retval [-r RHOST] [-t TTY] [-s] [-n] CONFDIR SERVICE USER OP...\n");
+    fprintf(stderr, "usage: tst-retval [-r RHOST] [-t TTY] [-s] [-n] [-f PATH] CONFDIR SERVICE USER "
+                    "OP...\n");
     return 2;
 }

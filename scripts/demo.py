@@ -112,7 +112,10 @@ def play(cc: CalleridCluster) -> None:
     scenario(cc, "   ... and from the other job", n1, n2, user, job="43")
     scenario(cc, "3. from outside any job: unknown policy 'newest'", n1, n2, user)
     n1.add_job("44", user)
-    scenario(cc, "4. no job at all on node3: denied, with a message", n1, n3, user, job="44")
+    scenario(
+        cc, "4. no job on node3: denied with a message, once job 44 did not appear there within "
+        "policy.wait_for_job_ms", n1, n3, user, job="44",
+    )  # fmt: skip
     scenario(cc, "5. over IPv6", n1, n2, user, job="42", ipv6=True)
     for node in (n2, n3):
         node.add_job("45", user)

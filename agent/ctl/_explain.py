@@ -127,8 +127,13 @@ async def _explain(
                 clock=clock,
                 mode=cfg.mode,
             )
-            req = PamRequest("account", user, "calleridctl", conn.remote.ip if conn else "", "")
-            return await flow.account(req, os.getpid())
+            rhost = conn.remote.ip if conn else ""
+            req = PamRequest("account", user, "calleridctl", rhost, "", join=True)  # as the module
+            outcome = await flow.account(req, os.getpid())
+            if outcome.namespaces is not None:
+                say(f"the session would enter the job's namespaces: {','.join(outcome.reply.ns)}")
+                outcome.namespaces.close()  # a dry run: nobody enters them
+            return outcome
     finally:
         owners.close()
         backend.close()

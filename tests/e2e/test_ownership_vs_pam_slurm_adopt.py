@@ -110,6 +110,7 @@ class Outcome:
     in_listpids: bool  # `scontrol listpids <job>` lists the session's shell
     source_rpcs: int  # REQUEST_NETWORK_CALLERID answered by slurmd during the login
     slurmd_found: str  # slurmd's "network_callerid found job ..." (debug3), or ""
+    slurmd_process: str  # whose process slurmd found holding the socket: "alice" ... or ""
     callerid: str = ""  # callerid's record: decision/reason/peer status
 
 
@@ -135,7 +136,7 @@ def set_up(site: SlurmSite, bob_jobs: int, argv_for: ArgvFor) -> Scenario:
 
 
 def outcome(
-    site: SlurmSite, sc: Scenario, module: str, rpcs_before: int, callerid: str = ""
+    site: SlurmSite, sc: Scenario, module: str, log_mark: int, callerid: str = ""
 ) -> Outcome:
     session = site.wait_session(sc.alice)
     text = (sc.alice.out_dir / "out").read_text()
@@ -147,8 +148,10 @@ def outcome(
     uid = int(found.group(1)) if found else -1
     owner = {sc.alice.uid: "alice", sc.bob.uid: "bob"}.get(uid, "?")
     listed = bool(job) and session.shell_pid in site.slurm.step_pids(job).get("extern", [])
-    log = site.slurm.slurmd_log()
+    log = site.slurm.slurmd_log()[log_mark:]  # what slurmd logged during this login
     found_job = re.findall(r"network_callerid found job (\S+)", log)
+    found_pid = re.findall(r"network_callerid found process (\d+)", log)
+    users = {sc.alice.uid: "alice", sc.bob.uid: "bob"}
     return Outcome(
         module=module,
         bob_jobs=len(sc.bobs),
@@ -157,15 +160,23 @@ def outcome(
         env_job=env_job,
         shell_uid=psutil.Process(session.shell_pid).uids().real,
         in_listpids=listed,
-        source_rpcs=callerid_rpcs(site.slurm) - rpcs_before,
-        slurmd_found=found_job[-1] if found_job and job else "",
+        source_rpcs=log.count("network_callerid matched"),
+        slurmd_found=found_job[-1] if found_job else "",
+        slurmd_process=users.get(_uid_of(int(found_pid[-1])), "?") if found_pid else "",
         callerid=callerid,
     )
 
 
-def callerid_rpcs(slurm: LocalSlurm) -> int:
-    """How many REQUEST_NETWORK_CALLERID slurmd has matched to a socket so far."""
-    return slurm.slurmd_log().count("network_callerid matched")
+def mark(site: SlurmSite) -> int:
+    """Where slurmd's log ends now (the next login's lines start there)."""
+    return len(site.slurm.slurmd_log())
+
+
+def _uid_of(pid: int) -> int:
+    try:
+        return int(psutil.Process(pid).uids().real)
+    except psutil.NoSuchProcess:
+        return -1
 
 
 def finish(site: SlurmSite, sc: Scenario) -> None:
@@ -199,7 +210,7 @@ def test_pam_slurm_adopt_puts_bobs_session_into_alices_job(
     site: SlurmSite, psa: PsaSshd, slurm_release: SlurmRelease
 ) -> None:
     """bob has two jobs here: the module asks the source slurmd, which names alice's job."""
-    before = callerid_rpcs(site.slurm)
+    before = mark(site)
     sc = set_up(site, 2, psa_argv(psa))
     got = outcome(site, sc, f"pam_slurm_adopt {slurm_release.version}", before)
     record(slurm_release, "psa, bob has 2 jobs", got, sc)
@@ -208,18 +219,21 @@ def test_pam_slurm_adopt_puts_bobs_session_into_alices_job(
     assert (got.job, got.owner) == (sc.alices, "alice"), got  # ... in alice's job
     assert got.env_job == sc.alices
     assert got.in_listpids, site.slurm.listpids(sc.alices)
+    # slurmd found alice's ssh client, in her batch step ("3" or "StepId=3.batch")
     assert got.slurmd_found.split(".")[0].removeprefix("StepId=") == sc.alices
+    assert got.slurmd_process == "alice"
     finish(site, sc)
 
 
 def test_pam_slurm_adopt_always_asking_does_it_with_one_job_too(
     site: SlurmSite, psa_rpc: PsaSshd, slurm_release: SlurmRelease
 ) -> None:
-    before = callerid_rpcs(site.slurm)
+    before = mark(site)
     sc = set_up(site, 1, psa_argv(psa_rpc))
     got = outcome(site, sc, f"pam_slurm_adopt {slurm_release.version}", before)
     record(slurm_release, "psa single_job_skip_rpc=0, bob has 1 job", got, sc)
     assert got.shell_uid == sc.bob.uid and got.source_rpcs == 1
+    assert got.slurmd_process == "alice"
     assert (got.job, got.owner, got.env_job) == (sc.alices, "alice", sc.alices), got
     assert got.in_listpids
     finish(site, sc)
@@ -229,7 +243,7 @@ def test_pam_slurm_adopt_with_one_job_and_defaults_never_asks(
     site: SlurmSite, psa: PsaSshd, slurm_release: SlurmRelease
 ) -> None:
     """Where it does not hold: one job of bob's, default single_job_skip_rpc=1."""
-    before = callerid_rpcs(site.slurm)
+    before = mark(site)
     sc = set_up(site, 1, psa_argv(psa))
     got = outcome(site, sc, f"pam_slurm_adopt {slurm_release.version}", before)
     record(slurm_release, "psa, bob has 1 job", got, sc)
@@ -244,7 +258,7 @@ def test_callerid_never_puts_bobs_session_into_alices_job(
     site: SlurmSite, slurm_release: SlurmRelease, bob_jobs: int
 ) -> None:
     """Same construction through pam_callerid.so at n2 (its agent asks n1's over the mesh)."""
-    before = callerid_rpcs(site.slurm)
+    before = mark(site)
     sc = set_up(site, bob_jobs, cid_argv(site))
     site.wait_session(sc.alice)
     rec = site.decision("n2", sc.bob)

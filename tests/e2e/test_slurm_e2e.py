@@ -16,6 +16,7 @@ tests/e2e/test_slurm_cluster_e2e.py does the same between two slurmd nodes in ne
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,10 +31,11 @@ from tests.support.slurm import (
     LOCK_TIMEOUT,
     LocalSlurm,
     SlurmError,
+    namespaces_under_test,
     require_slurm,
 )
 from tests.support.slurm_release import SlurmRelease, release_names
-from tests.support.slurm_site import ADDRESSES, Session, SiteUser, SlurmSite
+from tests.support.slurm_site import ADDRESSES, REMOTE_CMD, Session, SiteUser, SlurmSite
 from tests.support.users import require_useradd
 
 # the first test may wait for another process's LocalSlurm (the machine-wide lock)
@@ -58,7 +60,7 @@ def slurm(slurm_release: SlurmRelease) -> Iterator[LocalSlurm]:
     require_useradd()
     if not Path("/usr/sbin/sshd").exists():
         pytest.skip("/usr/sbin/sshd is missing (apt-get install openssh-server)")
-    with LocalSlurm(slurm_release) as cluster:
+    with LocalSlurm(slurm_release, namespaces=namespaces_under_test(slurm_release)) as cluster:
         yield cluster
 
 
@@ -143,6 +145,44 @@ def test_single_job_is_adopted_without_asking(slurm: LocalSlurm, site: SlurmSite
     assert (rec["CALLERID_JOB_ID"], rec["CALLERID_PEER_STATUS"]) == (job, "skipped")
     assert_in_extern_step(site, "n2", carol, job, rec, session)
     assert_scancel_ends_session(slurm, site, carol, job, rec)
+
+
+def test_the_session_sees_the_jobs_private_tmp(slurm: LocalSlurm, site: SlurmSite) -> None:
+    """``ssh node cat /tmp/<file the batch script wrote>``: with job_container/tmpfs (24.11) and
+    namespace/tmpfs (26.05) the adopted session is in the job's mount namespace (the PAM
+    module entered the fds the agent got from the stepd), where the file is; the node's /tmp
+    has no such file. With 22.05 (no plugin) job and session share the node's /tmp."""
+    grace = site.add_user()
+    token = secrets.token_hex(6)
+    path = f"/tmp/cid-ns-{token}"
+    script = site.ssh_script(
+        grace,
+        "n1",
+        prelude=f"echo {token} > {path}\n",
+        command=f"cat {path} || echo NO-FILE; {REMOTE_CMD}",
+    )
+    try:
+        job = site.submit(grace, script)
+        session = site.wait_session(grace)
+        rec = site.decision("n1", grace)
+        assert (rec["CALLERID_DECISION"], rec["CALLERID_JOB_ID"]) == ("adopt", job), rec
+        out = (grace.out_dir / "out").read_text()
+        assert out.splitlines()[0] == token, out
+        batch = slurm.step_pids(job)["batch"][0]
+        job_mnt = os.stat(f"/proc/{batch}/ns/mnt").st_ino
+        assert os.stat(f"/proc/{session.shell_pid}/ns/mnt").st_ino == job_mnt
+        if slurm.namespaces is None:
+            assert Path(path).read_text() == f"{token}\n"
+            assert job_mnt == os.stat("/proc/self/ns/mnt").st_ino
+        else:
+            assert not Path(path).exists()  # only in the job's /tmp
+            assert job_mnt != os.stat("/proc/self/ns/mnt").st_ino
+            monitor = int(rec["CALLERID_PID"])  # the sshd itself entered it
+            assert os.stat(f"/proc/{monitor}/ns/mnt").st_ino == job_mnt
+        assert_in_extern_step(site, "n1", grace, job, rec, session)
+        assert_scancel_ends_session(slurm, site, grace, job, rec)
+    finally:
+        Path(path).unlink(missing_ok=True)
 
 
 def test_no_job_is_denied_with_the_callerid_message(slurm: LocalSlurm, site: SlurmSite) -> None:

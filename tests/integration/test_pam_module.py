@@ -90,6 +90,7 @@ class Run:
     conv: list[str] = field(default_factory=list)  # PAM_ERROR_MSG texts
     env: dict[str, str] = field(default_factory=dict)  # '-' when unset
     logs: list[tuple[int, str]] = field(default_factory=list)  # (syslog severity, text)
+    files: dict[str, str] = field(default_factory=dict)  # -f PATH: "yes" | "no"
 
 
 def parse_retval(out: str) -> Run:
@@ -102,6 +103,8 @@ def parse_retval(out: str) -> Run:
             run.conv.append(line.removeprefix("conv error "))
         elif m := re.fullmatch(r"env (\w+)=(.*)", line):
             run.env[m[1]] = m[2]
+        elif m := re.fullmatch(r"file (.*)=(yes|no)", line):
+            run.files[m[1]] = m[2]
     return run
 
 
@@ -355,7 +358,8 @@ def test_pamtester_request_bytes_and_peer_pid(pam_service: Callable[[str], str],
     tail = f"user={USER} service={service} rhost={rhost} tty={pct(tty)}\n"
     assert pct(tty) == "pts/%C3%BC%20x%3D%25"
     assert [s.line.decode() for s in agent.seen] == [
-        f"CALLERID/1 op={op} {tail}" for op in ("account", "open_session", "close_session")
+        f"CALLERID/1 op=account {tail.rstrip()} ns=1\n",  # it enters the job's namespaces
+        *(f"CALLERID/1 op={op} {tail}" for op in ("open_session", "close_session")),
     ]
     assert {(s.pid, s.uid) for s in agent.seen} == {(result.pid, 0)}
 
@@ -554,7 +558,9 @@ def test_contract_with_agent_pamproto(
         assert set(run.conv[0]) <= {"é", "?"}
         assert len(run.conv[0]) > 600
     request = parse_request(agent.seen[0].line)
-    assert request == PamRequest("account", USER, service="cid", rhost="10.0.0.1", tty=tty)
+    assert request == PamRequest(
+        "account", USER, service="cid", rhost="10.0.0.1", tty=tty, join=True
+    )
 
 
 def test_reply_in_pieces_within_timeout(built: Path, tmp_path: Path, sock: str) -> None:

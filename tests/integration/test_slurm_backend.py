@@ -21,8 +21,10 @@ import os
 import secrets
 import shutil
 import socket
+import struct
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,9 +39,20 @@ from callerid.agent.config import BackendConfig, SlurmBackendConfig
 from tests.fakes import FakeClock
 from tests.support.fake_stepd import Behaviour, list_pids
 from tests.support.poll import wait_for
-from tests.support.slurm import FakeStepd, LocalSlurm, require_slurm, stale_socket
+from tests.support.slurm import (
+    LOCK_TIMEOUT,
+    FakeStepd,
+    LocalSlurm,
+    namespaces_under_test,
+    read_in_namespaces,
+    require_slurm,
+    stale_socket,
+)
 from tests.support.slurm_release import SlurmRelease, release_names
 from tests.support.users import ThrowawayUser, require_useradd, throwaway_user
+
+# the first real-cluster test may wait for another process's LocalSlurm (the machine-wide lock)
+pytestmark = pytest.mark.timeout(LOCK_TIMEOUT + 180)
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "stepd"
 EXTERN = stepd.EXTERN_STEP
@@ -57,7 +70,7 @@ def slurm_release(request: pytest.FixtureRequest) -> SlurmRelease:
 @pytest.fixture(scope="module")
 def slurm(slurm_release: SlurmRelease) -> Iterator[LocalSlurm]:
     require_useradd()
-    with LocalSlurm(slurm_release) as cluster:
+    with LocalSlurm(slurm_release, namespaces=namespaces_under_test(slurm_release)) as cluster:
         yield cluster
 
 
@@ -664,3 +677,186 @@ def test_job_vanishing_between_listing_and_adoption(spool: Path) -> None:
     with pytest.raises(JobVanished):
         backend.adopt(os.getpid(), job)
     assert backend.jobs_of(UID) == []
+
+
+# --------------------------------------------------------------------------- job namespaces
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(scope="module")
+def tmp_job(slurm: LocalSlurm, alice: ThrowawayUser) -> Iterator[tuple[str, str, str]]:
+    """A job of alice's whose batch script wrote a file into its /tmp: (job, path, content)."""
+    token = secrets.token_hex(6)
+    path = f"/tmp/cid-ns-{token}"
+    jobid = slurm.submit(alice.name, wrap=f"echo {token} > {path}; sleep 300")
+    try:
+        slurm.wait_running(jobid)
+        wait_for(lambda: _batch_wrote(slurm, jobid, path), timeout=10, what="the batch's file")
+        yield jobid, path, f"{token}\n"
+    finally:
+        with contextlib.suppress(Exception):
+            slurm.cancel(jobid)
+        Path(path).unlink(missing_ok=True)  # written to the node's /tmp without a plugin
+
+
+def _batch_wrote(slurm: LocalSlurm, jobid: str, path: str) -> bool:
+    pids = slurm.step_pids(jobid).get("batch", [])
+    return any(Path(f"/proc/{pid}/root{path}").exists() for pid in pids)
+
+
+@pytest.mark.slurm
+@pytest.mark.root
+def test_namespaces_are_the_jobs_private_tmp(
+    slurm: LocalSlurm,
+    backend: SlurmBackend,
+    alice: ThrowawayUser,
+    tmp_job: tuple[str, str, str],
+) -> None:
+    jobid, path, content = tmp_job
+    job = next(j for j in backend.jobs_of(alice.uid) if j.id == jobid)
+    before = _open_fds()
+    found = backend.namespaces(job)
+    if slurm.namespaces is None:  # 22.05 here: no plugin, the stepd answers 0
+        assert found is None
+        assert Path(path).read_text() == content  # the job's /tmp is the node's
+        return
+    assert found is not None
+    try:
+        # job_container/tmpfs, namespace/tmpfs: mnt; namespace/linux: pid, then mnt
+        assert found.kinds == (("pid", "mnt") if slurm.namespaces == "linux" else ("mnt",))
+        batch = slurm.step_pids(jobid)["batch"][-1]
+        for kind, fd in found.fds:
+            assert os.fstat(fd).st_ino == os.stat(f"/proc/{batch}/ns/{kind}").st_ino, kind
+            assert os.fstat(fd).st_ino != os.stat(f"/proc/self/ns/{kind}").st_ino, kind
+        assert not Path(path).exists()  # not in the node's /tmp
+        seen = read_in_namespaces(found.fds, path)
+        assert seen[0] == content.strip(), seen
+        ino, pid = (int(x) for x in seen[1].split())
+        if slurm.namespaces == "linux":  # the job's PID namespace, its own numbering
+            assert ino == os.stat(f"/proc/{batch}/ns/pid").st_ino
+            assert pid < 100, seen  # a low pid of the job's namespace, not the node's
+        else:
+            assert ino == os.stat("/proc/self/ns/pid").st_ino
+    finally:
+        found.close()
+    assert _open_fds() == before
+
+
+@pytest.mark.slurm
+@pytest.mark.root
+def test_namespaces_off_and_refused(
+    slurm: LocalSlurm, alice: ThrowawayUser, tmp_job: tuple[str, str, str]
+) -> None:
+    jobid, _path, _content = tmp_job
+    cfg = SlurmBackendConfig(spool_dir=slurm.spool_dir, timeout_ms=2000, join_container=False)
+    job = Job(jobid, alice.uid, 0.0)
+    assert SlurmBackend(cfg).namespaces(job) is None
+    on = SlurmBackend(SlurmBackendConfig(spool_dir=slurm.spool_dir, timeout_ms=2000))
+    before = _open_fds()
+    with pytest.raises(BackendError, match="belongs to uid"):  # never another owner's
+        on.namespaces(Job(jobid, alice.uid + 1, 0.0))
+    with pytest.raises(JobVanished):
+        on.namespaces(Job("999999", alice.uid, 0.0))
+    assert _open_fds() == before
+
+
+# fake stepds passing fds: what a real one does not do on demand
+
+
+@contextlib.contextmanager
+def _fd_stepd(
+    path: Path, reply: bytes, fds: list[int], *, version: int = stepd.PROTOCOL_26_05
+) -> Iterator[None]:
+    """A one-connection stepd: handshake, STEP_UID (UID), then ``reply`` with ``fds`` passed
+    on its last byte (none: the connection is closed after ``reply``)."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(8)  # handshake + STEP_UID
+            conn.sendall(struct.pack("=iI", version, UID))
+            conn.recv(4)  # the namespace request
+            if not fds:
+                conn.sendall(reply)
+                return
+            conn.sendall(reply[:-1])
+            socket.send_fds(conn, [reply[-1:]], fds)
+            conn.recv(4)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join(timeout=5)
+        server.close()
+
+
+def _ns_fds_reply(*types: int) -> bytes:
+    return struct.pack("=i", len(types)) + b"".join(struct.pack("=i", t) + b"\0" for t in types)
+
+
+@pytest.mark.parametrize("version", [stepd.PROTOCOL_26_05, 42 << 8])
+def test_fake_stepd_passes_a_namespace(spool: Path, version: int) -> None:
+    mine = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    reply = _ns_fds_reply(0x00020000) if version >= stepd.GET_NS_FDS_SINCE else b"\7\0\0\0\0"
+    try:
+        with _fd_stepd(_ext(spool, 1), reply, [mine], version=version):
+            found = _fake_backend(spool).namespaces(Job("1", UID, 0.0))
+    finally:
+        os.close(mine)
+    assert found is not None
+    assert found.kinds == ("mnt",)
+    assert os.fstat(found.fds[0][1]).st_ino == os.stat("/proc/self/ns/mnt").st_ino
+    found.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "what", "match"),
+    [
+        (_ns_fds_reply(0x00020000, 0x20000000), "mnt", "announced 2 namespace fds, passed 1"),
+        (_ns_fds_reply(0x20000000), "mnt", "kind mnt for namespace type 0x20000000"),
+        (_ns_fds_reply(0x00020000), "pipe", "not a namespace"),
+        (struct.pack("=i", 1), "none", "closed the connection"),
+    ],
+)
+def test_fake_stepd_bad_namespaces_close_every_fd(
+    spool: Path, reply: bytes, what: str, match: str
+) -> None:
+    r, w = os.pipe()
+    passed = os.open("/proc/self/ns/mnt", os.O_RDONLY) if what == "mnt" else r
+    before = _open_fds()
+    try:
+        with (
+            _fd_stepd(_ext(spool, 1), reply, [passed] if what != "none" else []),
+            pytest.raises(BackendError, match=match),
+        ):
+            _fake_backend(spool).namespaces(Job("1", UID, 0.0))
+        assert _open_fds() == before  # nothing received is left open
+    finally:
+        for fd in {r, w, passed}:
+            os.close(fd)
+
+
+def test_fake_stepd_passing_too_many_fds_is_refused(spool: Path) -> None:
+    fds = [os.open("/proc/self/ns/mnt", os.O_RDONLY) for _ in range(stepd.MAX_NS_FDS + 4)]
+    before = _open_fds()
+    try:
+        reply = _ns_fds_reply(*[0x00020000] * stepd.MAX_NS_FDS)
+        with _fd_stepd(_ext(spool, 1), reply, fds), pytest.raises(BackendError):
+            _fake_backend(spool).namespaces(Job("1", UID, 0.0))
+        assert _open_fds() == before
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_fake_stepd_without_namespaces(spool: Path) -> None:
+    with _fd_stepd(_ext(spool, 1), struct.pack("=i", 0), []):
+        assert _fake_backend(spool).namespaces(Job("1", UID, 0.0)) is None

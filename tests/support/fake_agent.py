@@ -4,7 +4,9 @@ It listens on a stream socket, records every request line together with the SO_P
 pid/uid/gid of the peer (read before replying, as the real agent must), then behaves as told:
 
 - ``Mode.REPLY``: send ``reply`` as is (any bytes: a valid line, garbage, an overlong line),
-  optionally in two halves ``split_delay`` seconds apart (exercises partial reads);
+  optionally in two halves ``split_delay`` seconds apart (exercises partial reads), with
+  ``fds`` attached to its first byte(s) as SCM_RIGHTS when given (the job's namespaces: the
+  caller keeps and closes its copies);
 - ``Mode.HANG``: never reply and keep the connection open until the agent is stopped;
 - ``Mode.CLOSE``: close the connection without a reply;
 - ``Mode.NO_ACCEPT``: listen with a backlog of 0 and never accept (a stuck agent whose queue
@@ -70,7 +72,9 @@ class FakeAgent:
         mode: Mode = Mode.REPLY,
         reply: bytes = b"",
         split_delay: float = 0.0,
+        fds: list[int] | None = None,
     ) -> None:
+        self.fds = fds or []
         self.path = path
         self.mode = mode
         self.reply = reply
@@ -173,6 +177,10 @@ class FakeAgent:
         return data
 
     def _send_reply(self, conn: socket.socket) -> None:
+        if self.fds:
+            sent = socket.send_fds(conn, [self.reply], self.fds)
+            conn.sendall(self.reply[sent:])
+            return
         if self.split_delay <= 0:
             conn.sendall(self.reply)
             return

@@ -50,6 +50,7 @@ unix socket, for failure modes a real stepd does not show on demand.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -89,6 +90,8 @@ __all__ = [
     "LocalSlurm",
     "SlurmError",
     "SlurmNode",
+    "namespaces_under_test",
+    "read_in_namespaces",
     "require_slurm",
     "stale_socket",
 ]
@@ -168,6 +171,15 @@ AutoBasePath=true
 BasePath={base}
 Dirs=/tmp
 """
+# namespace/linux (26.05): the same private /tmp, plus a PID namespace per job.
+_NAMESPACE_YAML = """\
+# Written by callerid's tests/support/slurm.py (LocalSlurm); restored at teardown.
+defaults:
+  auto_base_path: true
+  base_path: "{base}"
+  dirs: "/tmp"
+  clone_ns_flags: "CLONE_NEWPID"
+"""
 
 
 class SlurmError(RuntimeError):
@@ -200,6 +212,45 @@ def require_slurm(release: str | SlurmRelease = "22.05") -> SlurmRelease:
     except SlurmUnavailable as exc:
         pytest.fail(f"Slurm {rel.name}: {exc}", pytrace=False)
     return rel
+
+
+def namespaces_under_test(release: str | SlurmRelease) -> str | None:
+    """The namespace plugin the slurm tests run ``release`` with (`LocalSlurm(namespaces=)`):
+    ``"tmpfs"`` from 24.11 on (job_container/tmpfs, namespace/tmpfs: the job's private /tmp);
+    None for 22.05, which then shows a stepd without one (no namespaces to join)."""
+    rel = RELEASES[release] if isinstance(release, str) else release
+    return None if rel.name == "22.05" else "tmpfs"
+
+
+def read_in_namespaces(fds: tuple[tuple[str, int], ...], path: str) -> list[str]:
+    """Seen from the namespaces ``fds`` (entered in a forked child, in order): what ``path``
+    holds, then the pid namespace inode and pid of a process started there (a grandchild:
+    a PID namespace applies to the children of who enters it)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(r)
+        try:
+            for _kind, fd in fds:
+                if ctypes.CDLL(None, use_errno=True).setns(fd, 0) != 0:
+                    os.write(w, f"setns: {os.strerror(ctypes.get_errno())}".encode())
+                    os._exit(1)
+            os.write(w, Path(path).read_bytes())
+            grandchild = os.fork()
+            if grandchild == 0:
+                ino = os.stat("/proc/self/ns/pid").st_ino
+                os.write(w, f"{ino} {os.getpid()}\n".encode())
+                os._exit(0)
+            os.waitpid(grandchild, 0)
+        except OSError as exc:
+            os.write(w, f"error: {exc}".encode())
+        os._exit(0)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as out:
+            return out.read().decode().splitlines()
+    finally:
+        os.waitpid(pid, 0)
 
 
 def _try_flock(fd: int) -> bool:
@@ -666,6 +717,8 @@ class LocalSlurm:
         files = [("slurm.conf", text), ("cgroup.conf", _CGROUP_CONF)]
         if self.namespaces == "tmpfs":
             files.append(("job_container.conf", _JOB_CONTAINER_CONF.format(base=self.ns_base)))
+        elif self.namespaces == "linux":
+            files.append(("namespace.yaml", _NAMESPACE_YAML.format(base=self.ns_base)))
         for name, content in files:
             path = self.etc / name
             if path not in self._backups:

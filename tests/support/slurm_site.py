@@ -153,7 +153,9 @@ class SlurmSite:
     def _set_up(self) -> None:
         if not PAM_SO.exists():
             subprocess.run(["make", "-s", "-C", str(TOP / "pam")], check=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=f"cidsl{self.tag}-", dir="/tmp"))
+        # jobs with a private /tmp (LocalSlurm(namespaces=...)) write their output outside it
+        where = "/tmp" if self.slurm.namespaces is None else "/var/tmp"
+        self.dir = Path(tempfile.mkdtemp(prefix=f"cidsl{self.tag}-", dir=where))
         self._stack.callback(shutil.rmtree, self.dir, ignore_errors=True)
         self.dir.chmod(0o755)  # users write their session output below it
         self._jd = self._stack.enter_context(PrivateJournald())
@@ -337,10 +339,17 @@ class SlurmSite:
     # -- logins -----------------------------------------------------------------------------
 
     def ssh_argv(
-        self, user: SiteUser, node: str, *, login: SiteUser | None = None, key: Path | None = None
+        self,
+        user: SiteUser,
+        node: str,
+        *,
+        login: SiteUser | None = None,
+        key: Path | None = None,
+        command: str = REMOTE_CMD,
     ) -> list[str]:
         """The ssh client command (run as ``user``) logging in as ``login`` (default: the
-        same user) at ``node`` and running `REMOTE_CMD` there."""
+        same user) at ``node`` and running ``command`` there (`REMOTE_CMD`: `wait_session`
+        waits for its output)."""
         opts = {
             "BatchMode": "yes",
             "StrictHostKeyChecking": "yes",
@@ -355,13 +364,14 @@ class SlurmSite:
         argv = ["ssh", "-4", "-p", str(self.ssh_ports[node]), "-l", (login or user).name]
         for k, v in opts.items():
             argv += ["-o", f"{k}={v}"]
-        return [*argv, ADDRESSES[node], REMOTE_CMD]
+        return [*argv, ADDRESSES[node], command]
 
-    def ssh_script(self, user: SiteUser, node: str, **kw: Any) -> str:
-        """An sbatch script whose batch step runs the ssh client, output in ``user.out_dir``."""
+    def ssh_script(self, user: SiteUser, node: str, *, prelude: str = "", **kw: Any) -> str:
+        """An sbatch script whose batch step runs ``prelude`` (shell lines), then the ssh
+        client, output in ``user.out_dir``."""
         cmd = shlex.join(self.ssh_argv(user, node, **kw))
         out, err = user.out_dir / "out", user.out_dir / "err"
-        return f'#!/bin/sh\n{cmd} >{out} 2>{err}\necho "ssh rc $?" >>{err}\n'
+        return f'#!/bin/sh\n{prelude}{cmd} >{out} 2>{err}\necho "ssh rc $?" >>{err}\n'
 
     def ssh_outside_jobs(self, user: SiteUser, node: str) -> subprocess.CompletedProcess[str]:
         """Run the ssh client as ``user`` outside any job (it waits for the remote command)."""

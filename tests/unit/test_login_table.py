@@ -165,9 +165,7 @@ def build(row: Row, journal: FakeJournal) -> tuple[PamServer, FakeBackend]:
     cfg = parse({"node_name": "b", "policy": row.policy, "mode": row.mode})
     clock = FakeClock()
     pid_jobs = {OWNER.pid: J41}
-    backend = FakeBackend(
-        row.jobs, pid_jobs=pid_jobs, fail=row.fail, later=row.later, ns=row.ns
-    )
+    backend = FakeBackend(row.jobs, pid_jobs=pid_jobs, fail=row.fail, later=row.later, ns=row.ns)
     owners = FakeOwners(row.owner, row.owner_fail)
     source = SourceAnswer(node="b", owners=owners, backend=backend, executor=None, clock=clock)
     peers = FakePeers({} if row.answer is None else {SOURCE_IP: row.answer})

@@ -416,3 +416,57 @@ def test_the_server_still_decides_for_a_good_user_name(tmp_path: Path) -> None:
     assert reply == b"CALLERID/1 verdict=allow reason=root msg=\n"
     assert flow.users == ["root"] and server.malformed == 0
     assert [r.decision for r in journal.records] == ["allow"]
+
+
+# ---- namespaces: the request's ns=0|1, the reply's ns=KINDS --------------------------------
+
+
+@pytest.mark.parametrize(("field", "join"), [("", None), (" ns=1", True), (" ns=0", False)])
+def test_request_says_whether_the_module_joins_namespaces(field: str, join: bool | None) -> None:
+    req = parse_request(f"CALLERID/1 op=account user=alice{field}\n".encode())
+    assert req.join is join
+
+
+@pytest.mark.parametrize("value", ["", "2", "yes", "01", "1%20"])
+def test_request_ns_other_than_0_or_1_is_refused(value: str) -> None:
+    with pytest.raises(PamProtocolError):
+        parse_request(f"CALLERID/1 op=account user=alice ns={value}\n".encode())
+
+
+def test_reply_names_the_namespaces_in_order_after_gid() -> None:
+    line = format_reply(PamReply("adopt", "callerid", "42", gid=1003, ns=("user", "mnt", "pid")))
+    want = b"CALLERID/1 verdict=adopt reason=callerid job=42 gid=1003 ns=user,mnt,pid msg=\n"
+    assert line == want
+    assert b" ns=" not in format_reply(PamReply("adopt", "callerid", "42"))
+
+
+@pytest.mark.parametrize(
+    ("verdict", "job", "ns"),
+    [
+        ("deny", None, ("mnt",)),
+        ("allow", None, ("mnt",)),
+        ("adopt", "42", ("mnt", "mnt")),
+        ("adopt", "42", ("time",)),
+        ("adopt", "42", ("mnt,pid",)),
+    ],
+)
+def test_a_reply_that_would_name_bad_namespaces_is_our_bug(
+    verdict: str, job: str | None, ns: tuple[str, ...]
+) -> None:
+    with pytest.raises(ValueError, match="namespaces"):
+        PamReply(verdict, "x", job, ns=ns)  # type: ignore[arg-type]
+
+
+def test_ns_kinds_agree_with_the_backend_interface() -> None:
+    from callerid.agent.backends.base import NAMESPACE_KINDS, JobNamespaces
+    from callerid.agent.pamproto import NS_KINDS
+
+    assert NS_KINDS == NAMESPACE_KINDS
+    with pytest.raises(ValueError):
+        JobNamespaces([])
+    with pytest.raises(ValueError):
+        JobNamespaces([("mnt", 5), ("mnt", 6)])
+    with pytest.raises(ValueError):
+        JobNamespaces([("time", 5)])
+    with pytest.raises(ValueError):
+        JobNamespaces([("mnt", -1)])

@@ -244,6 +244,8 @@ READERS: list[Callable[[], stepd.Reader[Any]]] = [
     lambda: stepd.step_uid().reader(),
     lambda: stepd.pid_in_container(1).reader(),
     lambda: list_pids().reader(),
+    lambda: stepd.get_ns_fd().reader(),
+    lambda: stepd.get_ns_fds().reader(),
     request_reader,
 ]
 
@@ -312,3 +314,58 @@ def test_getpw_request_is_understood_by_the_stand_in() -> None:
     assert request.value == (stepd.Request.GETPW, 1)
     pw = stepd.StepPasswd("fake", 5, 6)
     assert _decode(stepd.getpw(), encode_reply(stepd.Request.GETPW, pw)) == pw
+
+
+# --------------------------------------------------------------------------- namespaces
+
+CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWUSER = 0x00020000, 0x20000000, 0x10000000
+
+
+def test_namespace_requests_have_their_real_codes() -> None:
+    # step_msg_t: REQUEST_GET_NS_FD = 26 (22.05-26.05), REQUEST_GET_NS_FDS = 28 (25.11 on)
+    assert stepd.get_ns_fd().data == struct.pack("=i", 26)
+    assert stepd.get_ns_fds().data == struct.pack("=i", 28)
+    assert stepd.GET_NS_FDS_SINCE == 44 << 8  # 25.11
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (struct.pack("=i", 0), ()),  # no job_container plugin (or BasePath=none)
+        (struct.pack("=i", -1), None),  # the stepd could not open <BasePath>/<job>/.ns
+        (struct.pack("=i", 7) + b"\x00", (0,)),  # the stepd's fd number, then the fd's byte
+    ],
+)
+def test_get_ns_fd_replies(data: bytes, expected: tuple[int, ...] | None) -> None:
+    assert _decode(stepd.get_ns_fd(), data) == expected
+
+
+def test_get_ns_fds_replies_in_the_stepds_order() -> None:
+    assert _decode(stepd.get_ns_fds(), struct.pack("=i", 0)) == ()
+    # namespace/linux: pid, user, mnt; each type rides before its fd's marker byte
+    data = struct.pack("=i", 3) + b"".join(
+        struct.pack("=i", t) + b"\x00" for t in (CLONE_NEWPID, CLONE_NEWUSER, CLONE_NEWNS)
+    )
+    assert _decode(stepd.get_ns_fds(), data) == (CLONE_NEWPID, CLONE_NEWUSER, CLONE_NEWNS)
+    assert [stepd.ns_kind(t) for t in (CLONE_NEWPID, CLONE_NEWUSER, CLONE_NEWNS)] == [
+        "pid",
+        "user",
+        "mnt",
+    ]
+    assert stepd.ns_kind(0) is None
+
+
+@pytest.mark.parametrize(
+    ("exchange", "data", "match"),
+    [
+        (stepd.get_ns_fds, struct.pack("=i", -1), "count"),
+        (stepd.get_ns_fds, struct.pack("=i", stepd.MAX_NS_FDS + 1), "count"),
+        (stepd.get_ns_fds, struct.pack("=ii", 1, CLONE_NEWNS) + b"x", "marker"),
+        (stepd.get_ns_fd, struct.pack("=i", 3) + b"\x01", "marker"),
+    ],
+)
+def test_bad_namespace_replies_are_protocol_errors(
+    exchange: Callable[[], stepd.Exchange[Any]], data: bytes, match: str
+) -> None:
+    with pytest.raises(stepd.StepdProtocolError, match=match):
+        exchange().reader().feed(data)

@@ -1,0 +1,75 @@
+"""The login benchmark's statistics (bench/login.py): what its samples, sshd's syslog lines
+and the agents' records say, per target."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from bench._common import median, pct
+from bench._login_logs import bootstrap_ci, cid_split, psa_split, spans, stats
+
+__all__ = ["analyze"]
+
+
+def analyze(
+    samples: dict[str, Any],
+    lines: list[str],
+    recs: dict[str, list[dict[str, str]]],
+    *,
+    slurmd: list[float],
+    rounds: int,
+    timings: dict[str, list[dict[str, float]]],
+    targets: list[str],
+    agent_of: dict[str, str | None],
+    warmup: int,
+) -> dict[str, Any]:
+    """The login benchmark's statistics from its samples, syslog lines and agent records:
+    ssh login time per target, module time, the agent's latency, errors, the stalled phase.
+    ``agent_of`` names the agent serving each target (None: a pam_slurm_adopt target)."""
+
+    by_target: dict[str, list[float]] = defaultdict(list)
+    for login in samples["rounds"]:
+        by_target[login["target"]].append(login["ms"])
+    st: dict[str, Any] = {"ssh": {}, "module": {}, "agent": {}, "errors": {}, "rounds": rounds}
+    for name, ms in by_target.items():
+        st["ssh"][name] = {
+            "n": len(ms),
+            "median": median(ms),
+            "p90": pct(ms, 90),
+            "ci90": bootstrap_ci(ms, by_target["plain"]),
+        }
+    measured = spans(lines, samples["rounds"])
+    st["split"] = {}
+    for name, want in (("psa", "adopted into job"), ("psa-rpc", "member of job")):
+        got = measured.get(name, [])
+        st["module"][name] = stats([s["ms"] for s in got])
+        st["errors"][name] = rounds - sum(1 for s in got if want in s["text"])
+        st["split"][name] = psa_split([s["text"] for s in got])
+    for name in targets:
+        agent = agent_of[name]
+        if agent is None:
+            continue
+        st["module"][name] = stats([s["ms"] for s in measured.get(name, [])])
+        rs = recs[agent][warmup : warmup + rounds]
+        want = "callerid" if agent.endswith("rpc") else "single_job"
+        st["agent"][name] = stats([int(r["CALLERID_LATENCY_US"]) / 1000 for r in rs])
+        st["split"][name] = cid_split(timings[agent][warmup : warmup + rounds])
+        st["errors"][name] = rounds - sum(
+            1
+            for r in rs
+            if (r.get("CALLERID_DECISION"), r.get("CALLERID_REASON")) == ("adopt", want)
+        )
+    st["slurmd_callerid"] = stats(slurmd)
+    if samples.get("stalled"):
+        stalled: dict[str, list[float]] = defaultdict(list)
+        for login in samples["stalled"]:
+            stalled[login["target"]].append(login["ms"])
+        st["stalled"] = {n: stats(v) for n, v in stalled.items()}
+        sp = spans(lines, samples["stalled"]).get("psa-rpc", [])
+        st["stalled"]["psa-rpc module"] = stats([s["ms"] for s in sp])
+        rs = recs["dslurmrpc"][warmup + rounds :]
+        st["stalled"]["cid agent"] = stats([int(r["CALLERID_LATENCY_US"]) / 1000 for r in rs])
+        st["stalled"]["cid peer status"] = [r.get("CALLERID_PEER_STATUS") for r in rs]
+        st["stalled"]["psa text"] = sp[0]["text"] if sp else ""
+    return st
