@@ -27,13 +27,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from bench._common import TOP, bench_argv, end_procs, pct
 from bench.storm import start_clients
 from tests.support.agents import ADDRESSES, LoopbackAgents
 from tests.support.cgroups import JobTree
+from tests.support.harness import Harness
 from tests.support.poll import wait_for
 
 __all__ = ["SUCCESS", "FaultStorm", "Login", "StormResult", "build_monitor"]
@@ -98,7 +98,7 @@ class StormResult:
         return dict(sorted(counts.items()))
 
 
-class FaultStorm:
+class FaultStorm(Harness):
     """``connections`` monitors on "b", each making ``requests`` logins one after another."""
 
     def __init__(
@@ -125,19 +125,6 @@ class FaultStorm:
         self.jobs: dict[str, str] = {}
         self.go_at = 0.0
         self._log_at = 0
-
-    def __enter__(self) -> FaultStorm:
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def _start(self) -> None:
         monitor = build_monitor(self.dir)

@@ -52,11 +52,10 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import pytest
 
+from tests.support.harness import Harness
 from tests.support.poll import wait_for
 
 __all__ = ["CACHE", "TREE_PACKAGES", "Container", "debian_tree", "require_nspawn"]
@@ -177,7 +176,7 @@ _JOIN = (
 _NSPAWN_RUN = Path("/run/systemd/nspawn")
 
 
-class Container:
+class Container(Harness):
     """A booted container of ``tree``; a context manager that stops it and removes its traces."""
 
     def __init__(
@@ -201,19 +200,6 @@ class Container:
         """nspawn's output and the container's console."""
         assert self._dir is not None
         return self._dir / "console.log"
-
-    def __enter__(self) -> Self:
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def _start(self) -> None:
         from tests.support.cgroups import cgroup_mounts

@@ -29,9 +29,9 @@ import contextlib
 import secrets
 import subprocess
 from pathlib import Path
-from types import TracebackType
 
 from tests.support._cluster_sys import kill_tree, pam_service_text, sshd_config_text
+from tests.support.harness import Harness
 from tests.support.poll import wait_for
 from tests.support.slurm_release import SlurmRelease
 from tests.support.slurm_site import ADDRESSES, SiteUser, SlurmSite
@@ -48,7 +48,7 @@ def psa_module(release: SlurmRelease) -> Path:
     return release.prefix / "lib" / "security" / "pam_slurm_adopt.so"
 
 
-class PsaSshd:
+class PsaSshd(Harness):
     """One sshd with ``release``'s pam_slurm_adopt (the site's Slurm release by default)."""
 
     def __init__(self, site: SlurmSite, options: str = "", node: str = "n2") -> None:
@@ -67,22 +67,6 @@ class PsaSshd:
     def account_line(self) -> str:
         opts = f"service={self.service} {self.options}".strip()
         return f"account required {self.module} {opts}"
-
-    def __enter__(self) -> PsaSshd:
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         self._stack.close()

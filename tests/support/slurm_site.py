@@ -36,7 +36,6 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import psutil
@@ -51,6 +50,7 @@ from tests.support._cluster_sys import (
     sshd_config_text,
     unix_listening,
 )
+from tests.support.harness import Harness
 from tests.support.journald import PrivateJournald
 from tests.support.poll import wait_for
 from tests.support.slurm import LocalSlurm
@@ -118,7 +118,7 @@ class Session:
         return ""
 
 
-class SlurmSite:
+class SlurmSite(Harness):
     def __init__(self, slurm: LocalSlurm, *, policy: dict[str, Any] | None = None) -> None:
         self.slurm = slurm
         self.policy = dict(policy or {})
@@ -134,23 +134,10 @@ class SlurmSite:
 
     # -- life cycle -------------------------------------------------------------------------
 
-    def __enter__(self) -> SlurmSite:
-        try:
-            self._set_up()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
     def close(self) -> None:
         self._stack.close()
 
-    def _set_up(self) -> None:
+    def _start(self) -> None:
         if not PAM_SO.exists():
             subprocess.run(["make", "-s", "-C", str(TOP / "pam")], check=True)
         # jobs with a private /tmp (LocalSlurm(namespaces=...)) write their output outside it
