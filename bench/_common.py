@@ -17,7 +17,6 @@ import os
 import resource
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -235,18 +234,6 @@ def bind_prefix(path: Path, over: Path) -> list[str]:
     bind-mounted over ``over`` (the host's ``over`` is not touched)."""
     mount = f'mount --bind {shlex.quote(str(path))} {shlex.quote(str(over))} && exec "$@"'
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "sh"]
-
-
-def unix_up(path: Path) -> bool:
-    """Whether something accepts connections on the unix stream socket ``path``."""
-    if not path.exists():
-        return False
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 def rss_mb(pid: int) -> tuple[float, float, float]:

@@ -19,8 +19,9 @@ from typing import Any
 
 import yaml
 
-from bench._common import TOP, bench_argv, hosts_prefix, kill_wait, poll, unix_up
+from bench._common import TOP, bench_argv, hosts_prefix, kill_wait, poll
 from callerid.bus.transport import generate_keypair
+from tests.support.agents import unix_listening
 from tests.support.cgroups import JobTree
 
 MEM_RESERVE_MB = 4096  # never start agents that would leave less than this available
@@ -155,7 +156,7 @@ def wait_listening(paths: list[Path], timeout: float) -> None:
     left = list(paths)
 
     def all_up() -> bool:
-        while left and unix_up(left[-1]):
+        while left and unix_listening(left[-1]):
             left.pop()
         return not left
 

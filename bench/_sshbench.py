@@ -31,8 +31,9 @@ from typing import Any
 
 import yaml
 
-from bench._common import TOP, bench_argv, bind_prefix, hosts_prefix, kill_wait, poll, unix_up
+from bench._common import TOP, bench_argv, bind_prefix, hosts_prefix, kill_wait, poll
 from callerid.bus.transport import generate_keypair
+from tests.support.agents import unix_listening
 
 DEV_LOG = Path("/dev/log")
 PAM_DIR = Path("/etc/pam.d")
@@ -194,7 +195,7 @@ def _up_or_dead(proc: subprocess.Popen[bytes], port: int) -> bool:
 
 
 def _agent_up_or_dead(proc: subprocess.Popen[bytes], path: Path) -> bool:
-    return proc.poll() is not None or unix_up(path)
+    return proc.poll() is not None or unix_listening(path)
 
 
 def _listening(port: int) -> bool:

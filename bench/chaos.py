@@ -31,8 +31,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from bench._common import need_root, raise_nofile, reproduce, unix_up
-from tests.support.agents import LoopbackAgents
+from bench._common import need_root, raise_nofile, reproduce
+from tests.support.agents import LoopbackAgents, unix_listening
 from tests.support.cgroups import JobTree
 from tests.support.faultstorm import FaultStorm, StormResult
 from tests.support.journald import PrivateJournald
@@ -148,7 +148,7 @@ def main() -> int:
             stale = agents.socket("b").is_socket()
             t0 = time.monotonic()
             agents.start("b")
-            wait_for(lambda: unix_up(agents.socket("b")), timeout=15, what="b again")
+            wait_for(lambda: unix_listening(agents.socket("b")), timeout=15, what="b again")
             res, _ = run_storm(agents, ta, user, min(n, 100), 1, fault=None)
             up_s = time.monotonic() - t0
             out.append(figures("dest-restarted", res, {"stale_socket": stale, "up_s": up_s}))

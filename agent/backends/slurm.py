@@ -113,6 +113,12 @@ class SlurmBackend:
         self._ids: Memo[tuple[str, int, float], tuple[int, int | None]] = Memo(
             max_entries=max_owners, ttl_s=owner_ttl_s, clock=clock
         )
+        # socket file identity of an extern step found without namespaces: a job's namespace
+        # plugin set them up (or not) when the job started and that never changes, so later
+        # logins into the job skip the stepd round trip (fds themselves are fetched anew)
+        self._no_ns: Memo[tuple[str, int, float], bool] = Memo(
+            max_entries=max_owners, ttl_s=owner_ttl_s, clock=clock
+        )
         self._version = cfg.protocol_version or stepd.DEFAULT_PROTOCOL_VERSION
         self._host = socket.gethostname().split(".")[0]
         self._node = cfg.node_name
@@ -184,6 +190,8 @@ class SlurmBackend:
             raise BackendError(msg)
         deadline = self._clock() + self._timeout
         sock = self._extern(job)
+        if self._no_ns.get(sock.identity):
+            return None
         try:
             found = fetch_namespaces(sock.path, job, self._version, deadline, self._clock)
         except BackendError as exc:
@@ -192,6 +200,8 @@ class SlurmBackend:
             msg = f"job {job.id} ended while fetching its namespaces: {exc}"
             raise JobVanished(msg) from exc
         log.debug("job %s: namespaces %s", job.id, found.kinds if found else "none")
+        if found is None:
+            self._no_ns.put(sock.identity, True)
         return found
 
     def close(self) -> None:

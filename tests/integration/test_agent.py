@@ -21,27 +21,11 @@ import psutil
 import pytest
 
 from tests.support.agents import ADDRESSES, USER_PYTHON, LoopbackAgents, client_argv
-from tests.support.cgroups import JobTree, require_cgroups
+from tests.support.cgroups import JobTree
 from tests.support.poll import wait_for
 from tests.support.users import ThrowawayUser, throwaway_user
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture(scope="module")
-def user() -> Iterator[ThrowawayUser]:
-    require_cgroups("v2")
-    with throwaway_user() as u:
-        yield u
-
-
-@pytest.fixture(scope="module")
-def trees(user: ThrowawayUser) -> Iterator[dict[str, JobTree]]:
-    with JobTree("v2") as a, JobTree("v2") as b:
-        for job in ("42", "43"):
-            a.add_job(job, user.uid)
-            b.add_job(job, user.uid)
-        yield {"a": a, "b": b}
 
 
 @pytest.fixture(scope="module")

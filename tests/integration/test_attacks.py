@@ -49,7 +49,7 @@ from tests.support.attackers import (
     opened_to_everyone,
     trickle,
 )
-from tests.support.cgroups import JobTree, require_cgroups
+from tests.support.cgroups import JobTree
 from tests.support.mesh_attackers import (
     AuthorizedPeer,
     handshake_flood,
@@ -73,22 +73,6 @@ FLOOD = 10_000  # mesh queries per phase of the query flood
 LOGIN_OK = "adopt/callerid"
 BAD_REQUEST = "verdict=error reason=bad_request"
 NOT_ROOT = "verdict=error reason=not_root"
-
-
-@pytest.fixture(scope="module")
-def user() -> Iterator[ThrowawayUser]:
-    require_cgroups("v2")
-    with throwaway_user() as u:
-        yield u
-
-
-@pytest.fixture(scope="module")
-def trees(user: ThrowawayUser) -> Iterator[dict[str, JobTree]]:
-    with JobTree("v2") as a, JobTree("v2") as b:
-        for job in ("42", "43"):  # two jobs: b must ask a which one (no single-job shortcut)
-            a.add_job(job, user.uid)
-            b.add_job(job, user.uid)
-        yield {"a": a, "b": b}
 
 
 @pytest.fixture(scope="module")

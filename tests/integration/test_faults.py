@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 
-from bench._common import unix_up
 from callerid.agent.backends.cgroup import CgroupBackend
 from callerid.agent.config import parse
 from callerid.agent.login import LoginFlow
@@ -34,7 +33,7 @@ from callerid.agent.netinfo import Connection, Proc, ProcReader
 from callerid.agent.pamproto import PamRequest
 from callerid.bus.protocol import Endpoint
 from tests.fakes import FakeClock, FakeUsers
-from tests.support.agents import LoopbackAgents
+from tests.support.agents import LoopbackAgents, unix_listening
 from tests.support.cgroups import JobTree, require_cgroups
 from tests.support.faultstorm import MODULE_TIMEOUT_MS, FaultStorm, StormResult
 from tests.support.journald import PrivateJournald
@@ -110,7 +109,7 @@ def test_destination_killed_mid_storm_fails_closed_and_restarts_at_once(
     assert_right_job(res)
     assert agents.socket("b").is_socket(), "the killed agent's socket is left behind"
     agents.start("b")  # bind_unix replaces the stale socket
-    wait_for(lambda: unix_up(agents.socket("b")), timeout=15, what="b serving again")
+    wait_for(lambda: unix_listening(agents.socket("b")), timeout=15, what="b serving again")
     with FaultStorm(agents, ta, user, connections=20) as again:
         again.go()
         res2 = again.finish()

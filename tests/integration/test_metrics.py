@@ -21,9 +21,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.agents import ADDRESSES, LoopbackAgents, client_argv
-from tests.support.cgroups import JobTree, require_cgroups
+from tests.support.cgroups import JobTree
 from tests.support.poll import wait_for
-from tests.support.users import ThrowawayUser, throwaway_user
+from tests.support.users import ThrowawayUser
 
 pytestmark = pytest.mark.root
 
@@ -41,22 +41,6 @@ class MetricsAgents(LoopbackAgents):
         self.textfile(node).parent.mkdir(exist_ok=True)
         section = {"port": 0, "textfile": str(self.textfile(node)), "interval_s": 1}
         return super().write_config(node, metrics=section, **override)
-
-
-@pytest.fixture(scope="module")
-def user() -> Iterator[ThrowawayUser]:
-    require_cgroups("v2")
-    with throwaway_user() as u:
-        yield u
-
-
-@pytest.fixture(scope="module")
-def trees(user: ThrowawayUser) -> Iterator[dict[str, JobTree]]:
-    with JobTree("v2") as a, JobTree("v2") as b:
-        for job in ("42", "43"):  # two jobs: no single-job shortcut, b asks a
-            a.add_job(job, user.uid)
-            b.add_job(job, user.uid)
-        yield {"a": a, "b": b}
 
 
 @pytest.fixture(scope="module")

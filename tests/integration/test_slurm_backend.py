@@ -858,5 +858,9 @@ def test_fake_stepd_passing_too_many_fds_is_refused(spool: Path) -> None:
 
 
 def test_fake_stepd_without_namespaces(spool: Path) -> None:
+    """None; and remembered for the step: the next login into the job does not ask again (the
+    one-connection stepd would not answer a second connection in time)."""
     with _fd_stepd(_ext(spool, 1), struct.pack("=i", 0), []):
-        assert _fake_backend(spool).namespaces(Job("1", UID, 0.0)) is None
+        backend = _fake_backend(spool)
+        assert backend.namespaces(Job("1", UID, 0.0)) is None
+        assert backend.namespaces(Job("1", UID, 0.0)) is None

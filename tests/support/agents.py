@@ -25,6 +25,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -274,7 +275,7 @@ class LoopbackAgents:
             self.start(node)
         for node, proc in self.procs.items():
             ready = wait_for(
-                lambda p=proc, n=node: p.poll() is not None or _listening(self.socket(n)),
+                lambda p=proc, n=node: p.poll() is not None or unix_listening(self.socket(n)),
                 timeout=15,
                 what=f"agent {node} ready",
             )
@@ -315,12 +316,11 @@ class LoopbackAgents:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _listening(path: Path) -> bool:
-    import socket as s
-
+def unix_listening(path: Path) -> bool:
+    """Whether something accepts connections on the unix stream socket ``path``."""
     if not path.exists():
         return False
-    with s.socket(s.AF_UNIX) as sock:
+    with socket.socket(socket.AF_UNIX) as sock:
         try:
             sock.connect(str(path))
         except OSError:

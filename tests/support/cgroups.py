@@ -177,12 +177,12 @@ class JobTree:
     def remove_job(self, job_id: str) -> None:
         """Remove the job's directories (its processes must be gone)."""
         for job_dir in self._jobs.pop(job_id):
-            _rmtree_cgroup(job_dir)
+            rmtree_cgroup(job_dir)
 
     def remove_step(self, job_id: str, step: str) -> None:
         """Remove one step of the job in every hierarchy (its processes must be gone)."""
         for job_dir in self._jobs[job_id]:
-            _rmtree_cgroup(job_dir / step)
+            rmtree_cgroup(job_dir / step)
 
     def cgroup_path(self, job_id: str, step: str | None = None) -> str:
         """How /proc/<pid>/cgroup names the job (or one step) in the primary hierarchy."""
@@ -269,7 +269,7 @@ class JobTree:
             try:
                 if root.exists():
                     _evacuate(root, mount)
-                    _rmtree_cgroup(root)
+                    rmtree_cgroup(root)
             except (OSError, AssertionError) as exc:  # go on with the other hierarchies
                 errors.append(exc)
         left = [str(r) for r in self.roots if r.exists()]
@@ -329,7 +329,7 @@ def _evacuate(root: Path, mount: Path) -> None:
                 target.write_text(pid)
 
 
-def _rmtree_cgroup(top: Path) -> None:
+def rmtree_cgroup(top: Path) -> None:
     """rmdir every cgroup below and at ``top``, deepest first, while busy retry."""
     dirs = [Path(d) for d, _subdirs, _files in os.walk(top)]
     for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):

@@ -38,9 +38,7 @@ the reason otherwise.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import functools
 import hashlib
 import os
 import secrets
@@ -55,6 +53,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cgroups import rmtree_cgroup
 from tests.support.harness import Harness
 from tests.support.poll import wait_for
 
@@ -314,7 +313,7 @@ class Container(Harness):
                 proc.wait(30)
         self.leader = 0
         for cg in self.cgroups:
-            _rmtree_cgroup(cg)
+            rmtree_cgroup(cg)
         propagate = _NSPAWN_RUN / "propagate"
         with contextlib.suppress(OSError):
             shutil.rmtree(propagate / self.name)
@@ -339,24 +338,3 @@ class Container(Harness):
         if self._proc is not None and self._proc.poll() is None:
             left.append(f"systemd-nspawn pid {self._proc.pid}")
         return left
-
-
-def _rmtree_cgroup(top: Path) -> None:
-    """Remove a cgroup directory tree bottom-up, polling while the kernel reports it busy."""
-    if not top.exists():
-        return
-    dirs = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
-    for d in [*dirs, top]:
-        wait_for(functools.partial(_rmdir, d), 10, 0.05, f"rmdir {d}")
-
-
-def _rmdir(path: Path) -> bool:
-    try:
-        path.rmdir()
-    except FileNotFoundError:
-        return True
-    except OSError as exc:
-        if exc.errno == errno.EBUSY:
-            return False
-        raise
-    return True

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from tests.fakes import (
     FakeSessions,
     FakeUsers,
 )
+from tests.support.readme import documented
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 NODE_IP, SOURCE_IP = "10.0.0.2", "10.0.0.1"
@@ -258,18 +258,6 @@ def test_row(row: Row, tmp_path: Path) -> None:
 def verdict_of(row: Row) -> str:
     """The verdict before the namespaces step (a namespace_* deny was an adoption first)."""
     return "adopt" if row.reply[1].startswith("namespace_") else row.reply[0]
-
-
-def documented(column: str) -> set[str]:
-    """The values in the first column of the README table headed by ``column``."""
-    lines = README.read_text().splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| `{column}` |"))
-    values: set[str] = set()
-    for ln in lines[start + 2 :]:
-        if not ln.startswith("|"):
-            break
-        values.update(re.findall(r"`([a-z_]+)`", ln.split("|")[1]))
-    return values
 
 
 def test_every_documented_reason_has_a_row_and_no_row_an_undocumented_one() -> None:

@@ -24,6 +24,7 @@ from callerid.agent.config import ConfigError, MetricsConfig, parse
 from callerid.agent.journal import DecisionRecord
 from callerid.agent.metrics import OTHER, PEER_STATUSES, REASONS, Metrics, StatusCollector
 from tests.fakes import FakeJournal
+from tests.support.readme import documented
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 ON = MetricsConfig(port=0)
@@ -122,17 +123,6 @@ def test_label_values_are_bounded_whatever_the_records_say(
         assert s.labels["reason"] in REASONS | {OTHER}
         assert s.labels["peer_status"] in PEER_STATUSES | {OTHER, "none"}
     assert len(seen) <= len(metrics.DECISIONS) * (len(REASONS) + 1) * (len(PEER_STATUSES) + 2)
-
-
-def documented(column: str) -> set[str]:
-    lines = README.read_text().splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| `{column}` |"))
-    values: set[str] = set()
-    for ln in lines[start + 2 :]:
-        if not ln.startswith("|"):
-            break
-        values.update(re.findall(r"`([a-z_]+)`", ln.split("|")[1]))
-    return values
 
 
 def test_the_label_sets_are_the_readme_tables() -> None:
