@@ -161,7 +161,8 @@ class LoginFlow:
         """Decide one login (PAM account phase) and carry the decision out.
 
         With a blocking backend the local work takes at most two worker-thread hops (facts,
-        and the adoption when no peer is needed; the adoption after a peer query); with a
+        and the adoption when no peer is needed; the adoption after a peer query), and one more
+        for the job's namespaces after an adoption when the module can enter them; with a
         non-blocking one it all runs on the loop. The peer query runs on the loop. The
         record's latency counts from ``received`` (when the request arrived) if given.
         """
