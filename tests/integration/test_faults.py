@@ -324,7 +324,6 @@ def test_wall_clock_jumps_do_not_fire_deadlines(nodes: tuple[Any, JobTree, JobTr
             storm.go()
             storm.wait_decided(50)
             os.kill(pid, signal.SIGSTOP)
-            stopped = time.monotonic()
             try:
                 for shift in ("+1d", "-1d", "+365d", "+0"):
                     faketime.write_text(shift + "\n")
@@ -357,4 +356,3 @@ def test_wall_clock_jumps_do_not_fire_deadlines(nodes: tuple[Any, JobTree, JobTr
     assert len(quick) <= fast_answers, "no peer deadline fired early"
     waited = re.findall(r"CALLERID_PEER_STATUS=timeout CALLERID_LATENCY_US=(\d+)", log_b)
     assert any(int(us) >= PEER_TIMEOUT_MS * 1000 for us in waited)  # the probes waited it out
-    assert stopped > 0
