@@ -1,7 +1,8 @@
 """The job's namespaces for an adopted login: what `login.LoginFlow` hands the PAM module.
 
 After a login is adopted into its job, the backend is asked for the job's namespaces
-(`Backend.namespaces`; on the loop, or in a worker thread for a blocking backend). The PAM
+(`Backend.namespaces`; on the loop, or for a blocking backend in the same worker-thread call
+as the adoption, `fetch_namespaces`), then `namespace_verdict` says what follows. The PAM
 server sends their fds with the reply and the module enters them before it returns success
 (docs/architecture.md, "Joining the job's namespaces"). Failure is closed, never open:
 
@@ -17,60 +18,61 @@ The login stays adopted into the job's cgroup in the deny cases; the session nev
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from concurrent.futures import Executor
+from dataclasses import dataclass
 
 from callerid.agent import policy
 from callerid.agent.backends.base import Backend, BackendError, Job, JobNamespaces
 
-__all__ = ["job_namespaces", "namespace_step"]
+__all__ = ["Fetched", "fetch_namespaces", "namespace_verdict"]
 
 log = logging.getLogger(__name__)
 
 
-async def job_namespaces(
-    backend: Backend, executor: Executor | None, job: Job
-) -> JobNamespaces | None:
-    """``backend.namespaces(job)`` where the backend's calls run; fds obtained by a worker
-    thread after the caller was cancelled (the PAM deadline) are closed, never leaked."""
-    if not backend.blocking:
-        return backend.namespaces(job)
-    fut = asyncio.get_running_loop().run_in_executor(executor, backend.namespaces, job)
+@dataclass(slots=True)
+class Fetched:
+    """What asking the backend for a job's namespaces gave: the fds, or the error."""
+
+    ns: JobNamespaces | None = None
+    error: BackendError | None = None
+
+    def drop(self) -> None:
+        """Close the fds (the login was given up before they could be sent)."""
+        if self.ns is not None:
+            self.ns.close()
+            self.ns = None
+
+
+def fetch_namespaces(
+    backend: Backend, decision: policy.Decision, join: bool | None
+) -> Fetched | None:
+    """Ask ``backend`` for the namespaces of the job ``decision`` adopted into (None: nothing
+    to ask: not adopted, or the module said ``ns=0``). Runs where the backend's calls run: in
+    the same worker-thread call as the adoption for a blocking backend (no hop of its own)."""
+    job = decision.job
+    if decision.verdict != "adopt" or job is None or join is False:
+        return None
     try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        fut.add_done_callback(_close_result)
-        raise
+        return Fetched(ns=backend.namespaces(job))
+    except BackendError as exc:
+        return Fetched(error=exc)
 
 
-def _close_result(fut: asyncio.Future[JobNamespaces | None]) -> None:
-    if not fut.cancelled() and fut.exception() is None:
-        ns = fut.result()
-        if ns is not None:
-            ns.close()
-
-
-async def namespace_step(
-    backend: Backend,
-    executor: Executor | None,
-    decision: policy.Decision,
-    join: bool | None,
-    node: str,
+def namespace_verdict(
+    decision: policy.Decision, fetched: Fetched | None, join: bool | None, node: str
 ) -> tuple[policy.Decision, JobNamespaces | None]:
     """The decision after an adoption, with the namespaces to hand over (see the module
     docstring); ``join`` is the request's ``ns`` (`PamRequest.join`)."""
     job = decision.job
-    if decision.verdict != "adopt" or job is None or join is False:
+    if fetched is None or job is None:
         return decision, None
-    try:
-        ns = await job_namespaces(backend, executor, job)
-    except BackendError as exc:
-        log.error("job %s: cannot get its namespaces: %s; denied", job.id, exc)
+    if fetched.error is not None:
+        log.error("job %s: cannot get its namespaces: %s; denied", job.id, fetched.error)
         return _denied("namespace_failed", job, node), None
+    ns = fetched.ns
     if ns is not None and join is None:
         kinds = ",".join(ns.kinds)
-        ns.close()
+        fetched.drop()
         log.warning(
             "job %s has namespaces (%s) the PAM module cannot enter (it did not say ns=1: "
             "an older pam_callerid.so?); denied", job.id, kinds,

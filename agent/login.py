@@ -22,11 +22,11 @@ import random
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from callerid.agent import policy
-from callerid.agent._joinns import namespace_step
-from callerid.agent._offload import backend_call
+from callerid.agent._joinns import Fetched, fetch_namespaces, namespace_verdict
+from callerid.agent._offload import backend_call, in_thread
 from callerid.agent.backends.base import Backend, BackendError, Job, JobNamespaces
 from callerid.agent.config import Mode, PolicyConfig
 from callerid.agent.journal import DecisionRecord
@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 SESSION_MEMORY = 4096  # adopted monitor pids remembered for open_session re-checks
 JOB_POLL_S = 0.05  # how often the jobs are listed again while waiting for a named job
@@ -112,7 +113,13 @@ class _Login:
     conn: Connection | None = None
     peer_status: str = "skipped"
     waited_ms: int | None = None  # waited for the job the source named (wait_for_job_ms)
+    fetched: Fetched | None = None  # the job's namespaces, asked for after the adoption
     marks: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+
+    def give_up(self) -> None:
+        """The login was cancelled (PAM deadline): fds a worker fetched meanwhile are closed."""
+        if self.fetched is not None:
+            self.fetched.drop()
 
 
 class LoginFlow:
@@ -161,16 +168,16 @@ class LoginFlow:
         """Decide one login (PAM account phase) and carry the decision out.
 
         With a blocking backend the local work takes at most two worker-thread hops (facts,
-        and the adoption when no peer is needed; the adoption after a peer query), and one more
-        for the job's namespaces after an adoption when the module can enter them; with a
-        non-blocking one it all runs on the loop. The peer query runs on the loop. The
-        record's latency counts from ``received`` (when the request arrived) if given.
+        and the adoption with the job's namespaces when no peer is needed; the adoption after
+        a peer query); with a non-blocking one it all runs on the loop. The peer query runs on
+        the loop. The record's latency counts from ``received`` (when the request arrived) if
+        given.
         """
         started = self.clock() if received is None else received
         login = _Login(req, caller_pid, started, policy.Facts(user=req.user, uid=None))
         login.facts = await self.users.facts(req.user)
         self._mark(login, "user")
-        step = await backend_call(self.backend, self.executor, self._local_step, login)
+        step = await self._backend(login, self._local_step, login)
         if isinstance(step, Outcome):
             return step
         if step is policy.Need.CALLERID:
@@ -179,11 +186,9 @@ class LoginFlow:
             await self._await_named_job(login)
             step = policy.decide(login.facts, self.cfg, self.node, self.rng)
             assert isinstance(step, policy.Decision)
-            step = await backend_call(self.backend, self.executor, self._carry_out, login, step)
+            step = await self._backend(login, self._carry_out, login, step)
         assert isinstance(step, policy.Decision)
-        step, ns = await namespace_step(
-            self.backend, self.executor, step, login.req.join, self.node
-        )
+        step, ns = namespace_verdict(step, login.fetched, login.req.join, self.node)
         if step.verdict == "adopt" and step.job is not None and login.target_pid is not None:
             self.adopted.put(login.target_pid, (login.target_start, step.job))
         else:
@@ -194,6 +199,18 @@ class LoginFlow:
             steps = " ".join(f"{k}={(t - login.started) * 1e3:.2f}" for k, t in login.marks)
             log.debug("pid %d timings (ms since request): %s", caller_pid, steps)
         return self._outcome(login, step, ns)
+
+    async def _backend(self, login: _Login, fn: Callable[..., _T], *args: object) -> _T:
+        """A call of the backend (`_offload.backend_call`); if the login is cancelled while a
+        worker thread runs it, what the thread fetched is dropped when it is done."""
+        if not self.backend.blocking:
+            return fn(*args)
+        task = asyncio.ensure_future(in_thread(self.executor, fn, *args))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda _t: login.give_up())
+            raise
 
     def _mark(self, login: _Login, what: str) -> None:
         login.marks.append((what, self.clock()))
@@ -294,6 +311,7 @@ class LoginFlow:
             return policy.after_adopt_failure(decision, self.cfg, self.node)
         finally:
             self._mark(login, "adopt")
+        login.fetched = fetch_namespaces(self.backend, decision, login.req.join)
         return decision
 
     def _adopt(self, pid: int, start: float | None, job: Job) -> None:

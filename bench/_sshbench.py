@@ -76,7 +76,7 @@ PrintLastLog no
 UseDNS no
 X11Forwarding no
 MaxStartups 100:30:200
-LogLevel INFO
+LogLevel {level}
 """
 
 
@@ -122,8 +122,20 @@ class SyslogSink:
 class SshdFarm:
     """sshd instances on SSHD_HOST, one PAM service each; `close()` removes all of it."""
 
-    def __init__(self, work: Path, tag: str, prefix: list[str]) -> None:
-        self.work, self.tag, self.prefix = work, tag, prefix
+    def __init__(
+        self,
+        work: Path,
+        tag: str,
+        prefix: list[str],
+        trace: Path | None = None,
+        strace: bool = False,
+    ) -> None:
+        """``trace``: sshd logs at DEBUG3 through syslog (the sink timestamps each line); with
+        ``strace`` each listener also runs under ``strace -f -tt`` (its monitors and sessions
+        too), written to ``trace/strace.<target>``: logins followed end to end
+        (bench/login.py --trace DIR [--strace])."""
+        self.work, self.tag, self.prefix, self.trace = work, tag, prefix, trace
+        self.strace = strace
         self.bin = work / "bin"
         self.bin.mkdir()
         self.key = work / "ssh_host_ed25519_key"
@@ -156,10 +168,19 @@ class SshdFarm:
                 continue
             conf = self.work / f"{svc}.conf"
             pid = self.work / f"{svc}.pid"
-            conf.write_text(SSHD_CONFIG.format(host=SSHD_HOST, port=port, key=self.key, pid=pid))
+            level = "DEBUG3" if self.trace else "INFO"
+            conf.write_text(
+                SSHD_CONFIG.format(host=SSHD_HOST, port=port, key=self.key, pid=pid, level=level)
+            )
             log = self.work / f"{svc}.log"
+            argv = [str(link), "-D", "-f", str(conf)]
+            if self.trace is None:
+                argv += ["-E", str(log)]  # else: syslog, timestamped by the sink
+            elif self.strace:
+                out = self.trace / f"strace.{name}"
+                argv = ["strace", "-f", "-tt", "-s", "96", "-o", str(out), *argv]
             proc = subprocess.Popen(
-                [*self.prefix, str(link), "-D", "-f", str(conf), "-E", str(log)],
+                [*self.prefix, *argv],
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )

@@ -273,7 +273,10 @@ def measure(args: argparse.Namespace, release: SlurmRelease) -> dict[str, Any]:
         agents = AgentSet(work, nodes)
         stack.callback(agents.close)
         agents.start(agent_overrides(slurm), args.agent_log_level)
-        farm = SshdFarm(work, f"cidb{secrets.token_hex(2)}", sink.prefix())
+        trace = Path(args.trace) if args.trace else None
+        if trace is not None:
+            trace.mkdir(parents=True, exist_ok=True)
+        farm = SshdFarm(work, f"cidb{secrets.token_hex(2)}", sink.prefix(), trace, args.strace)
         stack.callback(farm.close)
         for name in targets:
             farm.add(name, account_line(name, farm, agents, release.name))
@@ -332,6 +335,16 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", help="copy the raw logs and samples into this directory")
     ap.add_argument(
+        "--trace",
+        help="follow logins end to end into this directory: sshd at DEBUG3 into the syslog "
+        "sink (implies --keep DIR); bench/_login_trace.py reads it",
+    )
+    ap.add_argument(
+        "--strace",
+        action="store_true",
+        help="with --trace: each sshd under strace -f -tt too (slow: for a few rounds)",
+    )
+    ap.add_argument(
         "--release",
         default="22.05",
         choices=list(RELEASES),
@@ -348,6 +361,8 @@ def main() -> int:
         help="debug (default) logs each login's timing marks, as psa logs at debug",
     )
     args = ap.parse_args()
+    if args.trace and not args.keep:
+        args.keep = args.trace
     need_root()
     release = RELEASES[args.release]
     # Debian's libpam-slurm-adopt always: 22.05's module, and the trees' must not replace it

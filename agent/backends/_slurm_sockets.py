@@ -1,6 +1,7 @@
 """The slurm backend's view of the spool dir: the stepd sockets, and job ids from cgroup paths.
 
-Pure but for `list_step_sockets` (one scandir); re-exported by `slurm`.
+Pure but for `list_step_sockets` (one scandir) and `SpoolListing` (which remembers it);
+re-exported by `slurm`.
 """
 
 from __future__ import annotations
@@ -9,14 +10,22 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from callerid.agent.backends import stepd
 from callerid.agent.backends.base import BackendError
 
-__all__ = ["StepSocket", "guess_node_name", "job_from_cgroup", "list_step_sockets"]
+__all__ = [
+    "SpoolListing",
+    "StepSocket",
+    "guess_node_name",
+    "job_from_cgroup",
+    "list_step_sockets",
+]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +80,48 @@ def list_step_sockets(spool_dir: Path) -> list[StepSocket]:
                 )
             )
     return sorted(found, key=lambda s: (not s.is_extern, int(s.job), s.step))
+
+
+RACY_S = 1.0  # a listing read this soon after the dir's last change is not remembered
+
+
+class SpoolListing:
+    """`list_step_sockets` of one spool dir, read again only when the dir has changed.
+
+    How it stays true: a stepd socket is created, removed or renamed only as an entry of the
+    spool dir, and every such change sets the dir's mtime to the time of the change. So while
+    the dir's identity and mtime (st_dev, st_ino, st_mtime_ns: one stat) are what they were
+    when the listing was read, it lists what is there. Timestamps are coarse (a kernel tick):
+    a change in the same tick as the one before it would leave the mtime as it was; so a
+    listing is remembered only when it began at least `RACY_S` after the dir's last change
+    (the "racily clean" rule of git's index): any later change then has a later mtime. A step
+    whose socket is still listed can still have ended meanwhile; the connect to it fails, as
+    it would have with a fresh listing a moment earlier (callers treat that as a stale socket).
+    """
+
+    def __init__(self, spool_dir: Path, wall: Callable[[], float] = time.time) -> None:
+        self.spool_dir = spool_dir
+        self._wall = wall
+        self._lock = threading.Lock()
+        self._key: tuple[int, int, int] | None = None
+        self._sockets: list[StepSocket] = []
+
+    def sockets(self) -> list[StepSocket]:
+        """Every stepd socket in the spool dir (a copy: callers may filter it)."""
+        try:
+            st = os.stat(self.spool_dir)
+        except OSError:
+            return list_step_sockets(self.spool_dir)  # missing: it logs and says so
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        with self._lock:
+            if key == self._key:
+                return list(self._sockets)
+        began = self._wall()
+        found = list_step_sockets(self.spool_dir)
+        quiet = began - st.st_mtime_ns / 1e9 >= RACY_S
+        with self._lock:
+            self._key, self._sockets = (key, found) if quiet else (None, [])
+        return list(found)
 
 
 def guess_node_name(nodes: Iterable[str], hostname: str) -> str:

@@ -8,10 +8,10 @@ What pam_slurm_adopt does, with our own bounds and checks (reference/slurm.md se
   does; ties go to the higher job id, `Job.sort_key`). A stale socket (no listener, or gone) is
   skipped; so is a stepd that does not answer in time (logged: it could not adopt anyway).
   A step's owner never changes, so an answer is remembered for ``owner_ttl_s`` by the socket
-  file's identity (path, inode, ctime: a requeued job's new stepd makes a new file); the
-  listing itself is read at every call, so an ended step drops out at once. (A stepd that
-  died without removing its socket is still listed until the memory expires; adopting into
-  it fails, as it would have.)
+  file's identity (path, inode, ctime: a requeued job's new stepd makes a new file). The
+  listing is read again whenever the spool dir has changed (`SpoolListing`: one stat per call
+  otherwise), so an ended step drops out at once. (A stepd that died without removing its
+  socket is still listed until the memory expires; adopting into it fails, as it would have.)
 - The job's group (`Job.gid`: ``sbatch --gid`` or the submitter's group): GETPW's gid,
   pipelined after STEP_UID and remembered with it (no other request tells it; the extern
   step's ``sleep`` runs as root in 22.05). "Not found" or a failed GETPW: None.
@@ -50,6 +50,7 @@ from typing import Any
 from callerid.agent.backends import stepd
 from callerid.agent.backends._slurm_ns import fetch_namespaces
 from callerid.agent.backends._slurm_sockets import (
+    SpoolListing,
     StepSocket,
     guess_node_name,
     job_from_cgroup,
@@ -100,6 +101,7 @@ class SlurmBackend:
         *,
         proc_root: Path = Path("/proc"),
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
         owner_ttl_s: float = 10.0,
         max_owners: int = 65536,
     ) -> None:
@@ -125,6 +127,7 @@ class SlurmBackend:
         self._guessed: str | None = None
         expanded = str(cfg.spool_dir).replace("%n", cfg.node_name or self._host)
         self._spool = Path(expanded.replace("%h", self._host))
+        self._listing = SpoolListing(self._spool, wall)
         log.info(
             "slurm backend: spool dir %s, node %s, protocol %s, timeout %d ms",
             self._spool,
@@ -218,7 +221,7 @@ class SlurmBackend:
 
     def _sockets(self) -> list[StepSocket]:
         """This node's stepd sockets."""
-        found = list_step_sockets(self._spool)
+        found = self._listing.sockets()
         node = self._node
         if node is None:
             node = guess_node_name((s.node for s in found), self._host)

@@ -1,0 +1,77 @@
+"""A login given up while a worker thread adopts it: the namespace fds fetched meanwhile are
+closed, never leaked (the fetch runs in the adoption's own worker-thread call)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from callerid.agent.backends.base import Job, JobNamespaces
+from callerid.agent.config import parse
+from callerid.agent.login import LoginFlow
+from callerid.agent.netinfo import Connection
+from callerid.agent.pamproto import PamRequest
+from callerid.bus.protocol import Endpoint
+from tests.fakes import FakeBackend, FakeClock, FakeProcs, FakeSessions, FakeUsers
+
+UID = 1000
+JOB = Job("7", UID, 1.0, 1000)
+
+
+class SlowNamespaces(FakeBackend):
+    """A blocking backend whose namespace fetch waits until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__([JOB], blocking=True, ns={"7": ("net",)})
+        self.fetching = threading.Event()
+        self.release = threading.Event()
+
+    def namespaces(self, job: Job) -> JobNamespaces | None:
+        self.fetching.set()
+        assert self.release.wait(10)
+        return super().namespaces(job)
+
+
+def test_namespaces_fetched_after_the_login_was_cancelled_are_closed() -> None:
+    backend = SlowNamespaces()
+    conn = Connection(
+        "tcp", Endpoint("10.0.0.2", 22), Endpoint("10.0.0.1", 4000), 7, 0, "ESTABLISHED"
+    )
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            flow = LoginFlow(
+                parse({}).policy,
+                node="b",
+                users=FakeUsers({"alice": (UID, frozenset())}),
+                sessions=FakeSessions(conn),
+                procs=FakeProcs(),
+                backend=backend,
+                ask_source=_no_source,
+                executor=pool,
+                clock=FakeClock(),
+            )
+            req = PamRequest(
+                op="account", user="alice", rhost="10.0.0.1", service="sshd", join=True
+            )
+            task = asyncio.ensure_future(flow.account(req, 4242))
+            loop = asyncio.get_running_loop()
+            assert await loop.run_in_executor(None, backend.fetching.wait, 10)
+            task.cancel()
+            await asyncio.sleep(0)  # the task sees its cancellation while the worker still runs
+            assert task.cancelled() or not task.done()
+            backend.release.set()
+            for _ in range(1000):  # the worker's done-callback runs on the loop
+                if backend.handed and not backend.handed[0].fds:
+                    break
+                await asyncio.sleep(0.001)
+
+    asyncio.run(scenario())
+    assert backend.adopted == [(4242, "7")]
+    assert len(backend.handed) == 1
+    assert backend.handed[0].fds == ()  # closed by the cancelled login
+
+
+async def _no_source(conn: Connection, uid: int) -> tuple[str, str | None]:
+    raise AssertionError("a single job needs no source")
