@@ -203,6 +203,13 @@ class BackendConfig:
     type: BackendType = _opt("cgroup", "Where jobs come from: cgroup | slurm.")
     cgroup: CgroupBackendConfig = field(default_factory=CgroupBackendConfig)
     slurm: SlurmBackendConfig = field(default_factory=SlurmBackendConfig)
+    prime_migration: bool = _opt(
+        True,
+        "When a login is about to be adopted, start the kernel's wait for an RCU grace period "
+        "(which every cgroup migration makes since Linux 6.0, unless favordynmods) while the "
+        "decision goes on: a write of the agent's own pid into its own cgroup from a worker "
+        "thread. Saves the decision's time from each adoption; nothing to do with favordynmods.",
+    )
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from callerid.agent import __version__
 from callerid.agent import config as config_mod
 from callerid.agent.ask import LocalAddresses, SourceAsker, mesh_asker
 from callerid.agent.backends import make_backend
+from callerid.agent.backends._primer import Primer
 from callerid.agent.backends.base import Backend, BackendError
 from callerid.agent.config import Config, ConfigError
 from callerid.agent.journal import Journal
@@ -183,6 +184,7 @@ def build(
     ask_source = SourceAsker(
         ask_peer=mesh_asker(client), is_local=LocalAddresses(cfg.listen, clock), local=source
     )
+    primer = Primer.detect(executor, clock, proc_root) if cfg.backend.prime_migration else None
     flow = LoginFlow(
         cfg.policy,
         node=node,
@@ -195,6 +197,7 @@ def build(
         clock=clock,
         mode=cfg.mode,
         deadline_s=cfg.pam_timeout_ms / 1000,
+        primer=primer.prime if primer is not None else None,
     )
 
     async def on_query(query: CallerIdQuery, peer: PeerIdentity) -> CallerIdReply:

@@ -141,9 +141,11 @@ class LoginFlow:
         max_sessions: int = SESSION_MEMORY,
         mode: Mode = "enforce",
         deadline_s: float | None = None,
+        primer: Callable[[], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.deadline_s = deadline_s  # the PAM server's answer deadline (pam_timeout_ms)
+        self.primer = primer  # begins the adoption's kernel wait early (backends._primer)
         self.mode = mode  # audit: a login enforce would deny (or fail) is let through
         self.node = node
         self.users = users
@@ -227,6 +229,8 @@ class LoginFlow:
                 log.error("listing the jobs of uid %d failed: %s", login.facts.uid, exc)
                 return self._error(login, "backend_error", f"cannot list jobs: {exc}")
             login.facts = login.facts.with_jobs(tuple(jobs))
+            if jobs and self.primer is not None:
+                self.primer()  # an adoption is likely: its kernel wait starts now
             self._mark(login, "jobs")
             step = policy.decide(login.facts, self.cfg, self.node, self.rng)
         if step is policy.Need.CALLERID:

@@ -1,5 +1,6 @@
-"""A login given up while a worker thread adopts it: the namespace fds fetched meanwhile are
-closed, never leaked (the fetch runs in the adoption's own worker-thread call)."""
+"""LoginFlow around its backend calls: a login given up while a worker thread adopts it (the
+namespace fds fetched meanwhile are closed, never leaked: the fetch runs in the adoption's own
+worker-thread call), and when the migration primer is asked to begin the kernel's wait."""
 
 from __future__ import annotations
 
@@ -74,4 +75,39 @@ def test_namespaces_fetched_after_the_login_was_cancelled_are_closed() -> None:
 
 
 async def _no_source(conn: Connection, uid: int) -> tuple[str, str | None]:
-    raise AssertionError("a single job needs no source")
+    return "not_found", None  # the source knows of no job of the user's
+
+
+def _flow(backend: FakeBackend, primed: list[int], conn: Connection | None) -> LoginFlow:
+    return LoginFlow(
+        parse({}).policy,
+        node="b",
+        users=FakeUsers(
+            {"alice": (UID, frozenset()), "bob": (UID + 1, frozenset()), "root": (0, frozenset())}
+        ),
+        sessions=FakeSessions(conn),
+        procs=FakeProcs(),
+        backend=backend,
+        ask_source=_no_source,
+        executor=None,
+        clock=FakeClock(),
+        primer=lambda: primed.append(1),
+    )
+
+
+def test_the_primer_runs_once_for_a_login_that_has_a_job_and_never_without() -> None:
+    conn = Connection(
+        "tcp", Endpoint("10.0.0.2", 22), Endpoint("10.0.0.1", 4000), 7, 0, "ESTABLISHED"
+    )
+    primed: list[int] = []
+    flow = _flow(FakeBackend([JOB]), primed, conn)
+
+    async def login(user: str) -> str:
+        req = PamRequest(op="account", user=user, rhost="10.0.0.1", service="sshd")
+        return (await flow.account(req, 4242)).reply.verdict
+
+    assert asyncio.run(login("alice")) == "adopt"
+    assert primed == [1]
+    assert asyncio.run(login("bob")) == "deny"  # no job here: no adoption to prepare for
+    assert asyncio.run(login("root")) == "allow"  # root: never even listed
+    assert primed == [1]

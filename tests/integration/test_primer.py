@@ -1,0 +1,106 @@
+"""The cgroup migration primer (`backends._primer`): what it writes, when, and when it stops.
+
+Real cgroupfs for the write itself (the test process primes its own cgroup: it must stay
+where it is); a mountinfo text and a scratch /proc for the cases this machine does not have.
+Whether the kernel's wait really moves earlier is measured in `make bench` (module time),
+not here: timing is not a test.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from callerid.agent.backends._primer import WINDOW_S, Primer
+from tests.fakes import FakeClock
+
+T = TypeVar("T")
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="writes cgroup.procs: needs root")
+
+
+class Inline(Executor):
+    """Runs each submitted call at once, so a test sees its effect without waiting."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        fut: Future[T] = Future()
+        fut.set_result(fn(*args, **kwargs))
+        return fut
+
+
+def _cgroup() -> str:
+    return Path("/proc/self/cgroup").read_text()
+
+
+def test_priming_writes_the_agents_own_cgroup_and_moves_nothing() -> None:
+    primer = Primer.detect(Inline(), FakeClock())
+    if primer is None:
+        pytest.skip("this machine's cgroups need no priming (favordynmods, or none mounted)")
+    before = _cgroup()
+    primer.prime()
+    assert primer.enabled, "the priming write failed"
+    assert primer.primed == 1
+    assert _cgroup() == before
+
+
+def test_one_priming_per_window() -> None:
+    clock = FakeClock()
+    primer = Primer.detect(Inline(), clock)
+    if primer is None:
+        pytest.skip("this machine's cgroups need no priming (favordynmods, or none mounted)")
+    primer.prime()
+    clock.advance(WINDOW_S / 2)
+    primer.prime()  # the first one's wait covers this login too
+    assert primer.primed == 1
+    clock.advance(WINDOW_S)
+    primer.prime()
+    assert primer.primed == 2
+
+
+def _scratch_proc(tmp_path: Path, mountinfo: str, cgroup: str) -> Path:
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "mountinfo").write_text(mountinfo)
+    (proc / "self" / "cgroup").write_text(cgroup)
+    return proc
+
+
+def test_favordynmods_means_nothing_to_prime(tmp_path: Path) -> None:
+    mountinfo = (
+        "35 24 0:30 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate,favordynmods\n"
+    )
+    proc = _scratch_proc(tmp_path, mountinfo, "0::/system.slice/x.service\n")
+    assert Primer.detect(Inline(), FakeClock(), proc) is None
+
+
+def test_a_failed_write_stops_the_primer(tmp_path: Path) -> None:
+    mount = tmp_path / "cg"
+    (mount / "agent" / "cgroup.procs").mkdir(parents=True)  # a directory: the write fails
+    mountinfo = f"35 24 0:30 / {mount} rw - cgroup2 cgroup2 rw,nsdelegate\n"
+    proc = _scratch_proc(tmp_path, mountinfo, "0::/agent\n")
+    clock = FakeClock()
+    primer = Primer.detect(Inline(), clock, proc)
+    assert primer is not None
+    primer.prime()
+    assert not primer.enabled and primer.primed == 0
+    clock.advance(1)
+    primer.prime()  # stopped: not tried again
+    assert primer.primed == 0
+
+
+def test_a_v1_only_machine_primes_in_a_v1_hierarchy(tmp_path: Path) -> None:
+    mount = tmp_path / "freezer"
+    (mount / "agent").mkdir(parents=True)
+    (mount / "agent" / "cgroup.procs").write_text("")  # stands in for cgroupfs
+    mountinfo = f"36 24 0:31 / {mount} rw - cgroup cgroup rw,freezer\n"
+    proc = _scratch_proc(tmp_path, mountinfo, "9:name=systemd:/\n5:freezer:/agent\n")
+    primer = Primer.detect(Inline(), FakeClock(), proc)
+    assert primer is not None
+    primer.prime()
+    assert primer.primed == 1
+    assert (mount / "agent" / "cgroup.procs").read_text() == str(os.getpid())
