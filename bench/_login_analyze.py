@@ -7,9 +7,16 @@ from collections import defaultdict
 from typing import Any
 
 from bench._common import median, pct
-from bench._login_logs import bootstrap_ci, cid_split, psa_split, spans, stats
+from bench._login_logs import bootstrap_ci, cid_split, paired, psa_split, spans, stats
 
 __all__ = ["analyze"]
+
+PAIRS = (  # (ours, the reference it is compared with round by round)
+    ("cid-slurm", "psa"),
+    ("cid-cgroup", "psa"),
+    ("cid-slurm-rpc", "psa-rpc"),
+    ("cid-cgroup-rpc", "psa-rpc"),
+)
 
 
 def analyze(
@@ -60,6 +67,7 @@ def analyze(
             for r in rs
             if (r.get("CALLERID_DECISION"), r.get("CALLERID_REASON")) == ("adopt", want)
         )
+    st["paired"] = _paired(samples, measured, recs, agent_of=agent_of, warmup=warmup, rounds=rounds)
     st["slurmd_callerid"] = stats(slurmd)
     if samples.get("stalled"):
         stalled: dict[str, list[float]] = defaultdict(list)
@@ -73,3 +81,36 @@ def analyze(
         st["stalled"]["cid peer status"] = [r.get("CALLERID_PEER_STATUS") for r in rs]
         st["stalled"]["psa text"] = sp[0]["text"] if sp else ""
     return st
+
+
+def _paired(
+    samples: dict[str, Any],
+    measured: dict[str, list[dict[str, Any]]],
+    recs: dict[str, list[dict[str, str]]],
+    *,
+    agent_of: dict[str, str | None],
+    warmup: int,
+    rounds: int,
+) -> dict[str, Any]:
+    """Ours against the reference round by round: the ssh login's wall time (difference, ms)
+    and the module time (ratio: the agent's record against pam_slurm_adopt's span)."""
+    wall: dict[str, list[float]] = defaultdict(list)
+    round_of: dict[tuple[str, float], int] = {}
+    for login in samples["rounds"]:
+        round_of[login["target"], login["start"]] = len(wall[login["target"]])
+        wall[login["target"]].append(login["ms"])
+    out: dict[str, Any] = {}
+    for ours, ref in PAIRS:
+        agent = agent_of.get(ours)
+        if ours not in wall or ref not in wall or agent is None:
+            continue
+        mine = [int(r["CALLERID_LATENCY_US"]) / 1000 for r in recs[agent][warmup : warmup + rounds]]
+        theirs = {round_of[ref, s["start"]]: s["ms"] for s in measured.get(ref, [])}
+        out[ours] = {
+            "ref": ref,
+            "wall_diff": paired(list(zip(wall[ours], wall[ref], strict=False)), "diff"),
+            "module_ratio": paired(
+                [(m, theirs[k]) for k, m in enumerate(mine) if k in theirs], "ratio"
+            ),
+        }
+    return out

@@ -48,7 +48,7 @@ def spans(lines: list[str], logins: list[dict[str, Any]]) -> dict[str, list[dict
     for start, ms, text in sorted(found):
         for login in logins:
             if login["start"] <= start <= login["end"]:
-                out[login["target"]].append({"ms": ms, "text": text})
+                out[login["target"]].append({"ms": ms, "text": text, "start": login["start"]})
                 break
     return out
 
@@ -116,6 +116,18 @@ def bootstrap_ci(xs: list[float], base: list[float], n: int = 2000) -> tuple[flo
         for _ in range(n)
     ]
     return pct(diffs, 5), pct(diffs, 95)
+
+
+def paired(pairs: list[tuple[float, float]], how: str, n: int = 2000) -> dict[str, float]:
+    """Median over the interleaved rounds of ours - ref (``how`` "diff", ms) or ours / ref
+    ("ratio"), with its 90% bootstrap interval (rounds resampled as pairs: both sides of a
+    round saw the same machine)."""
+    if not pairs:
+        return {"n": 0, "median": float("nan"), "lo": float("nan"), "hi": float("nan")}
+    values = [a - b if how == "diff" else a / b for a, b in pairs if how == "diff" or b > 0]
+    rng = random.Random(1)
+    boot = [median(rng.choices(values, k=len(values))) for _ in range(n)]
+    return {"n": len(values), "median": median(values), "lo": pct(boot, 5), "hi": pct(boot, 95)}
 
 
 def stats(values: list[float]) -> dict[str, float]:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -59,6 +60,7 @@ from typing import Any
 
 from bench._common import TOP, apt_install, bench_argv, need_root, poll, write_rows
 from bench._login_analyze import analyze
+from bench._login_fdm import favordynmods_phase
 from bench._login_logs import (
     records,
     slurmd_callerid_ms,
@@ -298,6 +300,13 @@ def measure(args: argparse.Namespace, release: SlurmRelease) -> dict[str, Any]:
         stall = [slurmd_pid(slurm), agents.procs["src"].pid]
         samples = run_job(stack, slurm, user, work, spec=spec, stall_pids=stall)
         lines = sink.lines()[mark:]
+        fdm = None
+        if args.favordynmods:
+            job = functools.partial(run_job, stack, slurm, user, work, stall_pids=[])
+            fdm = favordynmods_phase(
+                lambda s: job(spec=s), sink.lines, migration_probe, spec,
+                targets=targets, rounds=args.favordynmods,
+            )  # fmt: skip
         recs = {a: records(agents.log(a)) for a in nodes}
         timings = {a: timing_marks(agents.log(a)) for a in nodes}
         slurmd = slurmd_callerid_ms(slurm.log_dir / "slurmd.log")
@@ -321,6 +330,7 @@ def measure(args: argparse.Namespace, release: SlurmRelease) -> dict[str, Any]:
             warmup=WARMUP,
         )
         st["migration_ms"] = [migration_probe(), migration_probe()]
+        st["favordynmods"] = fdm
         st["release"] = {"name": release.name, "version": release.version}
         st["psa_module"] = PSA_MODULES[release.name]
         st["psa_options"] = PSA_OPTIONS[release.name]
@@ -353,6 +363,14 @@ def main() -> int:
     ap.add_argument(
         "--targets",
         help=f"comma-separated subset of {','.join(TARGETS)} (plain, psa, psa-rpc always)",
+    )
+    ap.add_argument(
+        "--favordynmods",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then N more rounds of the single-job targets with cgroup2 mounted favordynmods "
+        "(set for them, restored after); 0: not measured",
     )
     ap.add_argument(
         "--agent-log-level",
