@@ -19,19 +19,26 @@ import dataclasses
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from callerid.agent import policy
 from callerid.agent._joinns import Fetched, fetch_namespaces, namespace_verdict
+from callerid.agent._loginports import (
+    AskSource,
+    Held,
+    Processes,
+    SessionFinder,
+    UserSource,
+)
 from callerid.agent._offload import backend_call, in_thread
 from callerid.agent.backends.base import Backend, BackendError, Job, JobNamespaces
 from callerid.agent.config import Mode, PolicyConfig
 from callerid.agent.journal import DecisionRecord
 from callerid.agent.memo import Memo
-from callerid.agent.netinfo import Connection, NetinfoError, Proc
+from callerid.agent.netinfo import Connection, NetinfoError
 from callerid.agent.pamproto import PamReply, PamRequest
 
 __all__ = [
@@ -50,44 +57,6 @@ _T = TypeVar("_T")
 SESSION_MEMORY = 4096  # adopted monitor pids remembered for open_session re-checks
 JOB_POLL_S = 0.05  # how often the jobs are listed again while waiting for a named job
 DEADLINE_SLACK_S = 0.2  # a wait for a named job ends this long before the PAM deadline
-
-
-class UserSource(Protocol):
-    def facts(self, user: str) -> Awaitable[policy.Facts]:
-        """The user's uid (None: no such user) and groups."""
-        ...
-
-
-class SessionFinder(Protocol):
-    def session_connection(self, pid: int, rhost: str | None = None) -> tuple[Proc, Connection]:
-        """The sshd session process (``pid`` or an ancestor) and the connection it serves;
-        NetinfoError when there is none."""
-        ...
-
-
-class Held(Protocol):
-    """A process pinned by its identity (`netinfo.Pin`)."""
-
-    def exited(self) -> bool: ...
-
-    def close(self) -> None: ...
-
-
-class Processes(Protocol):
-    """Process identity (`netinfo.ProcReader`): start times, and pins for adoption."""
-
-    def start_time(self, pid: int) -> float | None: ...
-
-    def pin(self, pid: int, start_time: float | None) -> Held:
-        """Hold ``pid`` if it is still the process started at ``start_time``; ProcessGone
-        (a NetinfoError) when it is not."""
-        ...
-
-
-class AskSource(Protocol):
-    def __call__(self, conn: Connection, uid: int) -> Awaitable[tuple[str, str | None]]:
-        """(peer status, the job id the source named or None) for ``conn`` and ``uid``."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)

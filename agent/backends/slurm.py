@@ -175,7 +175,7 @@ class SlurmBackend:
         deadline = self._clock() + self._timeout
         sock = self._extern(job)
         try:
-            self._adopt(pid, job, sock.path, deadline)
+            self._adopt(pid, job, sock, deadline)
         except BackendError as exc:
             if isinstance(exc, JobVanished) or sock.path.exists():
                 raise
@@ -319,29 +319,53 @@ class SlurmBackend:
                 return Job(sock.job, values[2], extern.ctime, _gid_of(sock, values[2], values[3]))
         return None
 
-    def _adopt(self, pid: int, job: Job, path: Path, deadline: float) -> None:
-        conn = StepdConnection(path)
+    def _adopt(self, pid: int, job: Job, sock: StepSocket, deadline: float) -> None:
+        """STEP_UID and STATE, then ADD_EXTERN_PID and PID_IN_CONTAINER, on one connection.
+
+        Two round trips when the step's owner is not remembered: nothing is added before the
+        stepd has said the job is ``job.uid``'s. One when it is remembered for this very
+        socket file (`_ids`: a stepd's job never changes owner, a new stepd makes a new file):
+        all four are sent at once and the answers checked after; a step found ending then
+        has the pid already (it ends with the step), and the login is refused as before.
+        """
+        known = self._ids.get(sock.identity)
+        conn = StepdConnection(sock.path)
         try:
             greeting = conn.queue(stepd.hello(self._version))
             owner = conn.queue(stepd.step_uid())
             state = conn.queue(stepd.state())
+            at_once = known is not None and known[0] == job.uid
+            if at_once:
+                added = conn.queue(stepd.add_extern_pid(pid))
+                inside = conn.queue(stepd.pid_in_container(pid))
             drive([conn], deadline, self._clock)
-            uid = outcome(conn, greeting, owner, self._version)
-            if uid != job.uid:
-                msg = f"job {job.id} belongs to uid {uid}, not {job.uid}: not adopting pid {pid}"
-                raise BackendError(msg)
-            step_state = stepd.state_name(
-                outcome(conn, greeting, state, self._version), greeting.value
-            )
-            if step_state in ("cancelled", "ending"):
-                msg = f"job {job.id} is ending (extern step {step_state})"
-                raise JobVanished(msg)
-            added = conn.queue(stepd.add_extern_pid(pid))
-            inside = conn.queue(stepd.pid_in_container(pid))
-            drive([conn], deadline, self._clock)
+            self._check_step(pid, job, conn, (greeting, owner, state))
+            if not at_once:
+                added = conn.queue(stepd.add_extern_pid(pid))
+                inside = conn.queue(stepd.pid_in_container(pid))
+                drive([conn], deadline, self._clock)
         finally:
             conn.close()
         self._check_adopted(pid, job, conn, added, inside)
+
+    def _check_step(
+        self,
+        pid: int,
+        job: Job,
+        conn: StepdConnection,
+        replies: tuple[stepd.Reader[int], stepd.Reader[int], stepd.Reader[int]],
+    ) -> None:
+        """Raise unless the step is ``job.uid``'s and not ending (``replies``: the greeting,
+        STEP_UID and STATE)."""
+        greeting, owner, state = replies
+        uid = outcome(conn, greeting, owner, self._version)
+        if uid != job.uid:
+            msg = f"job {job.id} belongs to uid {uid}, not {job.uid}: not adopting pid {pid}"
+            raise BackendError(msg)
+        step_state = stepd.state_name(outcome(conn, greeting, state, self._version), greeting.value)
+        if step_state in ("cancelled", "ending"):
+            msg = f"job {job.id} is ending (extern step {step_state})"
+            raise JobVanished(msg)
 
     def _check_adopted(
         self,

@@ -632,6 +632,35 @@ def test_adopt_into_an_ending_step_raises_job_vanished(
         assert fake.adopted == []
 
 
+def test_a_remembered_owner_adopts_in_one_round_trip(spool: Path) -> None:
+    """Owner known for this socket file (listed just before): STEP_UID, STATE, ADD_EXTERN_PID
+    and PID_IN_CONTAINER go out together; an owner not known is asked first (two round trips,
+    nothing added before the answer: test_fake_stepd_wrong_owner_never_sees_add_extern_pid)."""
+    with FakeStepd(_ext(spool, 7), uid=UID) as fake:
+        backend = _fake_backend(spool)
+        (job,) = backend.jobs_of(UID)  # remembers the owner of this stepd's socket file
+        fake.requests.clear()
+        backend.adopt(os.getpid(), job)
+        assert fake.adopted == [os.getpid()]
+        assert [r for r, _arg in fake.requests] == [
+            stepd.Request.STEP_UID,
+            stepd.Request.STATE,
+            stepd.Request.ADD_EXTERN_PID,
+            stepd.Request.PID_IN_CONTAINER,
+        ]
+
+
+def test_a_remembered_owner_into_an_ending_step_is_still_refused(spool: Path) -> None:
+    """Sent at once, the pid reaches the ending step (and ends with it); the login is refused
+    all the same: JobVanished, as with the owner asked first."""
+    with FakeStepd(_ext(spool, 7), uid=UID, state=3) as fake:
+        backend = _fake_backend(spool)
+        (job,) = backend.jobs_of(UID)
+        with pytest.raises(JobVanished, match="ending"):
+            backend.adopt(os.getpid(), job)
+        assert stepd.Request.STATE in [r for r, _arg in fake.requests]
+
+
 def test_refused_handshake_names_the_protocol_version(spool: Path) -> None:
     with FakeStepd(_ext(spool, 7), uid=UID, on_hello="refuse"):
         backend = _fake_backend(spool, protocol_version=stepd.PROTOCOL_22_05)

@@ -1,0 +1,54 @@
+"""What `login.LoginFlow` is given: the pieces it asks for facts and acts through.
+
+Each is a Protocol the composition root fills with the real piece (`users.Users`,
+`netinfo.SessionFinder`, `netinfo.ProcReader`, `ask.SourceAsker`) and the tests with a fake
+(tests/fakes.py). Re-exported by `login`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Protocol
+
+from callerid.agent import policy
+from callerid.agent.netinfo import Connection, Proc
+
+__all__ = ["AskSource", "Held", "Processes", "SessionFinder", "UserSource"]
+
+
+class UserSource(Protocol):
+    def facts(self, user: str) -> Awaitable[policy.Facts]:
+        """The user's uid (None: no such user) and groups."""
+        ...
+
+
+class SessionFinder(Protocol):
+    def session_connection(self, pid: int, rhost: str | None = None) -> tuple[Proc, Connection]:
+        """The sshd session process (``pid`` or an ancestor) and the connection it serves;
+        NetinfoError when there is none."""
+        ...
+
+
+class Held(Protocol):
+    """A process pinned by its identity (`netinfo.Pin`)."""
+
+    def exited(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class Processes(Protocol):
+    """Process identity (`netinfo.ProcReader`): start times, and pins for adoption."""
+
+    def start_time(self, pid: int) -> float | None: ...
+
+    def pin(self, pid: int, start_time: float | None) -> Held:
+        """Hold ``pid`` if it is still the process started at ``start_time``; ProcessGone
+        (a NetinfoError) when it is not."""
+        ...
+
+
+class AskSource(Protocol):
+    def __call__(self, conn: Connection, uid: int) -> Awaitable[tuple[str, str | None]]:
+        """(peer status, the job id the source named or None) for ``conn`` and ``uid``."""
+        ...
