@@ -72,9 +72,9 @@ def parts() -> list[Part]:
         ),
         Part(
             "login",
-            ["login", "--rounds", "30", "--stalled", "3"],
+            ["login", "--rounds", "30", "--stalled", "3", "--favordynmods", "20"],
             1500,
-            ["login", "--rounds", "5", "--stalled", "1"],
+            ["login", "--rounds", "5", "--stalled", "1", "--favordynmods", "3"],
         ),
     ]
     for release in OTHER_RELEASES:
