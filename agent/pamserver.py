@@ -194,10 +194,8 @@ class PamServer:
 
     async def _dispatch(self, req: PamRequest, pid: int, started: float) -> PamReply | Outcome:
         """One handler per op; the wire schema of each is in the module docstring."""
-        if req.op == "account":
-            outcome = await self.flow.account(req, pid, started)
-            self.journal.record(outcome.record)
-            return outcome
+        if req.op == "account":  # its record is journaled once the reply is out (_answer)
+            return await self.flow.account(req, pid, started)
         if req.op == "open_session":
             return await self.flow.open_session(req, pid)
         if req.op == "status":
@@ -356,8 +354,17 @@ class _PamConnection:
     def start(self) -> None:
         assert self.req is not None
         self.state = "busy"
-        self.task = self.loop.create_task(self.server._decide(self.req, self.pid, self.started))
+        self.task = self.loop.create_task(self._answer(self.req))
         self.task.add_done_callback(self._decided)
+
+    async def _answer(self, req: PamRequest) -> PamReply | Outcome:
+        """Decide, send the reply from here (no hop through a done-callback), then journal
+        the login's record: the module's wait ends before the journal write."""
+        answer = await self.server._decide(req, self.pid, self.started)
+        self._finish(answer)
+        if isinstance(answer, Outcome):
+            self.server.journal.record(answer.record)
+        return answer
 
     def _malformed(self, why: str, *, discard: bool = True) -> None:
         self.server.malformed += 1
@@ -376,10 +383,9 @@ class _PamConnection:
         # the discarding is bounded by its own short time (and still by the deadline)
         self.timer = self.loop.call_later(DISCARD_TIMEOUT_S, self.expire)
 
-    def _decided(self, task: asyncio.Task[PamReply | Outcome]) -> None:
+    def _decided(self, _task: asyncio.Task[PamReply | Outcome]) -> None:
+        """The decision slot is free again (the task answered, or was cancelled: timeout)."""
         self.server.turns.release()
-        if not task.cancelled():  # answered already (timeout): _finish only closes its fds
-            self._finish(task.result())
 
     def expire(self) -> None:
         if self.state in ("busy", "queued"):

@@ -7,7 +7,15 @@ from collections import defaultdict
 from typing import Any
 
 from bench._common import median, pct
-from bench._login_logs import bootstrap_ci, cid_split, paired, psa_split, spans, stats
+from bench._login_logs import (
+    account_phases,
+    bootstrap_ci,
+    cid_split,
+    paired,
+    psa_split,
+    spans,
+    stats,
+)
 
 __all__ = ["analyze"]
 
@@ -68,6 +76,13 @@ def analyze(
             if (r.get("CALLERID_DECISION"), r.get("CALLERID_REASON")) == ("adopt", want)
         )
     st["paired"] = _paired(samples, measured, recs, agent_of=agent_of, warmup=warmup, rounds=rounds)
+    acct = account_phases(lines, samples["rounds"])
+    st["account"] = {t: stats([a["ms"] for a in acct.get(t, [])]) for t in by_target}
+    base = st["account"]["plain"]["median"]
+    for ours, p in st["paired"].items():
+        mine = {a["start"]: a["ms"] - base for a in acct.get(ours, [])}
+        theirs = {a["start"]: a["ms"] - base for a in acct.get(p["ref"], [])}
+        p["account_ratio"] = paired(_by_round(samples, ours, p["ref"], mine, theirs), "ratio")
     st["slurmd_callerid"] = stats(slurmd)
     if samples.get("stalled"):
         stalled: dict[str, list[float]] = defaultdict(list)
@@ -114,3 +129,18 @@ def _paired(
             ),
         }
     return out
+
+
+def _by_round(
+    samples: dict[str, Any],
+    ours: str,
+    ref: str,
+    mine: dict[float, float],
+    theirs: dict[float, float],
+) -> list[tuple[float, float]]:
+    """(ours, ref) per interleaved round, from values keyed by each login's start."""
+    a = [mine[s["start"]] for s in samples["rounds"] if s["target"] == ours and s["start"] in mine]
+    b = [
+        theirs[s["start"]] for s in samples["rounds"] if s["target"] == ref and s["start"] in theirs
+    ]
+    return list(zip(a, b, strict=False))

@@ -2,9 +2,9 @@
 
 After the main rounds, the timing job runs again with the single-job targets only (plain, psa,
 cid-slurm, cid-cgroup), while cgroup2 is mounted ``favordynmods`` (`_favordynmods`: set for
-this phase, the mount's options restored after). Module time per target: the module's own
-timing (pam_callerid's exchange with the agent; pam_slurm_adopt's first to last syslog line),
-as row 2 reads it. A machine without the option says why and has no row.
+this phase, the mount's options restored after). Module time per target as row 2 judges it:
+sshd's account phase (its own DEBUG1 log) over plain sshd's. A machine without the option
+says why and has no row.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from bench._common import median
 from bench._favordynmods import Unavailable, favordynmods
-from bench._login_logs import spans, stats
+from bench._login_logs import account_phases, stats
 
 __all__ = ["FDM_TARGETS", "favordynmods_phase"]
 
@@ -50,12 +50,16 @@ def favordynmods_phase(
             migration = [probe(), probe()]
     except Unavailable as exc:
         return {"skipped": str(exc)}
-    measured = spans(got, samples["rounds"])
+    acct = account_phases(got, samples["rounds"])
+    base = median([a["ms"] for a in acct.get("plain", [])])
     ssh = {t: median([s["ms"] for s in samples["rounds"] if s["target"] == t]) for t in order}
     return {
         "how": how,
         "rounds": rounds,
         "migration_ms": migration,
         "ssh": ssh,
-        "module": {t: stats([s["ms"] for s in measured.get(t, [])]) for t in order if t != "plain"},
+        "plain_account_ms": base,
+        "module": {
+            t: stats([a["ms"] - base for a in acct.get(t, [])]) for t in order if t != "plain"
+        },
     }

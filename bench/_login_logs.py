@@ -5,6 +5,9 @@
   skipped), and pam_callerid's own timing of its exchange with the agent (`debug`: "connect
   .. send .. recv .. total N us"); each is attributed to the login
   whose wall-clock window (recorded by the job) holds it.
+* `account_phases`: sshd's own view of each login's PAM account phase, the same for every
+  target: from its "do_pam_account: called" line to its "Accepted" line (DEBUG1, through the
+  sink), attributed to the login whose window holds it.
 * `records` / `timing_marks`: the agent's decision records (journal fields on stderr, as
   there is no journald here) and its per-login timing marks (debug log).
 * `psa_split` / `cid_split`: decision and adoption parts of each module time.
@@ -49,6 +52,34 @@ def spans(lines: list[str], logins: list[dict[str, Any]]) -> dict[str, list[dict
         for login in logins:
             if login["start"] <= start <= login["end"]:
                 out[login["target"]].append({"ms": ms, "text": text, "start": login["start"]})
+                break
+    return out
+
+
+_SSHD = re.compile(r"^(\d+\.\d+) .*?sshd-\w+?-([\w-]+)\[(\d+)\]: (.*)$")
+
+
+def account_phases(
+    lines: list[str], logins: list[dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """target -> [{ms, start}]: each login's account phase as sshd logged it (module docstring)."""
+    begun: dict[str, float] = {}  # sshd pid -> when its account phase began
+    found: list[tuple[float, float, str]] = []
+    for line in lines:
+        m = _SSHD.match(line)
+        if m is None:
+            continue
+        t, target, pid, text = float(m[1]), m[2], m[3], m[4]
+        if "do_pam_account: called" in text:
+            begun.setdefault(pid, t)
+        elif text.startswith("Accepted ") and pid in begun:
+            t0 = begun.pop(pid)
+            found.append((t0, (t - t0) * 1000, target))
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for start, ms, target in sorted(found):
+        for login in logins:
+            if login["target"] == target and login["start"] <= start <= login["end"]:
+                out[target].append({"ms": ms, "start": login["start"]})
                 break
     return out
 

@@ -127,15 +127,20 @@ class SshdFarm:
         work: Path,
         tag: str,
         prefix: list[str],
+        *,
         trace: Path | None = None,
         strace: bool = False,
+        syslog_level: str | None = None,
     ) -> None:
-        """``trace``: sshd logs at DEBUG3 through syslog (the sink timestamps each line); with
+        """``syslog_level``: sshd logs at that level through syslog (the sink timestamps each
+        line: bench/login.py reads the account phase from DEBUG1's "do_pam_account: called" to
+        "Accepted"); None: at INFO into a file. ``trace``: DEBUG3 through syslog; with
         ``strace`` each listener also runs under ``strace -f -tt`` (its monitors and sessions
         too), written to ``trace/strace.<target>``: logins followed end to end
         (bench/login.py --trace DIR [--strace])."""
         self.work, self.tag, self.prefix, self.trace = work, tag, prefix, trace
         self.strace = strace
+        self.syslog_level = "DEBUG3" if trace is not None else syslog_level
         self.bin = work / "bin"
         self.bin.mkdir()
         self.key = work / "ssh_host_ed25519_key"
@@ -168,15 +173,15 @@ class SshdFarm:
                 continue
             conf = self.work / f"{svc}.conf"
             pid = self.work / f"{svc}.pid"
-            level = "DEBUG3" if self.trace else "INFO"
+            level = self.syslog_level or "INFO"
             conf.write_text(
                 SSHD_CONFIG.format(host=SSHD_HOST, port=port, key=self.key, pid=pid, level=level)
             )
             log = self.work / f"{svc}.log"
             argv = [str(link), "-D", "-f", str(conf)]
-            if self.trace is None:
+            if self.syslog_level is None:
                 argv += ["-E", str(log)]  # else: syslog, timestamped by the sink
-            elif self.strace:
+            if self.trace is not None and self.strace:
                 out = self.trace / f"strace.{name}"
                 argv = ["strace", "-f", "-tt", "-s", "96", "-o", str(out), *argv]
             proc = subprocess.Popen(

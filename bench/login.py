@@ -278,7 +278,14 @@ def measure(args: argparse.Namespace, release: SlurmRelease) -> dict[str, Any]:
         trace = Path(args.trace) if args.trace else None
         if trace is not None:
             trace.mkdir(parents=True, exist_ok=True)
-        farm = SshdFarm(work, f"cidb{secrets.token_hex(2)}", sink.prefix(), trace, args.strace)
+        farm = SshdFarm(
+            work,
+            f"cidb{secrets.token_hex(2)}",
+            sink.prefix(),
+            trace=trace,
+            strace=args.strace,
+            syslog_level="DEBUG1",
+        )
         stack.callback(farm.close)
         for name in targets:
             farm.add(name, account_line(name, farm, agents, release.name))
