@@ -1,4 +1,4 @@
-"""What `login.LoginFlow` is given: the pieces it asks for facts and acts through.
+"""What `login.LoginFlow` (and the PAM server) is given: the pieces it asks and acts through.
 
 Each is a Protocol the composition root fills with the real piece (`users.Users`,
 `netinfo.SessionFinder`, `netinfo.ProcReader`, `ask.SourceAsker`) and the tests with a fake
@@ -11,9 +11,10 @@ from collections.abc import Awaitable
 from typing import Protocol
 
 from callerid.agent import policy
+from callerid.agent.journal import DecisionRecord
 from callerid.agent.netinfo import Connection, Proc
 
-__all__ = ["AskSource", "Held", "Processes", "SessionFinder", "UserSource"]
+__all__ = ["AskSource", "Held", "Processes", "RecordSink", "SessionFinder", "UserSource"]
 
 
 class UserSource(Protocol):
@@ -52,3 +53,9 @@ class AskSource(Protocol):
     def __call__(self, conn: Connection, uid: int) -> Awaitable[tuple[str, str | None]]:
         """(peer status, the job id the source named or None) for ``conn`` and ``uid``."""
         ...
+
+
+class RecordSink(Protocol):
+    """Where decision records go (`journal.Journal`); the PAM server writes to it."""
+
+    def record(self, rec: DecisionRecord) -> None: ...

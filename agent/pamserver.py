@@ -27,9 +27,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
+from callerid.agent._loginports import RecordSink
 from callerid.agent._pamturns import Turns
 from callerid.agent._unixsock import bind_unix, peer_cred, send_with_fds
-from callerid.agent.journal import DecisionRecord
 from callerid.agent.login import Outcome
 from callerid.agent.pamproto import (
     MAX_LINE,
@@ -74,12 +74,6 @@ class LoginHandler(Protocol):
     ) -> Outcome:
         """The answer and record of a login the server must end itself (verdict error)."""
         ...
-
-
-class RecordSink(Protocol):
-    """Where decision records go (`journal.Journal`)."""
-
-    def record(self, rec: DecisionRecord) -> None: ...
 
 
 class PamServer:
