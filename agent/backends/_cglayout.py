@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -74,7 +75,14 @@ class JobPattern:
             text, re.compile(regex), len(parts), "{uid}" in tokens, tuple(tokens), tuple(segments)
         )
 
-    def find(self, base: str, *, uid: int | None = None, job: str | None = None) -> list[str]:
+    def find(
+        self,
+        base: str,
+        *,
+        uid: int | None = None,
+        job: str | None = None,
+        listdir: Callable[[str], list[str]] = os.listdir,
+    ) -> list[str]:
         """Paths (relative to ``base``) that may be job directories: every job's, or only
         ``uid``'s and/or job ``job``'s. Parts that are fully known are joined without a
         look (the caller checks the directory); the others are listed and matched, skipping
@@ -90,7 +98,7 @@ class JobPattern:
             found = []
             for p in paths:
                 try:
-                    names = os.listdir(f"{base}/{p}" if p else base)
+                    names = listdir(f"{base}/{p}" if p else base)
                 except OSError:
                     continue  # missing or removed meanwhile: nothing below it
                 for n in names:

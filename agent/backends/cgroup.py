@@ -58,6 +58,7 @@ from callerid.agent.backends._cglayout import (
     parse_proc_cgroup,
 )
 from callerid.agent.backends._cgns import oldest_owner_namespaces
+from callerid.agent.backends._cgwatch import Listings
 from callerid.agent.backends.base import BackendError, Job, JobNamespaces, JobVanished
 from callerid.agent.config import CgroupBackendConfig
 from callerid.agent.memo import Memo
@@ -130,6 +131,7 @@ class CgroupBackend:
         self._externs: Memo[tuple[str, int], list[tuple[Hierarchy, str]]] = Memo(
             max_entries=max_jobs, ttl_s=extern_ttl_s, clock=clock
         )
+        self._listings: Listings[list[_JobDir]] = Listings()
         log.info(
             "cgroup backend: %s, hierarchies %s, jobs %s",
             self.layout.mode,
@@ -195,17 +197,26 @@ class CgroupBackend:
         return oldest_owner_namespaces(self._procs, self._proc_root, job.uid, pids, self._ns_kinds)
 
     def close(self) -> None:
-        """Nothing to release: the backend holds no open file or socket."""
+        """Release the inotify fd of the remembered listings."""
+        self._listings.close()
 
     # ----------------------------------------------------------------------- internals
 
     def _job_dirs(
         self, h: Hierarchy, *, uid: int | None = None, job: str | None = None
     ) -> list[_JobDir]:
-        """Job directories in ``h`` (only ``uid``'s / job ``job``'s when given)."""
-        out = []
+        """Job directories in ``h`` (only ``uid``'s / job ``job``'s when given); remembered
+        until inotify reports a change in a directory read for them (`_cgwatch`)."""
         base = str(h.base)
-        for rel in sorted(self._pattern.find(base, uid=uid, job=job)):
+        key = (base, uid, job)
+        hit = self._listings.get(key)
+        if hit is not None:
+            return hit
+        self._listings.begin()
+        out = []
+        for rel in sorted(
+            self._pattern.find(base, uid=uid, job=job, listdir=self._listings.listdir)
+        ):
             found = self._pattern.match(rel)
             if found is None or (job is not None and found[0] != job):
                 continue
@@ -214,6 +225,7 @@ class CgroupBackend:
             d = _stat_dir(f"{base}/{rel}", *found)
             if d is not None:
                 out.append(d)
+        self._listings.put(key, out)
         return out
 
     def _targets(self, job: Job) -> list[tuple[Hierarchy, str]]:
