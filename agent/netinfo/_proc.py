@@ -26,20 +26,24 @@ MAX_DEPTH: Final = 512  # bound on ancestor walks (a pid chain cannot really be 
 _READ_CHUNK: Final = 8192
 _CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_ONE_RECORD: Final = frozenset({"stat", "cgroup"})  # single_open files (see read_proc)
 
 
-def read_proc(path: str) -> str | None:
+def read_proc(path: str, *, one_record: bool = False) -> str | None:
     """The text of a /proc file, or None when its process is gone; other OSErrors raise.
 
     Raw os calls, no buffered file object: a login reads several of these, and open() would
-    add an fstat, an ioctl and an lseek to each."""
+    add an fstat, an ioctl and an lseek to each. ``one_record``: the file is one seq_file
+    record (/proc/<pid>/stat, /proc/<pid>/cgroup: single_open), produced whole into the read
+    buffer, so a read shorter than asked is the end (one read, not a second one that returns
+    nothing); other procfs files may return short reads before their end."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError):
         return None
     try:
         chunks = [os.read(fd, _READ_CHUNK)]
-        while chunks[-1]:
+        while chunks[-1] and not (one_record and len(chunks[-1]) < _READ_CHUNK):
             chunks.append(os.read(fd, _READ_CHUNK))
     except ProcessLookupError:
         return None
@@ -85,7 +89,7 @@ class ProcReader:
     def _read(self, pid: int, name: str) -> str:
         """/proc/<pid>/<name>; ProcessGone if the process is gone."""
         try:
-            text = read_proc(f"{self._rs}/{pid}/{name}")
+            text = read_proc(f"{self._rs}/{pid}/{name}", one_record=name in _ONE_RECORD)
         except OSError as exc:
             msg = f"cannot read /proc/{pid}/{name}: {exc.strerror}"
             raise NetinfoError(msg) from exc
@@ -164,7 +168,7 @@ class ProcReader:
 
     def cgroup_text(self, pid: int) -> str | None:
         """/proc/<pid>/cgroup as it is, or None when the process is gone."""
-        return read_proc(f"{self._rs}/{pid}/cgroup")
+        return read_proc(f"{self._rs}/{pid}/cgroup", one_record=True)
 
     def pids_of_uid(self, uid: int, *, skip: Container[int] = ()) -> Iterator[int]:
         """Pids whose /proc/<pid> is owned by ``uid`` (its effective uid, if dumpable), newest

@@ -29,6 +29,7 @@ from callerid.agent.netinfo import (
     SessionFinder,
     SocketOwners,
     _sockfd,
+    read_proc,
 )
 from callerid.agent.netinfo import _codec as sd
 from callerid.agent.netinfo._netlink import SockDiag
@@ -726,3 +727,20 @@ def test_link_local_connection_between_namespaces(spawn: Any) -> None:
                 check=True, capture_output=True, text=True, timeout=30,
             )  # fmt: skip
             assert json.loads(out.stdout) == client.pid, (netlink, out.stderr)
+
+
+@pytest.mark.parametrize("size", [0, 100, 8191, 8192, 8193, 20000])
+def test_read_proc_one_record_reads_a_file_whole(tmp_path: Path, size: int) -> None:
+    """One read for a small single-record file, and still the whole of a longer one."""
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * size)
+    assert read_proc(str(f), one_record=True) == "x" * size
+    assert read_proc(str(f)) == "x" * size
+
+
+def test_read_proc_one_record_matches_the_kernels_stat_and_cgroup() -> None:
+    for name in ("stat", "cgroup"):
+        assert (
+            read_proc(f"/proc/{os.getpid()}/{name}", one_record=True)
+            == Path(f"/proc/{os.getpid()}/{name}").read_text()
+        )
