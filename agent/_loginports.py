@@ -11,15 +11,29 @@ from collections.abc import Awaitable
 from typing import Protocol
 
 from callerid.agent import policy
+from callerid.agent._loginstate import Outcome, Started
 from callerid.agent.journal import DecisionRecord
 from callerid.agent.netinfo import Connection, Proc
+from callerid.agent.pamproto import PamReply, PamRequest
 
-__all__ = ["AskSource", "Held", "Processes", "RecordSink", "SessionFinder", "UserSource"]
+__all__ = [
+    "AskSource",
+    "Held",
+    "LoginHandler",
+    "Processes",
+    "RecordSink",
+    "SessionFinder",
+    "UserSource",
+]
 
 
 class UserSource(Protocol):
     def facts(self, user: str) -> Awaitable[policy.Facts]:
         """The user's uid (None: no such user) and groups."""
+        ...
+
+    def remembered(self, user: str) -> policy.Facts | None:
+        """The user's facts if they are at hand without asking NSS, else None."""
         ...
 
 
@@ -59,3 +73,33 @@ class RecordSink(Protocol):
     """Where decision records go (`journal.Journal`); the PAM server writes to it."""
 
     def record(self, rec: DecisionRecord) -> None: ...
+
+
+class LoginHandler(Protocol):
+    """What the PAM server asks of the login flow (`login.LoginFlow`)."""
+
+    def account_now(
+        self, req: PamRequest, pid: int, received: float | None
+    ) -> Outcome | Started | None:
+        """op=account, as far as it goes without waiting (None: not at all)."""
+        ...
+
+    def account(
+        self, req: PamRequest, pid: int, received: float | None, started: Started | None
+    ) -> Awaitable[Outcome]:
+        """op=account -> the decision for this login (adopt | allow | deny | error)."""
+        ...
+
+    def open_session(self, req: PamRequest, pid: int) -> Awaitable[PamReply]:
+        """op=open_session -> adopt (still / again in its job) | allow (nothing to do)."""
+        ...
+
+    def close_session(self, pid: int) -> PamReply:
+        """op=close_session -> allow (the session is forgotten)."""
+        ...
+
+    def error_outcome(
+        self, req: PamRequest, pid: int, started: float, reason: str, text: str
+    ) -> Outcome:
+        """The answer and record of a login the server must end itself (verdict error)."""
+        ...

@@ -48,6 +48,7 @@ class Turns:
         self.queued: collections.deque[Waiter] = collections.deque()
         self._deadlines: collections.deque[Waiter] = collections.deque()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._releasing = False  # a release() is starting the next ones (see release)
 
     def watch(self, w: Waiter, loop: asyncio.AbstractEventLoop) -> None:
         """Expire ``w`` at its deadline (unless it is done by then)."""
@@ -78,16 +79,25 @@ class Turns:
     def release(self) -> None:
         """A decision ended: start the next queued one still waiting (one whose client has
         gone meanwhile, having given up on its own deadline, is dropped undecided: under
-        overload, work nobody waits for would only make the queue longer)."""
+        overload, work nobody waits for would only make the queue longer). A decision that
+        ends within its own start (decided at once) releases from inside this loop: that
+        inner call only counts, and this loop goes on, so a queue of such decisions is
+        worked through without recursion."""
         self.active -= 1
-        while self.queued and self.active < self.max_active:
-            w = self.queued.popleft()
-            if w.state != "queued":
-                continue
-            if w.client_gone():
-                self.abandoned += 1
-                log.debug("pid %d gave up before its turn; not decided", w.pid)
-                w.abandon()
-                continue
-            self.active += 1
-            w.start()
+        if self._releasing:
+            return
+        self._releasing = True
+        try:
+            while self.queued and self.active < self.max_active:
+                w = self.queued.popleft()
+                if w.state != "queued":
+                    continue
+                if w.client_gone():
+                    self.abandoned += 1
+                    log.debug("pid %d gave up before its turn; not decided", w.pid)
+                    w.abandon()
+                    continue
+                self.active += 1
+                w.start()
+        finally:
+            self._releasing = False

@@ -17,15 +17,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from typing import TypeVar
 
 from callerid.agent import policy
-from callerid.agent._joinns import Fetched, fetch_namespaces, namespace_verdict
+from callerid.agent._jobwait import await_named_job
+from callerid.agent._joinns import fetch_namespaces, namespace_verdict
 from callerid.agent._loginports import (
     AskSource,
     Held,
@@ -33,12 +32,13 @@ from callerid.agent._loginports import (
     SessionFinder,
     UserSource,
 )
+from callerid.agent._loginstate import Login, Outcome, Started
 from callerid.agent._offload import backend_call, in_thread
 from callerid.agent.backends.base import Backend, BackendError, Job, JobNamespaces
 from callerid.agent.config import Mode, PolicyConfig
 from callerid.agent.journal import DecisionRecord
 from callerid.agent.memo import Memo
-from callerid.agent.netinfo import Connection, NetinfoError
+from callerid.agent.netinfo import NetinfoError
 from callerid.agent.pamproto import PamReply, PamRequest
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "Outcome",
     "Processes",
     "SessionFinder",
+    "Started",
     "UserSource",
 ]
 
@@ -55,40 +56,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 SESSION_MEMORY = 4096  # adopted monitor pids remembered for open_session re-checks
-JOB_POLL_S = 0.05  # how often the jobs are listed again while waiting for a named job
 DEADLINE_SLACK_S = 0.2  # a wait for a named job ends this long before the PAM deadline
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """The reply and record of a login; ``namespaces``: the job's, sent with the reply (their
-    kinds are the reply's ``ns``) and closed by whoever sends or drops it (the PAM server)."""
-
-    reply: PamReply
-    record: DecisionRecord
-    namespaces: JobNamespaces | None = None
-
-
-@dataclass(slots=True)
-class _Login:
-    """Mutable scratch state of one login while its facts are gathered."""
-
-    req: PamRequest
-    caller_pid: int
-    started: float
-    facts: policy.Facts
-    target_pid: int | None = None
-    target_start: float | None = None  # the target's start time: its identity with the pid
-    conn: Connection | None = None
-    peer_status: str = "skipped"
-    waited_ms: int | None = None  # waited for the job the source named (wait_for_job_ms)
-    fetched: Fetched | None = None  # the job's namespaces, asked for after the adoption
-    marks: list[tuple[str, float]] = dataclasses.field(default_factory=list)
-
-    def give_up(self) -> None:
-        """The login was cancelled (PAM deadline): fds a worker fetched meanwhile are closed."""
-        if self.fetched is not None:
-            self.fetched.drop()
 
 
 class LoginFlow:
@@ -133,10 +101,40 @@ class LoginFlow:
             max_entries=max_sessions, ttl_s=None, clock=clock
         )
 
-    async def account(
+    def account_now(
         self, req: PamRequest, caller_pid: int, received: float | None = None
+    ) -> Outcome | Started | None:
+        """The account phase as far as it goes without waiting, on the caller's stack.
+
+        With a non-blocking backend and the user remembered, a login the policy decides from
+        local facts is decided and carried out here (its Outcome); one that needs the source
+        comes back `Started` (facts, jobs and session found) for `account` to go on with.
+        None: nothing was done (a blocking backend, or NSS must be asked): use `account`.
+        Saves the login a turn of the event loop before its work starts.
+        """
+        facts = None if self.backend.blocking else self.users.remembered(req.user)
+        if facts is None:
+            return None
+        login = self._login(req, caller_pid, received)
+        login.facts = facts
+        self._mark(login, "user")
+        step = self._local_step(login)
+        if isinstance(step, Outcome):
+            return step
+        if step is policy.Need.CALLERID:
+            return Started(login)
+        assert isinstance(step, policy.Decision)
+        return self._conclude(login, step)
+
+    async def account(
+        self,
+        req: PamRequest,
+        caller_pid: int,
+        received: float | None = None,
+        started: Started | None = None,
     ) -> Outcome:
-        """Decide one login (PAM account phase) and carry the decision out.
+        """Decide one login (PAM account phase) and carry the decision out (from where
+        `account_now` left it, if ``started``).
 
         With a blocking backend the local work takes at most two worker-thread hops (facts,
         and the adoption with the job's namespaces when no peer is needed; the adoption after
@@ -144,13 +142,16 @@ class LoginFlow:
         the loop. The record's latency counts from ``received`` (when the request arrived) if
         given.
         """
-        started = self.clock() if received is None else received
-        login = _Login(req, caller_pid, started, policy.Facts(user=req.user, uid=None))
-        login.facts = await self.users.facts(req.user)
-        self._mark(login, "user")
-        step = await self._backend(login, self._local_step, login)
-        if isinstance(step, Outcome):
-            return step
+        step: policy.Decision | policy.Need | Outcome = policy.Need.CALLERID
+        if started is not None:
+            login = started.login
+        else:
+            login = self._login(req, caller_pid, received)
+            login.facts = await self.users.facts(req.user)
+            self._mark(login, "user")
+            step = await self._backend(login, self._local_step, login)
+            if isinstance(step, Outcome):
+                return step
         if step is policy.Need.CALLERID:
             await self._ask_source(login)
             self._mark(login, "source")
@@ -159,19 +160,27 @@ class LoginFlow:
             assert isinstance(step, policy.Decision)
             step = await self._backend(login, self._carry_out, login, step)
         assert isinstance(step, policy.Decision)
-        step, ns = namespace_verdict(step, login.fetched, login.req.join, self.node)
+        return self._conclude(login, step)
+
+    def _login(self, req: PamRequest, caller_pid: int, received: float | None) -> Login:
+        started = self.clock() if received is None else received
+        return Login(req, caller_pid, started, policy.Facts(user=req.user, uid=None))
+
+    def _conclude(self, login: Login, decision: policy.Decision) -> Outcome:
+        """The outcome of a decided (and carried out) login; the session memory updated."""
+        step, ns = namespace_verdict(decision, login.fetched, login.req.join, self.node)
         if step.verdict == "adopt" and step.job is not None and login.target_pid is not None:
             self.adopted.put(login.target_pid, (login.target_start, step.job))
         else:
-            self.adopted.pop(caller_pid)
+            self.adopted.pop(login.caller_pid)
             if login.target_pid is not None:
                 self.adopted.pop(login.target_pid)
         if log.isEnabledFor(logging.DEBUG):
             steps = " ".join(f"{k}={(t - login.started) * 1e3:.2f}" for k, t in login.marks)
-            log.debug("pid %d timings (ms since request): %s", caller_pid, steps)
+            log.debug("pid %d timings (ms since request): %s", login.caller_pid, steps)
         return self._outcome(login, step, ns)
 
-    async def _backend(self, login: _Login, fn: Callable[..., _T], *args: object) -> _T:
+    async def _backend(self, login: Login, fn: Callable[..., _T], *args: object) -> _T:
         """A call of the backend (`_offload.backend_call`); if the login is cancelled while a
         worker thread runs it, what the thread fetched is dropped when it is done."""
         if not self.backend.blocking:
@@ -183,10 +192,10 @@ class LoginFlow:
             task.add_done_callback(lambda _t: login.give_up())
             raise
 
-    def _mark(self, login: _Login, what: str) -> None:
+    def _mark(self, login: Login, what: str) -> None:
         login.marks.append((what, self.clock()))
 
-    def _local_step(self, login: _Login) -> policy.Decision | policy.Need | Outcome:
+    def _local_step(self, login: Login) -> policy.Decision | policy.Need | Outcome:
         """Local jobs and the session connection, as the policy asks; a final adopt decision
         is carried out here too."""
         step = policy.decide(login.facts, self.cfg, self.node, self.rng)
@@ -209,7 +218,7 @@ class LoginFlow:
             step = self._carry_out(login, step)
         return step
 
-    def _find_session(self, login: _Login) -> None:
+    def _find_session(self, login: Login) -> None:
         """The process to adopt: the sshd monitor holding the connection (or the caller)."""
         try:
             holder, conn = self.sessions.session_connection(
@@ -228,7 +237,7 @@ class LoginFlow:
         login.conn = conn
         self._mark(login, "session")
 
-    async def _ask_source(self, login: _Login) -> None:
+    async def _ask_source(self, login: Login) -> None:
         if login.conn is None or login.facts.uid is None:
             login.facts = login.facts.with_callerid()
             return
@@ -236,41 +245,23 @@ class LoginFlow:
         login.peer_status = status
         login.facts = login.facts.with_callerid(job, status)
 
-    async def _await_named_job(self, login: _Login) -> None:
-        """The job-start race: the source named a job of this user that this node does not
-        list (yet: its prolog is still creating the extern step, as launchers ssh to every
-        node of a new job at once). List the jobs again every `JOB_POLL_S`, for at most
-        ``wait_for_job_ms`` (and at most as many polls as fit in it, whatever the clock says;
-        never closer than DEADLINE_SLACK_S to the PAM deadline); then the policy decides with
-        what is there."""
-        named, uid = login.facts.callerid_job, login.facts.uid
+    async def _await_named_job(self, login: Login) -> None:
+        """The job-start race (`_jobwait`), never closer than DEADLINE_SLACK_S to the PAM
+        deadline."""
         bound_ms = self.cfg.wait_for_job_ms
         if self.deadline_s is not None:  # never past the PAM deadline
             left = self.deadline_s - (self.clock() - login.started) - DEADLINE_SLACK_S
             bound_ms = min(bound_ms, int(left * 1000))
-        if named is None or uid is None or bound_ms <= 0:
-            return
-        if any(j.id == named for j in login.facts.jobs or ()):
-            return
-        start = self.clock()
-        for _ in range(max(1, math.ceil(bound_ms / 1000 / JOB_POLL_S))):
-            await asyncio.sleep(JOB_POLL_S)
-            try:
-                jobs = await backend_call(self.backend, self.executor, self.backend.jobs_of, uid)
-            except BackendError as exc:
-                log.warning("listing the jobs of uid %d while waiting failed: %s", uid, exc)
-                break
-            login.facts = login.facts.with_more_jobs(tuple(jobs))
-            if any(j.id == named for j in jobs) or self.clock() - start >= bound_ms / 1000:
-                break
-        login.waited_ms = round((self.clock() - start) * 1000)
-        found = any(j.id == named for j in login.facts.jobs or ())
-        log.info(
-            "%s: waited %d ms for job %s named by the source: %s", login.req.user,
-            login.waited_ms, named, "it appeared" if found else "not here",
+
+        def list_jobs(uid: int) -> Awaitable[list[Job]]:
+            return backend_call(self.backend, self.executor, self.backend.jobs_of, uid)
+
+        login.facts, login.waited_ms = await await_named_job(
+            login.facts, user=login.req.user, bound_ms=bound_ms, clock=self.clock,
+            list_jobs=list_jobs,
         )  # fmt: skip
 
-    def _carry_out(self, login: _Login, decision: policy.Decision) -> policy.Decision:
+    def _carry_out(self, login: Login, decision: policy.Decision) -> policy.Decision:
         """Adopt the session process into the decided job."""
         if decision.verdict != "adopt":
             return decision
@@ -300,7 +291,7 @@ class LoginFlow:
             held.close()
 
     def _outcome(
-        self, login: _Login, d: policy.Decision, ns: JobNamespaces | None = None
+        self, login: Login, d: policy.Decision, ns: JobNamespaces | None = None
     ) -> Outcome:
         job = d.job.id if d.job else None
         uid = login.facts.uid
@@ -324,11 +315,11 @@ class LoginFlow:
         self, req: PamRequest, caller_pid: int, started: float, reason: str, text: str
     ) -> Outcome:
         """A login the PAM server ends itself with verdict=error (timeout, internal error)."""
-        login = _Login(req, caller_pid, started, policy.Facts(user=req.user, uid=None))
+        login = Login(req, caller_pid, started, policy.Facts(user=req.user, uid=None))
         login.peer_status = ""
         return self._error(login, reason, text)
 
-    def _error(self, login: _Login, reason: str, text: str) -> Outcome:
+    def _error(self, login: Login, reason: str, text: str) -> Outcome:
         """verdict=error: the PAM module's on_error= decides (default deny)."""
         record = self._record(login, "error", reason, None, f"{login.req.user}: {text} ({reason})")
         return self._audited(Outcome(PamReply("error", reason), record), login.req.user)
@@ -348,7 +339,7 @@ class LoginFlow:
         return Outcome(PamReply("allow", "audit"), record)
 
     def _record(
-        self, login: _Login, decision: str, reason: str, job: str | None, message: str
+        self, login: Login, decision: str, reason: str, job: str | None, message: str
     ) -> DecisionRecord:
         conn = login.conn
         return DecisionRecord(

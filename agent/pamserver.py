@@ -23,14 +23,13 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
-from callerid.agent._loginports import RecordSink
+from callerid.agent._loginports import LoginHandler, RecordSink
+from callerid.agent._loginstate import Outcome, Started
 from callerid.agent._pamturns import Turns
 from callerid.agent._unixsock import bind_unix, peer_cred, send_with_fds
-from callerid.agent.login import Outcome
 from callerid.agent.pamproto import (
     MAX_LINE,
     PamProtocolError,
@@ -52,28 +51,6 @@ MAX_CONNECTIONS = 16384  # open client connections; beyond, new ones wait in the
 ACCEPT_BATCH = 64  # connections accepted per wake-up of the listening socket
 ACCEPT_RETRY_S = 0.1  # pause after accept() failed (out of fds or memory)
 RECV_SIZE = MAX_LINE + 1
-
-
-class LoginHandler(Protocol):
-    """What the server asks of the login flow (`login.LoginFlow`)."""
-
-    def account(self, req: PamRequest, pid: int, received: float | None) -> Awaitable[Outcome]:
-        """op=account -> the decision for this login (adopt | allow | deny | error)."""
-        ...
-
-    def open_session(self, req: PamRequest, pid: int) -> Awaitable[PamReply]:
-        """op=open_session -> adopt (still / again in its job) | allow (nothing to do)."""
-        ...
-
-    def close_session(self, pid: int) -> PamReply:
-        """op=close_session -> allow (the session is forgotten)."""
-        ...
-
-    def error_outcome(
-        self, req: PamRequest, pid: int, started: float, reason: str, text: str
-    ) -> Outcome:
-        """The answer and record of a login the server must end itself (verdict error)."""
-        ...
 
 
 class PamServer:
@@ -179,17 +156,21 @@ class PamServer:
             self._paused = False
             self._resume_accept(self._sock.fileno())
 
-    async def _decide(self, req: PamRequest, pid: int, started: float) -> PamReply | Outcome:
+    async def _decide(
+        self, req: PamRequest, pid: int, started: float, begun: Started | None = None
+    ) -> PamReply | Outcome:
         try:
-            return await self._dispatch(req, pid, started)
+            return await self._dispatch(req, pid, started, begun)
         except Exception:
             log.exception("internal error deciding for pid %d", pid)
             return self._error_answer(req, pid, started, "agent_error", "internal error")
 
-    async def _dispatch(self, req: PamRequest, pid: int, started: float) -> PamReply | Outcome:
+    async def _dispatch(
+        self, req: PamRequest, pid: int, started: float, begun: Started | None
+    ) -> PamReply | Outcome:
         """One handler per op; the wire schema of each is in the module docstring."""
         if req.op == "account":  # its record is journaled once the reply is out (_answer)
-            return await self.flow.account(req, pid, started)
+            return await self.flow.account(req, pid, started, begun)
         if req.op == "open_session":
             return await self.flow.open_session(req, pid)
         if req.op == "status":
@@ -348,17 +329,35 @@ class _PamConnection:
     def start(self) -> None:
         assert self.req is not None
         self.state = "busy"
-        self.task = self.loop.create_task(self._answer(self.req))
-        self.task.add_done_callback(self._decided)
+        begun = self._now(self.req) if self.req.op == "account" else None
+        if begun is None or isinstance(begun, Started):
+            self.task = self.loop.create_task(self._answer(self.req, begun))
+            self.task.add_done_callback(self._decided)
+            return
+        self._answered(begun)  # decided at once: no task, no turn of the loop
+        self.server.turns.release()
 
-    async def _answer(self, req: PamRequest) -> PamReply | Outcome:
-        """Decide, send the reply from here (no hop through a done-callback), then journal
-        the login's record: the module's wait ends before the journal write."""
-        answer = await self.server._decide(req, self.pid, self.started)
+    def _now(self, req: PamRequest) -> PamReply | Outcome | Started | None:
+        """The login as far as it goes without waiting (`LoginFlow.account_now`)."""
+        try:
+            return self.server.flow.account_now(req, self.pid, self.started)
+        except Exception:
+            log.exception("internal error deciding for pid %d", self.pid)
+            return self.server._error_answer(
+                req, self.pid, self.started, "agent_error", "internal error"
+            )
+
+    async def _answer(self, req: PamRequest, begun: Started | None) -> PamReply | Outcome:
+        """Decide (from where `_now` left it), then `_answered`."""
+        answer = await self.server._decide(req, self.pid, self.started, begun)
+        self._answered(answer)
+        return answer
+
+    def _answered(self, answer: PamReply | Outcome) -> None:
+        """Send the reply, then journal the login's record: the module's wait ends first."""
         self._finish(answer)
         if isinstance(answer, Outcome):
             self.server.journal.record(answer.record)
-        return answer
 
     def _malformed(self, why: str, *, discard: bool = True) -> None:
         self.server.malformed += 1

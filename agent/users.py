@@ -80,6 +80,10 @@ class Users:
             self.memo.put(user, facts)
         return facts
 
+    def remembered(self, user: str) -> policy.Facts | None:
+        """The user's uid and groups if remembered, else None (NSS is not asked)."""
+        return self.memo.get(user)
+
     def reconfigure(self, cfg: PolicyConfig) -> None:
         """A new policy (SIGHUP): everything remembered is forgotten."""
         self.cfg = cfg

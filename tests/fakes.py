@@ -41,6 +41,13 @@ class FakeUsers:
         self.asked: list[str] = []
 
     async def facts(self, user: str) -> policy.Facts:
+        return self._facts(user)
+
+    def remembered(self, user: str) -> policy.Facts | None:
+        """Known users are at hand (the sync path); an unknown one needs NSS (None)."""
+        return self._facts(user) if user in self.known else None
+
+    def _facts(self, user: str) -> policy.Facts:
         self.asked.append(user)
         if user not in self.known:
             return policy.Facts(user=user, uid=None)

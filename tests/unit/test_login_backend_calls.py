@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from callerid.agent.backends.base import Job, JobNamespaces
 from callerid.agent.config import parse
-from callerid.agent.login import LoginFlow
+from callerid.agent.login import LoginFlow, Outcome, Started
 from callerid.agent.netinfo import Connection
 from callerid.agent.pamproto import PamRequest
 from callerid.bus.protocol import Endpoint
@@ -111,3 +111,24 @@ def test_the_primer_runs_once_for_a_login_that_has_a_job_and_never_without() -> 
     assert asyncio.run(login("bob")) == "deny"  # no job here: no adoption to prepare for
     assert asyncio.run(login("root")) == "allow"  # root: never even listed
     assert primed == [1]
+
+
+def test_account_now_decides_at_once_or_hands_over() -> None:
+    """Single job, user remembered, non-blocking backend: decided and adopted on the spot;
+    two jobs: the source is needed, so it comes back Started; a blocking backend: nothing."""
+    conn = Connection(
+        "tcp", Endpoint("10.0.0.2", 22), Endpoint("10.0.0.1", 4000), 7, 0, "ESTABLISHED"
+    )
+    req = PamRequest(op="account", user="alice", rhost="10.0.0.1", service="sshd")
+    one = _flow(FakeBackend([JOB]), [], conn)
+    done = one.account_now(req, 4242)
+    assert isinstance(done, Outcome) and done.reply.verdict == "adopt"
+    assert one.backend.adopted == [(4242, "7")]  # type: ignore[attr-defined]
+    two = _flow(FakeBackend([JOB, Job("8", UID, 2.0, 1000)]), [], conn)
+    begun = two.account_now(req, 4242)
+    assert isinstance(begun, Started)
+    finished = asyncio.run(two.account(req, 4242, None, begun))
+    assert finished.reply.reason == "unknown_newest"  # the source knew nothing: newest job
+    blocking = _flow(FakeBackend([JOB], blocking=True), [], conn)
+    assert blocking.account_now(req, 4242) is None
+    assert blocking.backend.calls == []  # type: ignore[attr-defined]

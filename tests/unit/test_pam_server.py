@@ -37,7 +37,12 @@ class Adopter:
         self.order: list[int] = []
         self.cancelled = 0
 
-    async def account(self, req: PamRequest, pid: int, received: float | None = None) -> Outcome:
+    def account_now(self, req: PamRequest, pid: int, received: float | None) -> None:
+        return None  # always waits: every decision is a task here
+
+    async def account(
+        self, req: PamRequest, pid: int, received: float | None = None, started: object = None
+    ) -> Outcome:
         self.running += 1
         self.most = max(self.most, self.running)
         try:

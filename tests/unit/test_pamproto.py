@@ -349,7 +349,12 @@ class NssFlow:
     def __init__(self) -> None:
         self.users: list[str] = []
 
-    async def account(self, req: PamRequest, pid: int, received: float | None) -> Outcome:
+    def account_now(self, req: PamRequest, pid: int, received: float | None) -> None:
+        return None  # NSS is always asked (a worker thread): never decided at once
+
+    async def account(
+        self, req: PamRequest, pid: int, received: float | None, started: object = None
+    ) -> Outcome:
         self.users.append(req.user)
         pwd.getpwnam(req.user)
         rec = DecisionRecord(
