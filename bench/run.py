@@ -30,7 +30,7 @@ from bench._common import TOP, Row, bench_argv, need_root, read_rows, reproduce
 
 OUT = TOP / "build" / "bench"
 CLEANUP_S = 180  # a part stopped for overrunning gets this long to clean up
-ORDER = ["1a", "1b", "1c", "1d", "2a", "2b", "2c", "2d", "3", "4", "5", "6"]
+ORDER = ["1a", "1b", "1c", "1d", "2a", "2e", "2f", "2b", "2c", "2d", "3", "4", "5", "6"]
 OTHER_RELEASES = ("24.11", "26.05")  # besides Debian's 22.05, the full login part
 OTHER_ROUNDS = "20"
 OTHER_TARGETS = "plain,psa,psa-rpc,cid-slurm,cid-slurm-rpc"
