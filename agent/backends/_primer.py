@@ -17,7 +17,9 @@ waits: no CPU worth counting.
 
 Not primed: with ``favordynmods`` on (nothing to wait for); when the last priming began less
 than `WINDOW_S` ago (the rwsem is still in slow mode or about to be; in a storm the adoptions
-keep it there); after a write failed (logged once, the primer stops); with
+keep it there); for `QUIET_S` after a priming write that took less than `FAST_S` (the rwsem
+was in slow mode anyway, as it stays on a busy node: the worker's wake-up would be all the
+priming did); after a write failed (logged once, the primer stops); with
 ``backend.prime_migration: false``. The agent's cgroup is read from /proc/self/cgroup at each
 priming, so an agent moved by its service manager is never written back into its old cgroup.
 """
@@ -39,6 +41,8 @@ __all__ = ["WINDOW_S", "Primer"]
 log = logging.getLogger(__name__)
 
 WINDOW_S = 0.01  # a priming begun this recently covers the next adoption too
+FAST_S = 0.001  # a priming write this quick waited for no grace period: nothing to prime now
+QUIET_S = 1.0  # after such a write, priming rests this long (then looks again)
 FLAG = "favordynmods"
 
 
@@ -65,6 +69,7 @@ class Primer:
         self._clock = clock
         self._proc = str(proc_root)
         self._last = -float("inf")
+        self._quiet_until = -float("inf")
         self.enabled = True
         self.primed = 0  # writes made (for tests and `calleridctl status`)
 
@@ -91,7 +96,7 @@ class Primer:
     def prime(self) -> None:
         """Begin a priming write in a worker thread, unless one began within `WINDOW_S`."""
         now = self._clock()
-        if not self.enabled or now - self._last < WINDOW_S:
+        if not self.enabled or now - self._last < WINDOW_S or now < self._quiet_until:
             return
         self._last = now
         self._executor.submit(self._write)
@@ -121,12 +126,16 @@ class Primer:
                 msg = "the agent's own cgroup is not in the mounted hierarchy"
                 raise OSError(msg)
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            began = self._clock()
             try:
                 os.write(fd, str(os.getpid()).encode())
             finally:
                 os.close(fd)
+            done = self._clock()
         except OSError as exc:
             self.enabled = False
             log.warning("cgroup migration priming stops: %s (%s)", exc, path)
             return
         self.primed += 1
+        if done - began < FAST_S:
+            self._quiet_until = done + QUIET_S

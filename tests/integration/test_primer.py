@@ -16,12 +16,25 @@ from typing import Any, TypeVar
 
 import pytest
 
-from callerid.agent.backends._primer import WINDOW_S, Primer
+from callerid.agent.backends._primer import FAST_S, QUIET_S, WINDOW_S, Primer
 from tests.fakes import FakeClock
 
 T = TypeVar("T")
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="writes cgroup.procs: needs root")
+
+
+class SlowClock(FakeClock):
+    """A clock on which every reading after the first advances by ``step``: each priming
+    write then looks as slow as a grace period."""
+
+    def __init__(self, step: float) -> None:
+        super().__init__()
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
 
 
 class Inline(Executor):
@@ -48,16 +61,32 @@ def test_priming_writes_the_agents_own_cgroup_and_moves_nothing() -> None:
     assert _cgroup() == before
 
 
-def test_one_priming_per_window() -> None:
-    clock = FakeClock()
+def test_one_priming_per_window_while_writes_wait() -> None:
+    clock = SlowClock(FAST_S * 1.5)  # every write seems to wait (a little) for a grace period
     primer = Primer.detect(Inline(), clock)
     if primer is None:
         pytest.skip("this machine's cgroups need no priming (favordynmods, or none mounted)")
     primer.prime()
-    clock.advance(WINDOW_S / 2)
+    clock.advance(WINDOW_S / 4)
     primer.prime()  # the first one's wait covers this login too
     assert primer.primed == 1
     clock.advance(WINDOW_S)
+    primer.prime()
+    assert primer.primed == 2
+
+
+def test_a_quick_write_rests_the_primer() -> None:
+    """A write that did not wait says the rwsem is in slow mode already: no priming for a
+    while (each would only wake a worker), then one look again."""
+    clock = FakeClock()  # every write takes no time on it
+    primer = Primer.detect(Inline(), clock)
+    if primer is None:
+        pytest.skip("this machine's cgroups need no priming (favordynmods, or none mounted)")
+    primer.prime()
+    clock.advance(WINDOW_S * 2)
+    primer.prime()
+    assert primer.primed == 1
+    clock.advance(QUIET_S)
     primer.prime()
     assert primer.primed == 2
 
@@ -88,7 +117,7 @@ def test_a_failed_write_stops_the_primer(tmp_path: Path) -> None:
     assert primer is not None
     primer.prime()
     assert not primer.enabled and primer.primed == 0
-    clock.advance(1)
+    clock.advance(QUIET_S + 1)
     primer.prime()  # stopped: not tried again
     assert primer.primed == 0
 
