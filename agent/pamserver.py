@@ -354,10 +354,11 @@ class _PamConnection:
         return answer
 
     def _answered(self, answer: PamReply | Outcome) -> None:
-        """Send the reply, then journal the login's record: the module's wait ends first."""
-        self._finish(answer)
+        """Journal the login's record, then send the reply: a login let in always has its
+        record, even if the agent dies right after (the audit trail is complete)."""
         if isinstance(answer, Outcome):
             self.server.journal.record(answer.record)
+        self._finish(answer)
 
     def _malformed(self, why: str, *, discard: bool = True) -> None:
         self.server.malformed += 1
