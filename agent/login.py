@@ -15,7 +15,6 @@ the injected ``clock``. Where the work runs: see `_offload`.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -32,11 +31,12 @@ from callerid.agent._loginports import (
     SessionFinder,
     UserSource,
 )
+from callerid.agent._loginrecord import decided, failed
 from callerid.agent._loginstate import Login, Outcome, Started
 from callerid.agent._offload import backend_call, in_thread
-from callerid.agent.backends.base import Backend, BackendError, Job, JobNamespaces
+from callerid.agent._onloop import adopt_on_loop
+from callerid.agent.backends.base import Backend, BackendError, Job, JobNamespaces, LoopAdoption
 from callerid.agent.config import Mode, PolicyConfig
-from callerid.agent.journal import DecisionRecord
 from callerid.agent.memo import Memo
 from callerid.agent.netinfo import NetinfoError
 from callerid.agent.pamproto import PamReply, PamRequest
@@ -83,6 +83,7 @@ class LoginFlow:
         self.cfg = cfg
         self.deadline_s = deadline_s  # the PAM server's answer deadline (pam_timeout_ms)
         self.primer = primer  # begins the adoption's kernel wait early (backends._primer)
+        self._on_loop = backend if backend.blocking and isinstance(backend, LoopAdoption) else None
         self.mode = mode  # audit: a login enforce would deny (or fail) is let through
         self.node = node
         self.users = users
@@ -149,7 +150,7 @@ class LoginFlow:
             login = self._login(req, caller_pid, received)
             login.facts = await self.users.facts(req.user)
             self._mark(login, "user")
-            step = await self._backend(login, self._local_step, login)
+            step = await self._local(login)
             if isinstance(step, Outcome):
                 return step
         if step is policy.Need.CALLERID:
@@ -158,7 +159,10 @@ class LoginFlow:
             await self._await_named_job(login)
             step = policy.decide(login.facts, self.cfg, self.node, self.rng)
             assert isinstance(step, policy.Decision)
-            step = await self._backend(login, self._carry_out, login, step)
+            if self._on_loop is not None:
+                step = await self._carry_out_on_loop(login, step, self._on_loop)
+            else:
+                step = await self._backend(login, self._carry_out, login, step)
         assert isinstance(step, policy.Decision)
         return self._conclude(login, step)
 
@@ -195,14 +199,60 @@ class LoginFlow:
     def _mark(self, login: Login, what: str) -> None:
         login.marks.append((what, self.clock()))
 
-    def _local_step(self, login: Login) -> policy.Decision | policy.Need | Outcome:
+    async def _local(self, login: Login) -> policy.Decision | policy.Need | Outcome:
+        """`_local_step` where the backend's calls run; with a `LoopAdoption` backend that
+        knows the jobs at once, on the loop, the adoption driven by the loop (`_onloop`)."""
+        lb = self._on_loop
+        if lb is not None:
+            step = self._local_step(login, jobs_now=lb.jobs_now, adopt=False)
+            if step is not None:
+                if isinstance(step, policy.Decision):
+                    step = await self._carry_out_on_loop(login, step, lb)
+                return step
+        found = await self._backend(login, self._local_step, login)
+        assert found is not None  # only a jobs_now that cannot tell gives None
+        return found
+
+    async def _carry_out_on_loop(
+        self, login: Login, decision: policy.Decision, lb: LoopAdoption
+    ) -> policy.Decision:
+        """`_carry_out` on the loop; the namespaces in a worker only if there may be some."""
+        if decision.verdict != "adopt":
+            return decision
+        assert decision.job is not None and login.target_pid is not None
+        try:
+            await adopt_on_loop(lb, self.procs, login.target_pid, login.target_start, decision.job)
+        except (BackendError, NetinfoError) as exc:
+            log.warning(
+                "adopting pid %d into job %s failed: %s", login.target_pid, decision.job.id, exc
+            )
+            return policy.after_adopt_failure(decision, self.cfg, self.node)
+        finally:
+            self._mark(login, "adopt")
+        if login.req.join is not False and not lb.no_namespaces(decision.job):
+            fetch = fetch_namespaces
+            login.fetched = await self._backend(
+                login, fetch, self.backend, decision, login.req.join
+            )
+        return decision
+
+    def _local_step(
+        self,
+        login: Login,
+        *,
+        jobs_now: Callable[[int], list[Job] | None] | None = None,
+        adopt: bool = True,
+    ) -> policy.Decision | policy.Need | Outcome | None:
         """Local jobs and the session connection, as the policy asks; a final adopt decision
-        is carried out here too."""
+        is carried out here too (unless ``adopt`` is false). With ``jobs_now``, the jobs come
+        from it, and None is returned at once (nothing done) when it cannot tell."""
         step = policy.decide(login.facts, self.cfg, self.node, self.rng)
         if step is policy.Need.JOBS:
             assert login.facts.uid is not None
             try:
-                jobs = self.backend.jobs_of(login.facts.uid)
+                jobs = (jobs_now or self.backend.jobs_of)(login.facts.uid)
+                if jobs is None:
+                    return None
             except BackendError as exc:
                 log.error("listing the jobs of uid %d failed: %s", login.facts.uid, exc)
                 return self._error(login, "backend_error", f"cannot list jobs: {exc}")
@@ -215,7 +265,8 @@ class LoginFlow:
             self._find_session(login)
         elif isinstance(step, policy.Decision) and step.verdict == "adopt":
             self._find_session(login)
-            step = self._carry_out(login, step)
+            if adopt:
+                step = self._carry_out(login, step)
         return step
 
     def _find_session(self, login: Login) -> None:
@@ -293,23 +344,7 @@ class LoginFlow:
     def _outcome(
         self, login: Login, d: policy.Decision, ns: JobNamespaces | None = None
     ) -> Outcome:
-        job = d.job.id if d.job else None
-        uid = login.facts.uid
-        who = f"{login.req.user} (uid {uid})" if uid is not None else login.req.user
-        where = f" from {login.conn.remote}" if login.conn else ""
-        what = {"adopt": f"adopted into job {job}", "allow": "allowed", "deny": "denied"}[d.verdict]
-        waited = f", after waiting {login.waited_ms} ms for job {login.facts.callerid_job}"
-        kinds = ns.kinds if ns is not None else ()
-        joins = f", entering its namespaces {','.join(kinds)}" if kinds else ""
-        text = f"{who}{where} {what}{joins} ({d.reason}{waited if login.waited_ms else ''})"
-        gid = d.job.gid if d.job else None
-        outcome = Outcome(
-            PamReply(d.verdict, d.reason, job, d.user_message, gid=gid, ns=kinds),
-            self._record(login, d.verdict, d.reason, job, text),
-            ns,
-        )
-        log.debug("%s", outcome.record.message)  # the journal record is the log line
-        return self._audited(outcome, f"{who}{where}")
+        return decided(login, d, ns, node=self.node, mode=self.mode, now=self.clock())
 
     def error_outcome(
         self, req: PamRequest, caller_pid: int, started: float, reason: str, text: str
@@ -320,44 +355,7 @@ class LoginFlow:
         return self._error(login, reason, text)
 
     def _error(self, login: Login, reason: str, text: str) -> Outcome:
-        """verdict=error: the PAM module's on_error= decides (default deny)."""
-        record = self._record(login, "error", reason, None, f"{login.req.user}: {text} ({reason})")
-        return self._audited(Outcome(PamReply("error", reason), record), login.req.user)
-
-    def _audited(self, outcome: Outcome, who: str) -> Outcome:
-        """In audit mode a login that enforce mode would deny (or fail) is let through: the
-        reply is allow (reason audit) and the record says what enforce would have done."""
-        rec = outcome.record
-        if self.mode != "audit" or rec.decision not in ("deny", "error"):
-            return outcome
-        would = "denied" if rec.decision == "deny" else "refused (error)"
-        message = f"{who} would be {would} ({rec.reason}); allowed: audit mode"
-        record = dataclasses.replace(
-            rec, decision="allow", reason="audit", message=message,
-            would_decision=rec.decision, would_reason=rec.reason,
-        )  # fmt: skip
-        return Outcome(PamReply("allow", "audit"), record)
-
-    def _record(
-        self, login: Login, decision: str, reason: str, job: str | None, message: str
-    ) -> DecisionRecord:
-        conn = login.conn
-        return DecisionRecord(
-            decision=decision,
-            reason=reason,
-            user=login.req.user,
-            uid=login.facts.uid,
-            pid=login.target_pid if login.target_pid is not None else login.caller_pid,
-            job=job,
-            src=str(conn.remote) if conn else None,
-            dst=str(conn.local) if conn else None,
-            peer_status=login.peer_status or None,
-            latency_us=int((self.clock() - login.started) * 1e6),
-            message=message,
-            service=login.req.service or None,
-            node=self.node,
-            waited_ms=login.waited_ms,
-        )
+        return failed(login, reason, text, node=self.node, mode=self.mode, now=self.clock())
 
     async def open_session(self, req: PamRequest, caller_pid: int) -> PamReply:
         """Session phase: make sure a session adopted at account time is still in its job.

@@ -13,6 +13,7 @@ any not taken, so no error path leaks one.
 from __future__ import annotations
 
 import array
+import asyncio
 import contextlib
 import errno
 import os
@@ -25,7 +26,15 @@ from typing import Any, TypeVar
 from callerid.agent.backends import stepd
 from callerid.agent.backends.base import BackendError, JobVanished
 
-__all__ = ["StaleSocket", "StepdClosed", "StepdConnection", "StepdTimeout", "drive", "outcome"]
+__all__ = [
+    "StaleSocket",
+    "StepdClosed",
+    "StepdConnection",
+    "StepdTimeout",
+    "drive",
+    "drive_async",
+    "outcome",
+]
 
 T = TypeVar("T")
 
@@ -187,6 +196,53 @@ def drive(conns: Iterable[StepdConnection], deadline: float, clock: Callable[[],
                 elif conn.events != key.events:
                     sel.modify(conn.sock, conn.events, conn)
             pending = [c for c in pending if not c.settled]
+
+
+async def drive_async(
+    conns: Iterable[StepdConnection], deadline: float, clock: Callable[[], float]
+) -> None:
+    """`drive` on the running event loop: the loop watches the connections' fds, nothing
+    blocks it; the same one deadline, the same `StepdTimeout` for a connection still waiting
+    then. The fds are unwatched however it ends (a cancelled wait included)."""
+    loop = asyncio.get_running_loop()
+    conns = list(conns)
+    pending = [c for c in conns if not c.settled]
+    done: asyncio.Future[None] = loop.create_future()
+
+    def watch(conn: StepdConnection) -> None:
+        fd = conn.sock.fileno()
+        loop.remove_reader(fd)
+        loop.remove_writer(fd)
+        if conn.settled:
+            if conn in pending:
+                pending.remove(conn)
+            if not pending and not done.done():
+                done.set_result(None)
+            return
+        if conn.events & selectors.EVENT_READ:
+            loop.add_reader(fd, ready, conn, selectors.EVENT_READ)
+        if conn.events & selectors.EVENT_WRITE:
+            loop.add_writer(fd, ready, conn, selectors.EVENT_WRITE)
+
+    def ready(conn: StepdConnection, mask: int) -> None:
+        conn.on_ready(mask)
+        watch(conn)
+
+    try:
+        for conn in list(pending):
+            watch(conn)
+        if pending:
+            await asyncio.wait_for(done, max(0.0, deadline - clock()))
+    except TimeoutError:
+        for conn in pending:
+            what = conn.waiting_for or "the connection"
+            conn.fail(StepdTimeout(f"slurmstepd {conn.path}: no answer to {what} in time"))
+    finally:
+        for conn in conns:
+            fd = conn.sock.fileno()
+            if fd >= 0:
+                loop.remove_reader(fd)
+                loop.remove_writer(fd)
 
 
 def outcome(

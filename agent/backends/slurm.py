@@ -40,14 +40,16 @@ backend keeps no connection between calls and may be called from several threads
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 from callerid.agent.backends import stepd
+from callerid.agent.backends._slurm_adopt import adoption
 from callerid.agent.backends._slurm_ns import fetch_namespaces
 from callerid.agent.backends._slurm_sockets import (
     SpoolListing,
@@ -62,6 +64,7 @@ from callerid.agent.backends._stepd_io import (
     StepdConnection,
     StepdTimeout,
     drive,
+    drive_async,
     outcome,
 )
 from callerid.agent.backends.base import BackendError, Job, JobNamespaces, JobVanished
@@ -140,7 +143,11 @@ class SlurmBackend:
         """``uid``'s jobs: the extern steps whose stepd says STEP_UID == uid."""
         deadline = self._clock() + self._timeout
         externs = [s for s in self._sockets() if s.is_extern]
-        owners = self._owners(externs, deadline)
+        return self._jobs(uid, externs, self._owners(externs, deadline))
+
+    def _jobs(
+        self, uid: int, externs: list[StepSocket], owners: dict[Path, tuple[int, int | None]]
+    ) -> list[Job]:
         jobs = sorted(
             (
                 Job(s.job, uid, s.ctime, ids[1])
@@ -165,23 +172,38 @@ class SlurmBackend:
         return self._search(pid, sockets, deadline)
 
     def adopt(self, pid: int, job: Job) -> None:
-        """Adopt ``pid`` into ``job``'s extern step, if the stepd says the job is ``job.uid``'s."""
-        if not job.id.isdigit():
-            msg = f"invalid job id {job.id!r}"
-            raise BackendError(msg)
-        if pid <= 0:
-            msg = f"invalid pid {pid}"
-            raise BackendError(msg)
-        deadline = self._clock() + self._timeout
-        sock = self._extern(job)
-        try:
-            self._adopt(pid, job, sock, deadline)
-        except BackendError as exc:
-            if isinstance(exc, JobVanished) or sock.path.exists():
-                raise
-            msg = f"job {job.id} ended while adopting pid {pid}: {exc}"
-            raise JobVanished(msg) from exc
+        """Adopt ``pid`` into ``job``'s extern step, if the stepd says the job is ``job.uid``'s
+        (`_slurm_adopt.adoption`, driven here in the calling thread)."""
+        sock, deadline = self._extern_for(pid, job)
+        with self._ended(job, sock, f"adopting pid {pid}"):
+            for conns in self._adoption(pid, job, sock):
+                drive(conns, deadline, self._clock)
         log.debug("adopted pid %d into job %s (%s)", pid, job.id, sock.path)
+
+    async def adopt_async(self, pid: int, job: Job) -> None:
+        """`adopt`, with the stepd exchange driven by the running event loop (no thread)."""
+        sock, deadline = self._extern_for(pid, job)
+        steps = self._adoption(pid, job, sock)
+        try:
+            with self._ended(job, sock, f"adopting pid {pid}"):
+                for conns in steps:
+                    await drive_async(conns, deadline, self._clock)
+        finally:
+            steps.close()  # cancelled mid-exchange: the connection is closed
+        log.debug("adopted pid %d into job %s (%s)", pid, job.id, sock.path)
+
+    def jobs_now(self, uid: int) -> list[Job] | None:
+        """`jobs_of` if it needs no stepd (every extern step's owner remembered), else None."""
+        externs = [s for s in self._sockets() if s.is_extern]
+        owners = {s.path: ids for s in externs if (ids := self._ids.get(s.identity)) is not None}
+        return None if len(owners) < len(externs) else self._jobs(uid, externs, owners)
+
+    def no_namespaces(self, job: Job) -> bool:
+        """Whether `namespaces` is known to return None without asking the stepd."""
+        if not self._join:
+            return True
+        sock = next((s for s in self._sockets() if s.is_extern and s.job == job.id), None)
+        return sock is not None and bool(self._no_ns.get(sock.identity))
 
     def namespaces(self, job: Job) -> JobNamespaces | None:
         """``job``'s namespace fds from its extern stepd, or None (none, or join_container
@@ -195,13 +217,8 @@ class SlurmBackend:
         sock = self._extern(job)
         if self._no_ns.get(sock.identity):
             return None
-        try:
+        with self._ended(job, sock, "fetching its namespaces"):
             found = fetch_namespaces(sock.path, job, self._version, deadline, self._clock)
-        except BackendError as exc:
-            if isinstance(exc, JobVanished) or sock.path.exists():
-                raise
-            msg = f"job {job.id} ended while fetching its namespaces: {exc}"
-            raise JobVanished(msg) from exc
         log.debug("job %s: namespaces %s", job.id, found.kinds if found else "none")
         if found is None:
             self._no_ns.put(sock.identity, True)
@@ -211,6 +228,37 @@ class SlurmBackend:
         """Nothing to release: every connection is closed when its call ends."""
 
     # ----------------------------------------------------------------------- internals
+
+    def _extern_for(self, pid: int, job: Job) -> tuple[StepSocket, float]:
+        """The extern step socket to adopt ``pid`` through, and the call's deadline."""
+        if not job.id.isdigit():
+            msg = f"invalid job id {job.id!r}"
+            raise BackendError(msg)
+        if pid <= 0:
+            msg = f"invalid pid {pid}"
+            raise BackendError(msg)
+        deadline = self._clock() + self._timeout
+        return self._extern(job), deadline
+
+    def _adoption(
+        self, pid: int, job: Job, sock: StepSocket
+    ) -> Generator[list[StepdConnection], None, None]:
+        known = self._ids.get(sock.identity)
+        return adoption(
+            pid, job, sock.path, self._version,
+            owner_known=known is not None and known[0] == job.uid, proc_root=self._proc,
+        )  # fmt: skip
+
+    @contextlib.contextmanager
+    def _ended(self, job: Job, sock: StepSocket, doing: str) -> Iterator[None]:
+        """A failure while the job's socket is gone is the job having ended (JobVanished)."""
+        try:
+            yield
+        except BackendError as exc:
+            if isinstance(exc, JobVanished) or sock.path.exists():
+                raise
+            msg = f"job {job.id} ended while {doing}: {exc}"
+            raise JobVanished(msg) from exc
 
     def _extern(self, job: Job) -> StepSocket:
         sock = next((s for s in self._sockets() if s.is_extern and s.job == job.id), None)
@@ -318,79 +366,6 @@ class SlurmBackend:
                 extern = next((s for s in sockets if s.is_extern and s.job == sock.job), sock)
                 return Job(sock.job, values[2], extern.ctime, _gid_of(sock, values[2], values[3]))
         return None
-
-    def _adopt(self, pid: int, job: Job, sock: StepSocket, deadline: float) -> None:
-        """STEP_UID and STATE, then ADD_EXTERN_PID and PID_IN_CONTAINER, on one connection.
-
-        Two round trips when the step's owner is not remembered: nothing is added before the
-        stepd has said the job is ``job.uid``'s. One when it is remembered for this very
-        socket file (`_ids`: a stepd's job never changes owner, a new stepd makes a new file):
-        all four are sent at once and the answers checked after; a step found ending then
-        has the pid already (it ends with the step), and the login is refused as before.
-        """
-        known = self._ids.get(sock.identity)
-        conn = StepdConnection(sock.path)
-        try:
-            greeting = conn.queue(stepd.hello(self._version))
-            owner = conn.queue(stepd.step_uid())
-            state = conn.queue(stepd.state())
-            at_once = known is not None and known[0] == job.uid
-            if at_once:
-                added = conn.queue(stepd.add_extern_pid(pid))
-                inside = conn.queue(stepd.pid_in_container(pid))
-            drive([conn], deadline, self._clock)
-            self._check_step(pid, job, conn, (greeting, owner, state))
-            if not at_once:
-                added = conn.queue(stepd.add_extern_pid(pid))
-                inside = conn.queue(stepd.pid_in_container(pid))
-                drive([conn], deadline, self._clock)
-        finally:
-            conn.close()
-        self._check_adopted(pid, job, conn, added, inside)
-
-    def _check_step(
-        self,
-        pid: int,
-        job: Job,
-        conn: StepdConnection,
-        replies: tuple[stepd.Reader[int], stepd.Reader[int], stepd.Reader[int]],
-    ) -> None:
-        """Raise unless the step is ``job.uid``'s and not ending (``replies``: the greeting,
-        STEP_UID and STATE)."""
-        greeting, owner, state = replies
-        uid = outcome(conn, greeting, owner, self._version)
-        if uid != job.uid:
-            msg = f"job {job.id} belongs to uid {uid}, not {job.uid}: not adopting pid {pid}"
-            raise BackendError(msg)
-        step_state = stepd.state_name(outcome(conn, greeting, state, self._version), greeting.value)
-        if step_state in ("cancelled", "ending"):
-            msg = f"job {job.id} is ending (extern step {step_state})"
-            raise JobVanished(msg)
-
-    def _check_adopted(
-        self,
-        pid: int,
-        job: Job,
-        conn: StepdConnection,
-        added: stepd.Reader[int],
-        inside: stepd.Reader[bool],
-    ) -> None:
-        """Raise unless ADD_EXTERN_PID said 0 and PID_IN_CONTAINER then said yes."""
-        gone = "" if (self._proc / str(pid)).exists() else f" (process {pid} is gone)"
-        if added.done and added.value != 0:
-            msg = f"slurmstepd of job {job.id} refused to adopt pid {pid} (rc {added.value}){gone}"
-            raise BackendError(msg)
-        if not added.done and isinstance(conn.error, StepdClosed):
-            msg = (
-                f"slurmstepd of job {job.id} refused to adopt pid {pid}: it closed the "
-                f"connection (not root/SlurmUser, or the step is ending){gone}"
-            )
-            raise BackendError(msg) from conn.error
-        if conn.error is not None:
-            raise conn.error
-        if not inside.value:
-            msg = f"slurmstepd of job {job.id} accepted pid {pid} but does not contain it"
-            raise BackendError(msg)
 
 
 _UNANSWERED: Any = object()  # a reply `_ask` did not require and did not get

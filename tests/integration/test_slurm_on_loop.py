@@ -1,0 +1,153 @@
+"""A single-job login with the slurm backend, kept on the event loop (`LoopAdoption`).
+
+Real SlurmBackend, real unix sockets to a fake slurmstepd (tests/support/fake_stepd.py), the
+real LoginFlow; the worker pool is one that fails the test if anything is handed to it. Once
+the step's owner is remembered, the login's jobs, session and adoption need no thread; before
+that (the owner must be asked, which may wait) the worker does it all, as it always did. A
+hung stepd is bounded by the backend's timeout on the loop too, and leaves nothing watched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from callerid.agent.backends import stepd
+from callerid.agent.backends.base import Job, LoopAdoption
+from callerid.agent.backends.slurm import SlurmBackend, StepdTimeout
+from callerid.agent.config import SlurmBackendConfig, parse
+from callerid.agent.login import LoginFlow
+from callerid.agent.netinfo import Connection
+from callerid.agent.pamproto import PamRequest
+from callerid.bus.protocol import Endpoint
+from tests.fakes import FakeClock, FakeProcs, FakeSessions, FakeUsers
+from tests.support.fake_stepd import FakeStepd
+
+T = TypeVar("T")
+UID = 4242
+EXTERN = stepd.EXTERN_STEP
+CONN = Connection("tcp", Endpoint("10.0.0.2", 22), Endpoint("10.0.0.1", 4000), 7, 0, "ESTABLISHED")
+
+
+class CountingPool(ThreadPoolExecutor):
+    """A real pool that counts what it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.used = 0
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        self.used += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+@pytest.fixture
+def spool() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="cidsp", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _backend(spool: Path, timeout_ms: int = 2000) -> SlurmBackend:
+    cfg = SlurmBackendConfig(spool_dir=spool, node_name="fake", timeout_ms=timeout_ms)
+    return SlurmBackend(cfg)
+
+
+def _login(backend: SlurmBackend, pool: CountingPool, pid: int) -> str:
+    flow = LoginFlow(
+        parse({}).policy,
+        node="b",
+        users=FakeUsers({"alice": (UID, frozenset())}),
+        sessions=FakeSessions(CONN, holder=pid),
+        procs=FakeProcs(),
+        backend=backend,
+        ask_source=_no_source,
+        executor=pool,
+        clock=FakeClock(),
+    )
+    # ns=0: the fake stepd speaks no namespace requests (test_slurm_backend covers those)
+    req = PamRequest(op="account", user="alice", rhost="10.0.0.1", service="sshd", join=False)
+    out = asyncio.run(flow.account(req, pid))
+    return f"{out.reply.verdict}/{out.reply.reason}/{out.reply.job}"
+
+
+async def _no_source(conn: Connection, uid: int) -> tuple[str, str | None]:
+    raise AssertionError("a single job needs no source")
+
+
+def test_the_slurm_backend_offers_the_loop_path(spool: Path) -> None:
+    assert isinstance(_backend(spool), LoopAdoption)
+
+
+def test_a_known_owner_keeps_the_login_on_the_loop(spool: Path) -> None:
+    with FakeStepd(spool / f"fake_7.{EXTERN}", uid=UID) as fake, CountingPool() as pool:
+        backend = _backend(spool)
+        assert backend.jobs_now(UID) is None  # not asked yet: the loop cannot tell
+        assert _login(backend, pool, os.getpid()) == "adopt/single_job/7"
+        first = pool.used
+        assert first >= 1  # the owner had to be asked: in the worker
+        fake.requests.clear()
+        assert [j.id for j in backend.jobs_now(UID) or []] == ["7"]
+        assert _login(backend, pool, os.getpid()) == "adopt/single_job/7"
+        assert pool.used == first  # no thread at all this time
+        asked = [r for r, _arg in fake.requests]
+        assert asked[:4] == [
+            stepd.Request.STEP_UID,
+            stepd.Request.STATE,
+            stepd.Request.ADD_EXTERN_PID,
+            stepd.Request.PID_IN_CONTAINER,
+        ]  # one round trip
+        assert fake.adopted == [os.getpid(), os.getpid()]
+
+
+def test_no_namespaces_is_known_only_without_asking(spool: Path) -> None:
+    off = SlurmBackendConfig(spool_dir=spool, node_name="fake", join_container=False)
+    assert SlurmBackend(off).no_namespaces(Job("7", UID, 0.0))
+    with FakeStepd(spool / f"fake_7.{EXTERN}", uid=UID):
+        assert not _backend(spool).no_namespaces(Job("7", UID, 0.0))  # it would have to ask
+
+
+def test_a_hung_stepd_is_bounded_on_the_loop_and_left_unwatched(spool: Path) -> None:
+    with FakeStepd(spool / f"fake_7.{EXTERN}", uid=UID, on_add="hang"):
+        backend = _backend(spool, timeout_ms=300)
+        (job,) = backend.jobs_of(UID)  # owner remembered: the adoption goes out at once
+
+        async def adopt() -> tuple[BaseException | None, float]:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            try:
+                await backend.adopt_async(os.getpid(), job)
+            except StepdTimeout as exc:
+                return exc, loop.time() - t0
+            return None, loop.time() - t0
+
+        err, took = asyncio.run(adopt())
+        assert isinstance(err, StepdTimeout)
+        assert 0.3 <= took < 1.0
+
+
+def test_a_cancelled_adoption_closes_its_connection(spool: Path) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    with FakeStepd(spool / f"fake_7.{EXTERN}", uid=UID, on_add="hang"):
+        backend = _backend(spool, timeout_ms=5000)
+        job = Job("7", UID, 0.0)
+
+        async def cancel_midway() -> None:
+            task = asyncio.ensure_future(backend.adopt_async(os.getpid(), job))
+            await asyncio.sleep(0.1)  # the stepd holds ADD_EXTERN_PID unanswered
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(cancel_midway())
+    assert len(os.listdir("/proc/self/fd")) == before  # the fake's own fds are closed too
