@@ -15,9 +15,10 @@ the injected ``clock``. Where the work runs: see `_offload`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Executor
 from typing import TypeVar
 
@@ -34,7 +35,6 @@ from callerid.agent._loginports import (
 from callerid.agent._loginrecord import decided, failed
 from callerid.agent._loginstate import Login, Outcome, Started
 from callerid.agent._offload import backend_call, in_thread
-from callerid.agent._onloop import adopt_on_loop
 from callerid.agent.backends.base import Backend, BackendError, Job, JobNamespaces, LoopAdoption
 from callerid.agent.config import Mode, PolicyConfig
 from callerid.agent.memo import Memo
@@ -201,7 +201,7 @@ class LoginFlow:
 
     async def _local(self, login: Login) -> policy.Decision | policy.Need | Outcome:
         """`_local_step` where the backend's calls run; with a `LoopAdoption` backend that
-        knows the jobs at once, on the loop, the adoption driven by the loop (`_onloop`)."""
+        knows the jobs at once, on the loop, the adoption driven by the loop."""
         lb = self._on_loop
         if lb is not None:
             step = self._local_step(login, jobs_now=lb.jobs_now, adopt=False)
@@ -219,17 +219,12 @@ class LoginFlow:
         """`_carry_out` on the loop; the namespaces in a worker only if there may be some."""
         if decision.verdict != "adopt":
             return decision
-        assert decision.job is not None and login.target_pid is not None
         try:
-            await adopt_on_loop(lb, self.procs, login.target_pid, login.target_start, decision.job)
+            with self._adopting(login, decision) as (pid, job):
+                await lb.adopt_async(pid, job)
         except (BackendError, NetinfoError) as exc:
-            log.warning(
-                "adopting pid %d into job %s failed: %s", login.target_pid, decision.job.id, exc
-            )
-            return policy.after_adopt_failure(decision, self.cfg, self.node)
-        finally:
-            self._mark(login, "adopt")
-        if login.req.join is not False and not lb.no_namespaces(decision.job):
+            return self._adopt_failed(login, decision, exc)
+        if login.req.join is not False and not lb.no_namespaces(job):
             fetch = fetch_namespaces
             login.fetched = await self._backend(
                 login, fetch, self.backend, decision, login.req.join
@@ -313,33 +308,39 @@ class LoginFlow:
         )  # fmt: skip
 
     def _carry_out(self, login: Login, decision: policy.Decision) -> policy.Decision:
-        """Adopt the session process into the decided job."""
+        """Adopt the session process into the decided job (where the backend's calls run)."""
         if decision.verdict != "adopt":
             return decision
-        assert decision.job is not None and login.target_pid is not None
         try:
-            self._adopt(login.target_pid, login.target_start, decision.job)
+            with self._adopting(login, decision) as (pid, job):
+                self.backend.adopt(pid, job)
         except (BackendError, NetinfoError) as exc:
-            log.warning(
-                "adopting pid %d into job %s failed: %s", login.target_pid, decision.job.id, exc
-            )
-            return policy.after_adopt_failure(decision, self.cfg, self.node)
-        finally:
-            self._mark(login, "adopt")
+            return self._adopt_failed(login, decision, exc)
         login.fetched = fetch_namespaces(self.backend, decision, login.req.join)
         return decision
 
-    def _adopt(self, pid: int, start: float | None, job: Job) -> None:
-        """Adopt the process ``pid`` started at ``start`` into ``job``, and only that process
-        (see `netinfo.Pin`): NetinfoError if it is gone, BackendError if it exits meanwhile."""
-        held = self.procs.pin(pid, start)
+    @contextlib.contextmanager
+    def _adopting(self, login: Login, decision: policy.Decision) -> Iterator[tuple[int, Job]]:
+        """Around an adoption of the login's (pinned) process into the decided job; the
+        "adopt" mark either way."""
+        assert decision.job is not None and login.target_pid is not None
         try:
-            self.backend.adopt(pid, job)
-            if held.exited():
-                msg = f"process {pid} exited while it was being adopted"
-                raise BackendError(msg)
+            with _pinned(self.procs, login.target_pid, login.target_start):
+                yield login.target_pid, decision.job
         finally:
-            held.close()
+            self._mark(login, "adopt")
+
+    def _adopt(self, pid: int, start: float | None, job: Job) -> None:
+        """Adopt the (pinned) process ``pid`` started at ``start`` into ``job``."""
+        with _pinned(self.procs, pid, start):
+            self.backend.adopt(pid, job)
+
+    def _adopt_failed(
+        self, login: Login, decision: policy.Decision, exc: Exception
+    ) -> policy.Decision:
+        job = decision.job.id if decision.job else "?"
+        log.warning("adopting pid %s into job %s failed: %s", login.target_pid, job, exc)
+        return policy.after_adopt_failure(decision, self.cfg, self.node)
 
     def _outcome(
         self, login: Login, d: policy.Decision, ns: JobNamespaces | None = None
@@ -393,3 +394,17 @@ class LoginFlow:
     def close_session(self, caller_pid: int) -> PamReply:
         self.adopted.pop(caller_pid)
         return PamReply("allow", "closed")
+
+
+@contextlib.contextmanager
+def _pinned(procs: Processes, pid: int, start: float | None) -> Iterator[None]:
+    """Around the adoption of the process ``pid`` started at ``start``, and only that process
+    (see `netinfo.Pin`): NetinfoError if it is gone, BackendError if it exits meanwhile."""
+    held = procs.pin(pid, start)
+    try:
+        yield
+        if held.exited():
+            msg = f"process {pid} exited while it was being adopted"
+            raise BackendError(msg)
+    finally:
+        held.close()

@@ -13,7 +13,6 @@ and its home, the sshd, its PAM service file, the temp dir) is removed again, al
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._sshbench import SSHD_HOST, SshdFarm
+from bench._sshbench import SSHD_HOST, SshdFarm, user_keys
 from tests.support.users import ThrowawayUser, throwaway_user
 
 WARMUP = 1
@@ -38,34 +37,10 @@ def plain_logins(n: int) -> list[float]:
         farm = SshdFarm(work, f"cidb{secrets.token_hex(2)}", [])
         stack.callback(farm.close)
         port = farm.add("plain", None)
-        argv = ["ssh", *ssh_options(user, farm), "-p", str(port), SSHD_HOST, "true"]
+        argv = ["ssh", *user_keys(user, farm), "-p", str(port), SSHD_HOST, "true"]
         for _ in range(WARMUP):
             login(argv, user)
         return [login(argv, user) for _ in range(n)]
-
-
-def ssh_options(user: ThrowawayUser, farm: SshdFarm) -> list[str]:
-    """The user's ssh key, authorized_keys and known_hosts; the ssh options that use them."""
-    assert user.home is not None
-    ssh = user.home / ".ssh"
-    ssh.mkdir(mode=0o700, exist_ok=True)
-    key = ssh / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    shutil.copy(key.with_suffix(".pub"), ssh / "authorized_keys")
-    (ssh / "known_hosts").write_text(farm.known_hosts())
-    for path in [ssh, *ssh.iterdir()]:
-        os.chown(path, user.uid, user.gid)
-    opts = {
-        "BatchMode": "yes",
-        "StrictHostKeyChecking": "yes",
-        "LogLevel": "ERROR",
-        "UserKnownHostsFile": str(ssh / "known_hosts"),
-        "GlobalKnownHostsFile": "/dev/null",
-        "IdentitiesOnly": "yes",
-        "IdentityFile": str(key),
-        "UpdateHostKeys": "no",
-    }
-    return ["-F", "/dev/null", *(x for k, v in opts.items() for x in ("-o", f"{k}={v}"))]
 
 
 def login(argv: list[str], user: ThrowawayUser) -> float:

@@ -34,6 +34,7 @@ import yaml
 from bench._common import TOP, bench_argv, bind_prefix, hosts_prefix, kill_wait, poll
 from callerid.bus.transport import generate_keypair
 from tests.support.agents import unix_listening
+from tests.support.users import ThrowawayUser
 
 DEV_LOG = Path("/dev/log")
 PAM_DIR = Path("/etc/pam.d")
@@ -303,3 +304,27 @@ def _port_free_at(ip: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def user_keys(user: ThrowawayUser, farm: SshdFarm) -> list[str]:
+    """The user's ssh key, authorized_keys and known_hosts; the ssh options that use them."""
+    assert user.home is not None
+    ssh = user.home / ".ssh"
+    ssh.mkdir(mode=0o700, exist_ok=True)
+    key = ssh / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    shutil.copy(key.with_suffix(".pub"), ssh / "authorized_keys")
+    (ssh / "known_hosts").write_text(farm.known_hosts())
+    for path in [ssh, *ssh.iterdir()]:
+        os.chown(path, user.uid, user.gid)
+    opts = {
+        "BatchMode": "yes",
+        "StrictHostKeyChecking": "yes",
+        "LogLevel": "ERROR",
+        "UserKnownHostsFile": str(ssh / "known_hosts"),
+        "GlobalKnownHostsFile": "/dev/null",
+        "IdentitiesOnly": "yes",
+        "IdentityFile": str(key),
+        "UpdateHostKeys": "no",
+    }
+    return ["-F", "/dev/null", *(x for k, v in opts.items() for x in ("-o", f"{k}={v}"))]

@@ -67,7 +67,7 @@ from bench._login_logs import (
     timing_marks,
 )
 from bench._login_report import print_report, report_rows
-from bench._sshbench import SSHD_HOST, AgentSet, SshdFarm, SyslogSink
+from bench._sshbench import SSHD_HOST, AgentSet, SshdFarm, SyslogSink, user_keys
 from tests.support.psa_sshd import psa_module
 from tests.support.slurm import PACKAGES, LocalSlurm
 from tests.support.slurm_release import RELEASES, SlurmRelease, prepare
@@ -134,30 +134,6 @@ def agent_overrides(slurm: LocalSlurm) -> dict[str, dict[str, Any]]:
         "dcg": {"backend": cgroup_backend},
         "dcgrpc": {"backend": cgroup_backend, "policy": {"single_job_shortcut": False}},
     }
-
-
-def user_keys(user: ThrowawayUser, farm: SshdFarm) -> list[str]:
-    """The user's ssh key, authorized_keys and known_hosts; the ssh options that use them."""
-    assert user.home is not None
-    ssh = user.home / ".ssh"
-    ssh.mkdir(mode=0o700, exist_ok=True)
-    key = ssh / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    shutil.copy(key.with_suffix(".pub"), ssh / "authorized_keys")
-    (ssh / "known_hosts").write_text(farm.known_hosts())
-    for path in [ssh, *ssh.iterdir()]:
-        os.chown(path, user.uid, user.gid)
-    opts = {
-        "BatchMode": "yes",
-        "StrictHostKeyChecking": "yes",
-        "LogLevel": "ERROR",
-        "UserKnownHostsFile": str(ssh / "known_hosts"),
-        "GlobalKnownHostsFile": "/dev/null",
-        "IdentitiesOnly": "yes",
-        "IdentityFile": str(key),
-        "UpdateHostKeys": "no",
-    }
-    return ["-F", "/dev/null", *(x for k, v in opts.items() for x in ("-o", f"{k}={v}"))]
 
 
 def slurmd_pid(slurm: LocalSlurm) -> int:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.callerid_cluster import CalleridCluster
 from tests.support.cluster import Cluster, ClusterUser, require_cluster
 
 
@@ -33,3 +34,14 @@ def plain_cluster() -> Iterator[Cluster]:
 def plain_user(plain_cluster: Cluster) -> ClusterUser:
     """A user of `plain_cluster` with an ssh key and the password in its `password`."""
     return plain_cluster.add_user(password="cid-" + "pw-" + "e2e")
+
+
+@pytest.fixture(scope="module")
+def cc() -> Iterator[CalleridCluster]:
+    """Three nodes, each with sshd + pam_callerid.so and its callerid agent (peer timeout
+    500 ms); a module that needs another set-up defines its own ``cc``."""
+    require_cluster()
+    with CalleridCluster(3, peer={"timeout_ms": 500}) as c:
+        yield c
+    left = c.cluster.leftovers()
+    assert not left, f"the cluster left things behind: {left}"

@@ -7,25 +7,15 @@ whole module. Each test uses its own user, so jobs and journal records never mix
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from tests.support.callerid_cluster import CalleridCluster, cgroup_line
-from tests.support.cluster import ClusterUser, Node, require_cluster
+from tests.support.cluster import ClusterUser, Node
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
 CAT_CGROUP = "cat /proc/self/cgroup"
-
-
-@pytest.fixture(scope="module")
-def cc() -> Iterator[CalleridCluster]:
-    require_cluster()
-    with CalleridCluster(3, peer={"timeout_ms": 500}) as c:
-        yield c
-    left = c.cluster.leftovers()
-    assert not left, f"the cluster left things behind: {left}"
 
 
 @pytest.fixture

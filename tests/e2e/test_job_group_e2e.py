@@ -12,8 +12,6 @@ and sg, outside sshd (installing it into the cluster's /etc/profile.d would touc
 
 from __future__ import annotations
 
-import grp
-import secrets
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,21 +19,13 @@ from pathlib import Path
 import pytest
 
 from tests.support.callerid_cluster import CalleridCluster
-from tests.support.cluster import ClusterUser, require_cluster
+from tests.support.cluster import ClusterUser
 from tests.support.poll import wait_for
+from tests.support.users import secondary_group
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
 SNIPPET = Path(__file__).resolve().parents[2] / "packaging" / "profile.d" / "callerid-job-group.sh"
-
-
-@pytest.fixture(scope="module")
-def cc() -> Iterator[CalleridCluster]:
-    require_cluster()
-    with CalleridCluster(3, peer={"timeout_ms": 500}) as c:
-        yield c
-    left = c.cluster.leftovers()
-    assert not left, f"the cluster left things behind: {left}"
 
 
 @pytest.fixture
@@ -46,13 +36,8 @@ def user(cc: CalleridCluster) -> ClusterUser:
 @pytest.fixture
 def job_group(user: ClusterUser) -> Iterator[int]:
     """A throwaway group with ``user`` as a secondary member; its gid."""
-    name = f"cidg{secrets.token_hex(4)}"
-    subprocess.run(["groupadd", name], check=True, capture_output=True)
-    try:
-        subprocess.run(["usermod", "-aG", name, user.name], check=True, capture_output=True)
-        yield grp.getgrnam(name).gr_gid
-    finally:
-        subprocess.run(["groupdel", name], check=False, capture_output=True)
+    with secondary_group(user.name) as gid:
+        yield gid
 
 
 def _egid(pid: int) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.support.agents import ADDRESSES, USER_PYTHON, LoopbackAgents, client_argv
+from tests.support.agents import ADDRESSES, USER_PYTHON, LoopbackAgents, client_argv, end_client
 from tests.support.cgroups import JobTree
 from tests.support.poll import wait_for
 from tests.support.users import ThrowawayUser, throwaway_user
@@ -44,13 +44,6 @@ def connect_from_job(
     return trees["a"].spawn_in(job, "step_batch", argv, user=user, **kw)
 
 
-def finish(proc: subprocess.Popen[bytes]) -> None:
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.close()
-    proc.wait(timeout=10)
-    proc.stdout.close()
-
-
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
 @pytest.mark.parametrize("job", ["42", "43"])
 def test_callerid_over_the_mesh_adopts_the_source_job(
@@ -61,7 +54,7 @@ def test_callerid_over_the_mesh_adopts_the_source_job(
     try:
         login = sshd.login(user.name)
     finally:
-        finish(client)
+        end_client(client)
     assert login["fields"]["verdict"] == "adopt"
     assert login["fields"]["reason"] == "callerid"
     assert login["fields"]["job"] == job
@@ -77,7 +70,7 @@ def test_the_monitor_is_adopted_not_the_pam_helper(
     try:
         login = sshd.login(user.name)
     finally:
-        finish(client)
+        end_client(client)
     assert login["asker"] != login["monitor"]
     assert login["fields"]["job"] == "43"
     assert trees["b"].cgroup_of(login["monitor"]) == trees["b"].cgroup_path("43", "step_extern")
@@ -91,7 +84,7 @@ def test_outside_any_job_falls_back_to_newest(
     try:
         login = sshd.login(user.name)
     finally:
-        finish(client)
+        end_client(client)
     assert (login["fields"]["verdict"], login["fields"]["reason"]) == ("adopt", "unknown_newest")
     assert login["fields"]["job"] in ("42", "43")
 
@@ -108,7 +101,7 @@ def test_a_job_is_never_told_to_another_uid(
         try:
             login = sshd.login(other.name)  # ... but the login claims to be `other`
         finally:
-            finish(client)
+            end_client(client)
             sshd.close()
         assert login["fields"]["reason"] == "unknown_newest"  # a said: not found
         assert login["fields"]["job"] in ("77", "78")
@@ -198,7 +191,7 @@ def test_hung_source_is_bounded_by_the_peer_timeout(
         try:
             login = sshd.login(user.name)
         finally:
-            finish(client)
+            end_client(client)
         elapsed = time.monotonic() - t0
     finally:
         proc.send_signal(18)  # SIGCONT
@@ -218,7 +211,7 @@ def test_sighup_reloads_and_bad_config_is_refused(
     try:
         login = sshd.login(user.name)
     finally:
-        finish(client)
+        end_client(client)
     assert (login["fields"]["verdict"], login["fields"]["reason"]) == ("deny", "unknown_deny")
     agents.config(node).write_text("policy: {unknown: sometimes}\n")
     agents.procs[node].send_signal(1)
@@ -286,7 +279,7 @@ def test_sighup_with_any_bad_file_keeps_the_old_config(
     try:
         login = sshd.login(user.name)  # asks a over the mesh: the old peer table is kept too
     finally:
-        finish(client)
+        end_client(client)
         sshd.close()
     assert (login["fields"]["verdict"], login["fields"]["reason"]) == ("deny", "unknown_deny")
     r = ctl(agents, node, "status", "--json")
@@ -369,7 +362,7 @@ def test_sd_notify_watchdog_and_sigterm_drains_in_flight(
             ag.procs["a"].send_signal(18)
             assert sshd.proc.stdout is not None
             login = sshd.proc.stdout.readline()
-            finish(client)
+            end_client(client)
             assert "verdict=adopt reason=unknown_newest" in login, ag.log("b")  # not dropped
             assert rc == 0
             assert seen("STOPPING=1")
@@ -421,7 +414,7 @@ def test_calleridctl_whois_and_explain(
             r = ctl(agents, "b", "explain", "root")
             assert r.stdout.rstrip().endswith("decision: allow (reason root)")
         finally:
-            finish(client)
+            end_client(client)
 
 
 def test_calleridctl_doctor(agents: LoopbackAgents, tmp_path: Path) -> None:
@@ -461,7 +454,7 @@ def test_open_session_puts_back_a_session_moved_out_of_its_job(
         try:
             login = sshd.login(user.name)
         finally:
-            finish(client)
+            end_client(client)
         assert login["fields"]["job"] == "42"
         assert "/elsewhere" in login["moved"]  # it had left the job ...
         assert login["session"] == "CALLERID/1 verdict=adopt reason=readopted job=42 msg="

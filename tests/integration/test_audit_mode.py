@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.agents import ADDRESSES, LoopbackAgents, client_argv
+from tests.support.agents import ADDRESSES, LoopbackAgents, client_argv, end_client
 from tests.support.cgroups import JobTree, require_cgroups
 from tests.support.journald import PrivateJournald
 from tests.support.users import ThrowawayUser, throwaway_users
@@ -63,10 +63,7 @@ def login(
         client.stdout.readline()
         return sshd.login(user.name)["fields"]
     finally:
-        assert client.stdin is not None and client.stdout is not None
-        client.stdin.close()
-        client.wait(timeout=10)
-        client.stdout.close()
+        end_client(client)
         sshd.close()
 
 

@@ -7,11 +7,8 @@ test root is gone.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import grp
 import os
-import secrets
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +21,7 @@ from callerid.agent.backends.cgroup import CgroupBackend
 from tests.fakes import FakeClock
 from tests.support.cgroups import JobTree, Mode, cgroup_mounts, require_cgroups
 from tests.support.poll import wait_for
-from tests.support.users import ThrowawayUser, require_useradd, throwaway_users
+from tests.support.users import ThrowawayUser, require_useradd, secondary_group, throwaway_users
 
 pytestmark = pytest.mark.root
 
@@ -280,18 +277,6 @@ def _egid(pid: int) -> int:
     return int(line.split()[2])
 
 
-@contextlib.contextmanager
-def _secondary_group(user: ThrowawayUser) -> Iterator[int]:
-    """A throwaway group with ``user`` as a (secondary) member; its gid."""
-    name = f"cidg{secrets.token_hex(4)}"
-    subprocess.run(["groupadd", name], check=True, capture_output=True)
-    try:
-        subprocess.run(["usermod", "-aG", name, user.name], check=True, capture_output=True)
-        yield grp.getgrnam(name).gr_gid
-    finally:
-        subprocess.run(["groupdel", name], check=False, capture_output=True)
-
-
 def test_the_jobs_group_is_the_group_its_first_process_runs_with(
     users: list[ThrowawayUser], tree: JobTree
 ) -> None:
@@ -299,7 +284,7 @@ def test_the_jobs_group_is_the_group_its_first_process_runs_with(
     that group, even when more processes of the user's primary group join it later (adopted
     ssh sessions); a job started in the primary group has that one."""
     alice, _bob = users
-    with _secondary_group(alice) as gid:
+    with secondary_group(alice.name) as gid:
         tree.add_job("401", alice.uid)
         tree.add_job("402", alice.uid)
         switch = ["setpriv", f"--reuid={alice.uid}", f"--regid={gid}", "--init-groups"]

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.agents import ADDRESSES, LoopbackAgents, client_argv
+from tests.support.agents import ADDRESSES, LoopbackAgents, client_argv, end_client
 from tests.support.cgroups import JobTree, require_cgroups
 from tests.support.poll import wait_for
 from tests.support.users import ThrowawayUser, throwaway_users
@@ -137,11 +137,7 @@ def test_explain_agrees_with_the_journaled_decision(
         record = journaled(agents.log("b"), login_as)
         dry = explain(agents, login_as, src, dst)
     finally:
-        if client.stdin is not None:
-            client.stdin.close()
-        client.wait(timeout=10)
-        if client.stdout is not None:
-            client.stdout.close()
+        end_client(client)
         sshd.close()
     assert record["CALLERID_REASON"] == case.reason, record
     assert login["fields"]["reason"] == case.reason

@@ -18,21 +18,14 @@ from typing import Any
 
 import pytest
 
-from tests.support.agents import ADDRESSES, LoopbackAgents, client_argv
-from tests.support.cgroups import JobTree, require_cgroups
+from tests.support.agents import ADDRESSES, LoopbackAgents, client_argv, end_client
+from tests.support.cgroups import JobTree
 from tests.support.poll import wait_for
-from tests.support.users import ThrowawayUser, throwaway_user
+from tests.support.users import ThrowawayUser
 
 pytestmark = pytest.mark.root
 
 WAIT_MS = 800
-
-
-@pytest.fixture(scope="module")
-def user() -> Iterator[ThrowawayUser]:
-    require_cgroups("v2")
-    with throwaway_user() as u:
-        yield u
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +65,6 @@ def login_from(
     return thread, result, client
 
 
-def finish(client: subprocess.Popen[bytes]) -> None:
-    assert client.stdin is not None and client.stdout is not None
-    client.stdin.close()
-    client.wait(timeout=10)
-    client.stdout.close()
-
-
 def test_a_job_created_while_the_login_waits_is_the_one_adopted(
     agents: LoopbackAgents, trees: dict[str, JobTree], user: ThrowawayUser
 ) -> None:
@@ -89,7 +75,7 @@ def test_a_job_created_while_the_login_waits_is_the_one_adopted(
         trees["b"].add_job("44", user.uid)  # the prolog on b is done now
         thread.join(timeout=10)
     finally:
-        finish(client)
+        end_client(client)
     assert (result["fields"]["verdict"], result["fields"]["reason"]) == ("adopt", "callerid")
     assert result["fields"]["job"] == "44"
     assert trees["b"].cgroup_of(result["monitor"]) == trees["b"].cgroup_path("44", "step_extern")
@@ -109,7 +95,7 @@ def test_a_job_that_does_not_come_falls_back_to_the_policy_after_the_bound(
     try:
         thread.join(timeout=10)
     finally:
-        finish(client)
+        end_client(client)
     assert (result["fields"]["verdict"], result["fields"]["reason"]) == ("adopt", "unknown_newest")
     rec = record(agents.log("b"), user.name)
     assert rec["CALLERID_PEER_STATUS"] == "found"  # a named job 45, which b does not have

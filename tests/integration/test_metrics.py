@@ -20,7 +20,7 @@ from urllib.parse import unquote
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.agents import ADDRESSES, LoopbackAgents, client_argv
+from tests.support.agents import ADDRESSES, LoopbackAgents, client_argv, end_client
 from tests.support.cgroups import JobTree
 from tests.support.poll import wait_for
 from tests.support.users import ThrowawayUser
@@ -64,10 +64,7 @@ def logins(
         try:
             login = sshd.login(user.name)
         finally:
-            assert client.stdin is not None and client.stdout is not None
-            client.stdin.close()
-            client.wait(timeout=10)
-            client.stdout.close()
+            end_client(client)
             sshd.close()
         done.append((login["fields"]["verdict"], login["fields"]["reason"]))
     for name in ("root", "no-such-user-cid"):

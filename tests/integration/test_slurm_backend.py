@@ -14,16 +14,13 @@ from the others; otherwise the capture goes to a temp dir.
 from __future__ import annotations
 
 import contextlib
-import grp
 import json
 import logging
 import os
 import secrets
-import shutil
 import socket
 import struct
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -49,7 +46,7 @@ from tests.support.slurm import (
     stale_socket,
 )
 from tests.support.slurm_release import SlurmRelease, release_names
-from tests.support.users import ThrowawayUser, require_useradd, throwaway_user
+from tests.support.users import ThrowawayUser, require_useradd, secondary_group, throwaway_user
 
 # the first real-cluster test may wait for another process's LocalSlurm (the machine-wide lock)
 pytestmark = pytest.mark.timeout(LOCK_TIMEOUT + 180)
@@ -153,18 +150,6 @@ def test_jobs_of_lists_the_users_jobs_oldest_first(
     assert found[0].start_time < found[1].start_time
 
 
-@contextlib.contextmanager
-def secondary_group(user: ThrowawayUser) -> Iterator[int]:
-    """A throwaway group with ``user`` as a (secondary) member; its gid."""
-    name = f"cidg{secrets.token_hex(4)}"
-    subprocess.run(["groupadd", name], check=True, capture_output=True)
-    try:
-        subprocess.run(["usermod", "-aG", name, user.name], check=True, capture_output=True)
-        yield grp.getgrnam(name).gr_gid
-    finally:
-        subprocess.run(["groupdel", name], check=False, capture_output=True)
-
-
 @pytest.mark.slurm
 @pytest.mark.root
 def test_the_jobs_group_is_its_gid_as_submitted(
@@ -172,7 +157,7 @@ def test_the_jobs_group_is_its_gid_as_submitted(
 ) -> None:
     """`sbatch --gid` of a secondary group: the stepd's GETPW tells that group (the extern
     step's own process runs as root in 22.05, so /proc could not), and job_of_pid too."""
-    with secondary_group(alice) as gid:
+    with secondary_group(alice.name) as gid:
         args = [f"--uid={alice.name}", f"--gid={gid}"]  # --gid is root's: submitted for alice
         other = slurm.submit("root", wrap="sleep 300", args=args)
         try:
@@ -458,15 +443,6 @@ def test_timings(
 
 
 # --------------------------------------------------------------------------- fake stepds
-
-
-@pytest.fixture
-def spool() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="cidsp", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _fake_backend(

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,15 +45,6 @@ class CountingPool(ThreadPoolExecutor):
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         self.used += 1
         return super().submit(fn, *args, **kwargs)
-
-
-@pytest.fixture
-def spool() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="cidsp", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _backend(spool: Path, timeout_ms: int = 2000) -> SlurmBackend:

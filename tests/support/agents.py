@@ -133,6 +133,16 @@ def client_argv(proto: str, src: str, host: str, port: int) -> list[str]:
     return [USER_PYTHON, "-c", CLIENT, proto, src, host, str(port)]
 
 
+def end_client(client: subprocess.Popen[bytes]) -> None:
+    """End a client started with `client_argv` (stdin and stdout piped): it exits when its
+    stdin closes."""
+    if client.stdin is not None:
+        client.stdin.close()
+    client.wait(timeout=10)
+    if client.stdout is not None:
+        client.stdout.close()
+
+
 class FakeSshd:
     def __init__(
         self, proto: str, host: str, agent_socket: Path, *, helper: bool, escape: str = ""

@@ -15,6 +15,7 @@ leftover process cannot keep the account alive).
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import secrets
@@ -157,3 +158,15 @@ def throwaway_users(
             stack.enter_context(throwaway_user(home=home, shell=shell, locked=locked))
             for _ in range(count)
         ]
+
+
+@contextmanager
+def secondary_group(user_name: str) -> Iterator[int]:
+    """A throwaway group with ``user_name`` as a (secondary) member; its gid. Removed after."""
+    name = f"cidg{secrets.token_hex(4)}"
+    subprocess.run(["groupadd", name], check=True, capture_output=True)
+    try:
+        subprocess.run(["usermod", "-aG", name, user_name], check=True, capture_output=True)
+        yield grp.getgrnam(name).gr_gid
+    finally:
+        subprocess.run(["groupdel", name], check=False, capture_output=True)

@@ -17,6 +17,7 @@ from callerid.bus.protocol import Endpoint
 from tests.fakes import FakeBackend, FakeClock, FakeProcs, FakeSessions, FakeUsers
 
 UID = 1000
+CONN = Connection("tcp", Endpoint("10.0.0.2", 22), Endpoint("10.0.0.1", 4000), 7, 0, "ESTABLISHED")
 JOB = Job("7", UID, 1.0, 1000)
 
 
@@ -36,23 +37,10 @@ class SlowNamespaces(FakeBackend):
 
 def test_namespaces_fetched_after_the_login_was_cancelled_are_closed() -> None:
     backend = SlowNamespaces()
-    conn = Connection(
-        "tcp", Endpoint("10.0.0.2", 22), Endpoint("10.0.0.1", 4000), 7, 0, "ESTABLISHED"
-    )
 
     async def scenario() -> None:
         with ThreadPoolExecutor(1) as pool:
-            flow = LoginFlow(
-                parse({}).policy,
-                node="b",
-                users=FakeUsers({"alice": (UID, frozenset())}),
-                sessions=FakeSessions(conn),
-                procs=FakeProcs(),
-                backend=backend,
-                ask_source=_no_source,
-                executor=pool,
-                clock=FakeClock(),
-            )
+            flow = _flow(backend, [], executor=pool)
             req = PamRequest(
                 op="account", user="alice", rhost="10.0.0.1", service="sshd", join=True
             )
@@ -78,29 +66,30 @@ async def _no_source(conn: Connection, uid: int) -> tuple[str, str | None]:
     return "not_found", None  # the source knows of no job of the user's
 
 
-def _flow(backend: FakeBackend, primed: list[int], conn: Connection | None) -> LoginFlow:
+def _flow(
+    backend: FakeBackend,
+    primed: list[int],
+    executor: ThreadPoolExecutor | None = None,
+) -> LoginFlow:
     return LoginFlow(
         parse({}).policy,
         node="b",
         users=FakeUsers(
             {"alice": (UID, frozenset()), "bob": (UID + 1, frozenset()), "root": (0, frozenset())}
         ),
-        sessions=FakeSessions(conn),
+        sessions=FakeSessions(CONN),
         procs=FakeProcs(),
         backend=backend,
         ask_source=_no_source,
-        executor=None,
+        executor=executor,
         clock=FakeClock(),
         primer=lambda: primed.append(1),
     )
 
 
 def test_the_primer_runs_once_for_a_login_that_has_a_job_and_never_without() -> None:
-    conn = Connection(
-        "tcp", Endpoint("10.0.0.2", 22), Endpoint("10.0.0.1", 4000), 7, 0, "ESTABLISHED"
-    )
     primed: list[int] = []
-    flow = _flow(FakeBackend([JOB]), primed, conn)
+    flow = _flow(FakeBackend([JOB]), primed)
 
     async def login(user: str) -> str:
         req = PamRequest(op="account", user=user, rhost="10.0.0.1", service="sshd")
@@ -116,19 +105,16 @@ def test_the_primer_runs_once_for_a_login_that_has_a_job_and_never_without() -> 
 def test_account_now_decides_at_once_or_hands_over() -> None:
     """Single job, user remembered, non-blocking backend: decided and adopted on the spot;
     two jobs: the source is needed, so it comes back Started; a blocking backend: nothing."""
-    conn = Connection(
-        "tcp", Endpoint("10.0.0.2", 22), Endpoint("10.0.0.1", 4000), 7, 0, "ESTABLISHED"
-    )
     req = PamRequest(op="account", user="alice", rhost="10.0.0.1", service="sshd")
-    one = _flow(FakeBackend([JOB]), [], conn)
+    one = _flow(FakeBackend([JOB]), [])
     done = one.account_now(req, 4242)
     assert isinstance(done, Outcome) and done.reply.verdict == "adopt"
     assert one.backend.adopted == [(4242, "7")]  # type: ignore[attr-defined]
-    two = _flow(FakeBackend([JOB, Job("8", UID, 2.0, 1000)]), [], conn)
+    two = _flow(FakeBackend([JOB, Job("8", UID, 2.0, 1000)]), [])
     begun = two.account_now(req, 4242)
     assert isinstance(begun, Started)
     finished = asyncio.run(two.account(req, 4242, None, begun))
     assert finished.reply.reason == "unknown_newest"  # the source knew nothing: newest job
-    blocking = _flow(FakeBackend([JOB], blocking=True), [], conn)
+    blocking = _flow(FakeBackend([JOB], blocking=True), [])
     assert blocking.account_now(req, 4242) is None
     assert blocking.backend.calls == []  # type: ignore[attr-defined]
