@@ -7,7 +7,7 @@ Each is a Protocol the composition root fills with the real piece (`users.Users`
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
 from callerid.agent import policy
@@ -38,9 +38,12 @@ class UserSource(Protocol):
 
 
 class SessionFinder(Protocol):
-    def session_connection(self, pid: int, rhost: str | None = None) -> tuple[Proc, Connection]:
-        """The sshd session process (``pid`` or an ancestor) and the connection it serves;
-        NetinfoError when there is none."""
+    def session_connection(
+        self, pid: int, rhost: str | None = None, lent: Sequence[Connection] | None = None
+    ) -> tuple[Proc, Connection]:
+        """The sshd session process (``pid`` or an ancestor) and the connection it serves
+        (``lent``: the inet sockets ``pid`` lent with its request, all it holds); NetinfoError
+        when there is none."""
         ...
 
 

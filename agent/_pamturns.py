@@ -20,7 +20,7 @@ log = logging.getLogger("callerid.agent.pamserver")
 
 
 class Waiter(Protocol):
-    """A request as the waiting room sees it (`pamserver._PamConnection`)."""
+    """A request as the waiting room sees it (`_pamconn.PamConnection`)."""
 
     state: str  # "queued" while waiting its turn, "done" once answered
     deadline: float  # loop time

@@ -1,5 +1,6 @@
-"""The agent's unix socket: made root-only from birth, who is calling (SO_PEERCRED), and
-replies that carry fds (SCM_RIGHTS: the job's namespaces, to root only)."""
+"""The agent's unix socket: made root-only from birth, who is calling (SO_PEERCRED), requests
+that carry fds (SCM_RIGHTS: the caller's inet sockets, lent) and replies that carry fds (the
+job's namespaces, to root only)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,34 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["bind_unix", "peer_cred", "send_with_fds"]
+__all__ = ["LENT_MAX", "bind_unix", "peer_cred", "recv_lent", "send_with_fds"]
 
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 BACKLOG = 512
+LENT_MAX = 4  # fds taken with a request (CID_HELD_MAX of pam/client.h); more: none are used
+_LENT_SPACE = socket.CMSG_SPACE(LENT_MAX * 4)
+_RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
+
+
+def recv_lent(sock: socket.socket, size: int) -> tuple[bytes, list[int] | None]:
+    """recv() that also takes the fds the caller passed with the bytes (SCM_RIGHTS,
+    close-on-exec), for the caller to close: None when none came, or when they came
+    truncated or with other control data (what did come is closed here then)."""
+    data, anc, flags, _ = sock.recvmsg(size, _LENT_SPACE, _RECV_FLAGS)
+    if not anc:
+        return data, None
+    fds: list[int] = []
+    bad = bool(flags & socket.MSG_CTRUNC)  # the kernel closed what did not fit
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+        else:
+            bad = True
+    if bad:
+        for fd in fds:
+            os.close(fd)
+        return data, None
+    return data, fds
 
 
 def peer_cred(sock: socket.socket) -> tuple[int, int]:

@@ -268,7 +268,7 @@ class LoginFlow:
         """The process to adopt: the sshd monitor holding the connection (or the caller)."""
         try:
             holder, conn = self.sessions.session_connection(
-                login.caller_pid, login.req.rhost or None
+                login.caller_pid, login.req.rhost or None, login.req.lent
             )
         except NetinfoError as exc:
             log.info(

@@ -53,6 +53,8 @@ import re
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from callerid.agent.netinfo import Connection
+
 __all__ = [
     "MAGIC",
     "MAX_LINE",
@@ -144,6 +146,9 @@ class PamRequest:
     rhost: str = ""
     tty: str = ""
     join: bool | None = None  # ns=1 / ns=0: the module enters namespaces / will not; None: silent
+    # the inet sockets the caller lent with the line (SCM_RIGHTS, read by the server); None:
+    # none came (an older module, or a caller holding none): the agent walks its fds
+    lent: tuple[Connection, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +170,9 @@ class PamReply:
             raise ValueError(msg)
 
 
-def parse_request(line: bytes) -> PamRequest:
-    """Parse one request line (with or without its final newline)."""
+def parse_request(line: bytes, lent: tuple[Connection, ...] | None = None) -> PamRequest:
+    """Parse one request line (with or without its final newline); ``lent``: what came with
+    it (`PamRequest.lent`)."""
     if len(line) > MAX_LINE:
         msg = f"request longer than {MAX_LINE} bytes"
         raise PamProtocolError(msg)
@@ -207,7 +213,7 @@ def parse_request(line: bytes) -> PamRequest:
         msg = "ns must be 0 or 1"
         raise PamProtocolError(msg)
     join = None if ns is None else ns == "1"
-    return PamRequest(op, user, service, rhost, tty, join)  # type: ignore[arg-type]
+    return PamRequest(op, user, service, rhost, tty, join, lent)  # type: ignore[arg-type]
 
 
 def _valid_user(user: str) -> bool:

@@ -10,6 +10,10 @@ One handler per op (`PamServer._dispatch`):
     close_session  same fields -> verdict=allow
     status         (calleridctl) -> verdict=allow reason=status msg=<the agent's counters, JSON>
 
+An account request may carry the caller's inet sockets as SCM_RIGHTS (pam_callerid.so lends
+those it holds, at most four): from a root caller they are read at once (`PamRequest.lent`) and
+closed, and name the session's connection without a walk of the caller's fds.
+
 The server takes the caller's pid and uid from SO_PEERCRED, refuses any uid but 0, reads at
 most one bounded line, and always answers within ``pam_timeout_ms``: when the decision is not
 ready by then (a hung backend), the reply is verdict=error reason=timeout. The job's namespaces
@@ -28,29 +32,20 @@ from pathlib import Path
 
 from callerid.agent._loginports import LoginHandler, RecordSink
 from callerid.agent._loginstate import Outcome, Started
+from callerid.agent._pamconn import PamConnection
 from callerid.agent._pamturns import Turns
-from callerid.agent._unixsock import bind_unix, peer_cred, send_with_fds
-from callerid.agent.pamproto import (
-    MAX_LINE,
-    PamProtocolError,
-    PamReply,
-    PamRequest,
-    format_reply,
-    parse_request,
-)
+from callerid.agent._unixsock import bind_unix
+from callerid.agent.pamproto import PamReply, PamRequest
 from callerid.bus.loglimit import LogBudget, QuietLog
 
 __all__ = ["LoginHandler", "PamServer", "RecordSink"]
 
 log = logging.getLogger(__name__)
 
-DISCARD_MAX = 64 * 1024
-DISCARD_TIMEOUT_S = 0.05
 MAX_ACTIVE = 64  # default bound of decisions worked on at once; later ones wait in order
 MAX_CONNECTIONS = 16384  # open client connections; beyond, new ones wait in the backlog
 ACCEPT_BATCH = 64  # connections accepted per wake-up of the listening socket
 ACCEPT_RETRY_S = 0.1  # pause after accept() failed (out of fds or memory)
-RECV_SIZE = MAX_LINE + 1
 
 
 class PamServer:
@@ -59,8 +54,8 @@ class PamServer:
     A login is one short connection carrying one line each way, so connections are accepted
     in batches and read at once (the line is nearly always there already), without asyncio
     transports: per connection this costs one object and one task, and a reader only when the
-    line is late. Deadlines and turns are kept by `_pamturns.Turns`; `_PamConnection` holds
-    one client's state.
+    line is late. Deadlines and turns are kept by `_pamturns.Turns`; `_pamconn.PamConnection`
+    holds one client's state.
     """
 
     def __init__(
@@ -138,7 +133,7 @@ class PamServer:
                 self._loop.remove_reader(fd)
                 self._loop.call_later(ACCEPT_RETRY_S, self._resume_accept, fd)
                 return
-            _PamConnection(self, conn, self._loop).begin()
+            PamConnection(self, conn, self._loop).begin()
 
     def _resume_accept(self, fd: int) -> None:
         if self._sock is not None and self._sock.fileno() == fd and self._loop is not None:
@@ -188,232 +183,3 @@ class PamServer:
         outcome = self.flow.error_outcome(req, pid, started, reason, text)
         self.journal.record(outcome.record)
         return outcome.reply
-
-
-class _PamConnection:
-    """One client: read one bounded line, decide, write one line, close.
-
-    States: ``read`` (collecting the line), ``queued`` (waiting for a free decision slot,
-    see `_pamturns.Turns`), ``busy`` (deciding), ``discard`` (a refused or malformed client:
-    what it sends is read and dropped, bounded in size and time, before the answer, because
-    closing a unix socket with unread data resets it and the client would lose the answer),
-    ``done``. The deadline (``timeout_s`` from the accept) bounds all of it: a line not
-    complete by then gets no answer; a decision not ready gets verdict=error reason=timeout
-    (and is cancelled). A client that leaves while its decision runs does not stop it: the
-    login's record is still written.
-    """
-
-    __slots__ = (
-        "buf",
-        "deadline",
-        "left",
-        "loop",
-        "pending",
-        "pid",
-        "reading",
-        "req",
-        "server",
-        "sock",
-        "started",
-        "state",
-        "task",
-        "timer",
-        "uid",
-    )
-
-    def __init__(
-        self, server: PamServer, sock: socket.socket, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        self.server = server
-        self.sock = sock
-        self.loop = loop
-        self.state = "read"
-        self.buf = b""
-        self.pid = 0
-        self.uid = -1
-        self.req: PamRequest | None = None
-        self.pending: PamReply | None = None  # the answer once discarding ends
-        self.left = 0
-        self.reading = False
-        self.task: asyncio.Task[PamReply | Outcome] | None = None
-        self.timer: asyncio.TimerHandle | None = None  # only while discarding
-        self.started = server.clock()
-        self.deadline = loop.time() + server.timeout_s
-
-    def begin(self) -> None:
-        srv = self.server
-        srv._begin()
-        srv.turns.watch(self, self.loop)
-        try:
-            self.sock.setblocking(False)
-            self.pid, self.uid = peer_cred(self.sock)
-        except OSError as exc:
-            log.debug("pam connection without credentials: %s", exc)
-            self._finish(None)
-            return
-        if self.uid != srv.allowed_uid:
-            srv.refused += 1
-            srv.noisy("refused a PAM socket client: pid %d uid %d is not root", self.pid, self.uid)
-            self._discard(PamReply("error", "not_root"))
-        self._on_readable()
-
-    def _on_readable(self) -> None:
-        """Read what is there; wait for more (as a loop reader) only when it is needed."""
-        while self.state in ("read", "discard"):
-            try:
-                data = self.sock.recv(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                if not self.reading:
-                    self.loop.add_reader(self.sock.fileno(), self._on_readable)
-                    self.reading = True
-                return
-            except OSError as exc:
-                log.debug("pam connection from pid %d ended early: %s", self.pid, exc)
-                self._finish(None)
-                return
-            if not data:
-                self._eof()
-                return
-            self._data(data)
-        self._stop_reading()
-
-    def _stop_reading(self) -> None:
-        if self.reading:
-            self.loop.remove_reader(self.sock.fileno())
-            self.reading = False
-
-    def _data(self, data: bytes) -> None:
-        if self.state == "discard":
-            self.left -= len(data)
-            if self.left <= 0 or data.endswith(b"\n"):
-                self._finish(self.pending)
-            return
-        self.buf += data
-        end = self.buf.find(b"\n")
-        if end < 0 or end >= MAX_LINE:
-            if len(self.buf) >= MAX_LINE:
-                self._malformed(f"a line longer than {MAX_LINE} bytes")
-            return
-        try:
-            req = parse_request(self.buf[: end + 1])
-        except PamProtocolError as exc:
-            self._malformed(str(exc), discard=False)
-            return
-        self.state = "queued"
-        self.req = req
-        self.server.turns.admit(self)
-
-    def _eof(self) -> None:
-        if self.state == "read":
-            if self.buf:
-                self.server.malformed += 1
-                self.server.noisy("pid %d sent a request without a newline", self.pid)
-                self._finish(PamReply("error", "bad_request"))
-            else:
-                self._finish(None)  # connected and closed without a word (a liveness probe)
-        elif self.state == "discard":
-            self._finish(self.pending)
-
-    def client_gone(self) -> bool:
-        """Whether the client closed its end (peeked at, nothing consumed)."""
-        try:
-            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except (BlockingIOError, InterruptedError):
-            return False  # still there, waiting for its answer
-        except OSError:
-            return True  # reset
-
-    def abandon(self) -> None:
-        self._finish(None)
-
-    def start(self) -> None:
-        assert self.req is not None
-        self.state = "busy"
-        begun = self._now(self.req) if self.req.op == "account" else None
-        if begun is None or isinstance(begun, Started):
-            self.task = self.loop.create_task(self._answer(self.req, begun))
-            self.task.add_done_callback(self._decided)
-            return
-        self._answered(begun)  # decided at once: no task, no turn of the loop
-        self.server.turns.release()
-
-    def _now(self, req: PamRequest) -> PamReply | Outcome | Started | None:
-        """The login as far as it goes without waiting (`LoginFlow.account_now`)."""
-        try:
-            return self.server.flow.account_now(req, self.pid, self.started)
-        except Exception:
-            log.exception("internal error deciding for pid %d", self.pid)
-            return self.server._error_answer(
-                req, self.pid, self.started, "agent_error", "internal error"
-            )
-
-    async def _answer(self, req: PamRequest, begun: Started | None) -> PamReply | Outcome:
-        """Decide (from where `_now` left it), then `_answered`."""
-        answer = await self.server._decide(req, self.pid, self.started, begun)
-        self._answered(answer)
-        return answer
-
-    def _answered(self, answer: PamReply | Outcome) -> None:
-        """Journal the login's record, then send the reply: a login let in always has its
-        record, even if the agent dies right after (the audit trail is complete)."""
-        if isinstance(answer, Outcome):
-            self.server.journal.record(answer.record)
-        self._finish(answer)
-
-    def _malformed(self, why: str, *, discard: bool = True) -> None:
-        self.server.malformed += 1
-        self.server.noisy("pid %d sent a bad request: %s", self.pid, why)
-        reply = PamReply("error", "bad_request")
-        if discard:
-            self._discard(reply)
-        else:
-            self._finish(reply)
-
-    def _discard(self, reply: PamReply) -> None:
-        self.state = "discard"
-        self.pending = reply
-        self.left = DISCARD_MAX
-        self.buf = b""
-        # the discarding is bounded by its own short time (and still by the deadline)
-        self.timer = self.loop.call_later(DISCARD_TIMEOUT_S, self.expire)
-
-    def _decided(self, _task: asyncio.Task[PamReply | Outcome]) -> None:
-        """The decision slot is free again (the task answered, or was cancelled: timeout)."""
-        self.server.turns.release()
-
-    def expire(self) -> None:
-        if self.state in ("busy", "queued"):
-            assert self.req is not None
-            if self.task is not None:
-                self.task.cancel()
-            reply = self.server._error_answer(
-                self.req, self.pid, self.started, "timeout", "no decision within the deadline"
-            )
-            self._finish(reply)
-        elif self.state == "discard":
-            self._finish(self.pending)
-        else:
-            self._finish(None)  # no complete line within the deadline: no answer
-
-    def _finish(self, answer: PamReply | Outcome | None) -> None:
-        ns = answer.namespaces if isinstance(answer, Outcome) else None
-        reply = answer.reply if isinstance(answer, Outcome) else answer
-        with ns or contextlib.nullcontext():  # the fds: closed whether they were sent or not
-            if self.state == "done":
-                return
-            self.state = "done"
-            self.buf = b""  # the deadline queue keeps this object until its deadline
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
-            self._stop_reading()
-            fds = [fd for _, fd in ns.fds] if ns is not None and self.uid == 0 else []
-            if ns is not None and not fds:
-                reply = PamReply("error", "agent_error")  # never fds to a non-root peer
-            if reply is not None:
-                # one short line into an empty unix socket buffer: it never blocks; a client
-                # that has gone away (EPIPE) or reset the connection just misses its answer
-                with contextlib.suppress(OSError):
-                    send_with_fds(self.sock, format_reply(reply), fds)
-            self.sock.close()
-            self.server._end()

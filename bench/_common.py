@@ -256,6 +256,19 @@ def cpu_s(pid: int, *, children: bool = False, sys_only: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """User + system CPU seconds of each thread of ``pid``, summed by thread name (comm)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            stat = (task / "stat").read_text()
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat.rpartition(")")[2].split()
+            ticks = int(fields[11]) + int(fields[12])
+            out[name] = out.get(name, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def kill_wait(procs: Sequence[subprocess.Popen[Any]], timeout: float = 10.0) -> None:
     """SIGTERM, then SIGKILL after ``timeout``, exactly these processes (ours); reap them."""
     for p in procs:

@@ -70,6 +70,7 @@ from bench._common import (
     raise_nofile,
     reproduce,
     rss_mb,
+    thread_cpu_s,
     write_rows,
 )
 from bench._plain_sshd import plain_logins
@@ -156,6 +157,7 @@ def storm(
         log_at = len(agents.log("b"))
         cpu0 = {n: cpu_s(p.pid) for n, p in agents.procs.items()}
         cpu0.update({f"{n} (sys)": cpu_s(p.pid, sys_only=True) for n, p in agents.procs.items()})
+        threads0 = thread_cpu_s(agents.procs["b"].pid)
         spies = profile(agents, args.profile)
         sshd.stdin.write("go\n")
         sshd.stdin.flush()
@@ -173,6 +175,8 @@ def storm(
             }
         )
         cpu["monitors"] = cpu_s(sshd.pid, children=True)
+        threads = thread_cpu_s(agents.procs["b"].pid)
+        by_thread = {n: t - threads0.get(n, 0.0) for n, t in threads.items()}
         results = [json.loads(p.read_text()) for p in out_dir.glob("*.json")]
         log = agents.log("b")[log_at:]
     finally:
@@ -181,6 +185,9 @@ def storm(
         shutil.rmtree(out_dir, ignore_errors=True)
     res = summarize(results, log, len(jobs) * args.requests)
     res["cpu_ms_per_request"] = {k: v * 1000 / max(1, res["requests"]) for k, v in cpu.items()}
+    res["b_threads_ms"] = {
+        k: round(v * 1000 / max(1, res["requests"]), 3) for k, v in by_thread.items() if v > 0
+    }
     return res
 
 
@@ -343,6 +350,8 @@ def print_report(args: argparse.Namespace, res: dict[str, Any]) -> None:
     print(f"  peer status: {res['peer_status']}  reasons: {res['reasons']}")
     cpu = ", ".join(f"{k} {v:.2f}" for k, v in res["cpu_ms_per_request"].items())
     print(f"  CPU ms per request: {cpu}")
+    threads = ", ".join(f"{k} {v:.3f}" for k, v in res["b_threads_ms"].items())
+    print(f"  agent b's CPU ms per decision by thread: {threads}")
     cpu_ok = met(res["cpu_ms_b"] <= TARGET_CPU_MS)
     print(
         f"  agent b's CPU (user+sys) per decision: {res['cpu_ms_b']:.3f} ms "

@@ -2,8 +2,9 @@
  *
  * It inherits the accepted TCP connection from its parent (the stand-in listener), waits
  * for "go" (EOF on go_fd), then keeps `inflight` PAM account requests open at once on the
- * agent's unix socket (each on its own connection, the exact line pam_callerid.so sends)
- * until it has sent `requests`. It writes one JSON object to `out`:
+ * agent's unix socket (each on its own connection, the exact line pam_callerid.so sends, with
+ * its inet sockets as SCM_RIGHTS, found in /proc/self/fd as the module finds them) until it
+ * has sent `requests`. It writes one JSON object to `out`:
  *
  *     {"lat": [ms, ...], "nbad": N, "bad": ["reply", ...], "first": t0, "last": t1}
  *
@@ -13,6 +14,7 @@
  * usage: storm-monitor AGENT_SOCK LINE JOB REQUESTS INFLIGHT GO_FD OUT
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <poll.h>
 #include <stdio.h>
@@ -26,6 +28,7 @@
 #define MAX_INFLIGHT 256
 #define REPLY_MAX 4096
 #define BAD_KEPT 5
+#define HELD_MAX 4 /* CID_HELD_MAX of pam/client.h */
 
 struct slot {
 	int fd;
@@ -41,13 +44,56 @@ static double now(clockid_t clock)
 	return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* This process's inet sockets, as pam/client.c's own_inet_fds finds them (0: none or too many). */
+static unsigned inet_fds(int *out)
+{
+	DIR *d = opendir("/proc/self/fd");
+	struct dirent *e;
+	unsigned n = 0;
+	if (d == NULL)
+		return 0;
+	while ((e = readdir(d)) != NULL) {
+		int fd = atoi(e->d_name), dom;
+		socklen_t len = sizeof(dom);
+		if (e->d_name[0] < '0' || e->d_name[0] > '9' || fd == dirfd(d) ||
+		    getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &dom, &len) != 0 ||
+		    (dom != AF_INET && dom != AF_INET6))
+			continue;
+		if (n == HELD_MAX) {
+			n = 0;
+			break;
+		}
+		out[n++] = fd;
+	}
+	closedir(d);
+	return n;
+}
+
 static int start(struct slot *s, const struct sockaddr_un *addr, const char *line, size_t len)
 {
+	union {
+		char buf[CMSG_SPACE(sizeof(int) * HELD_MAX)];
+		struct cmsghdr align;
+	} ctl;
+	struct iovec iov = {.iov_base = (void *)line, .iov_len = len};
+	struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+	int held[HELD_MAX];
+	unsigned n = inet_fds(held);
 	s->started = now(CLOCK_MONOTONIC);
 	s->got = 0;
+	if (n > 0) {
+		memset(&ctl, 0, sizeof(ctl));
+		msg.msg_control = ctl.buf;
+		msg.msg_controllen = CMSG_SPACE(sizeof(int) * n);
+		struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+		c->cmsg_level = SOL_SOCKET;
+		c->cmsg_type = SCM_RIGHTS;
+		c->cmsg_len = CMSG_LEN(sizeof(int) * n);
+		memcpy(CMSG_DATA(c), held, sizeof(int) * n);
+	}
 	s->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (s->fd < 0 || connect(s->fd, (const struct sockaddr *)addr, sizeof(*addr)) < 0 ||
-	    write(s->fd, line, len) != (ssize_t)len) {
+	    sendmsg(s->fd, &msg, MSG_NOSIGNAL) != (ssize_t)len) {
 		perror("storm-monitor: request");
 		return -1;
 	}

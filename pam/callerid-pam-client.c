@@ -3,8 +3,9 @@
  * Uses the module's own client code (client.c), so it exercises the exact same exchange.
  *
  *   callerid-pam-client [-s SOCKET] [-t MS] [-o OP] [-S SERVICE] [-r RHOST] [-T TTY]
- *                       [-N 0|1] USER
+ *                       [-N 0|1] [-P] USER
  *
+ * -P passes this process's inet sockets with the request, as the module does for account.
  * -N sends ns=0|1 (as the module does: whether it enters the job's namespaces; this tool never
  * does, it closes the fds). Prints "verdict=V job=J gid=G ns=KINDS reason=R msg=M" and the
  * timings. Exit status: 0 adopt/allow,
@@ -23,13 +24,13 @@
 static int usage(void)
 {
     fprintf(stderr, "usage: callerid-pam-client [-s SOCKET] [-t MS] [-o OP] [-S SERVICE] "
-                    "[-r RHOST] [-T TTY] [-N 0|1] USER\n");
+                    "[-r RHOST] [-T TTY] [-N 0|1] [-P] USER\n");
     return 64;
 }
 
 int main(int argc, char **argv)
 {
-    struct cid_request req = {"account", NULL, "callerid-pam-client", NULL, NULL, NULL};
+    struct cid_request req = {"account", NULL, "callerid-pam-client", NULL, NULL, NULL, 0};
     struct cid_result res;
     struct cid_reply *reply;
     char kinds[64] = "";
@@ -40,7 +41,7 @@ int main(int argc, char **argv)
     int status;
     int c;
 
-    while ((c = getopt(argc, argv, "s:t:o:S:r:T:N:")) != -1) {
+    while ((c = getopt(argc, argv, "s:t:o:S:r:T:N:P")) != -1) {
         switch (c) {
         case 's':
             path = optarg;
@@ -67,6 +68,9 @@ int main(int argc, char **argv)
             if (strcmp(optarg, "0") != 0 && strcmp(optarg, "1") != 0)
                 return usage();
             req.ns = optarg;
+            break;
+        case 'P': /* pass this process's inet sockets, as pam_callerid.so does */
+            req.pass_sockets = 1;
             break;
         default:
             return usage();

@@ -11,12 +11,17 @@
  * namespaces) are collected, at most CID_NS_MAX of them; more, truncated or other control
  * data, or a count that differs from the reply's ns= field is CID_E_FDS. Every fd received is
  * closed on every path but success, where the reply owns them.
+ *
+ * With req->pass_sockets the request's bytes carry this process's inet sockets (own_inet_fds):
+ * the fds are lent, not given; the process keeps its own.
  */
 #define _GNU_SOURCE
 #include "client.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <poll.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -156,6 +161,81 @@ static ssize_t xfer_some(int fd, void *buf, size_t len, enum xfer_dir dir, long 
     }
 }
 
+/* This process's inet sockets (AF_INET, AF_INET6), from /proc/self/fd: their number, 0 when
+ * there are none, more than `cap`, or /proc cannot be read (the agent then walks the fds
+ * itself). `skip` is not looked at (the caller's own unix socket). */
+static unsigned own_inet_fds(int *out, unsigned cap, int skip)
+{
+    DIR *d = opendir("/proc/self/fd");
+    struct dirent *e;
+    unsigned n = 0;
+    int over = 0;
+    int dom;
+    socklen_t len;
+    char *end;
+    long v;
+
+    if (d == NULL)
+        return 0;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] < '0' || e->d_name[0] > '9')
+            continue;
+        v = strtol(e->d_name, &end, 10);
+        if (*end != '\0' || v < 0 || v > 0x7fffffff || (int)v == skip || (int)v == dirfd(d))
+            continue;
+        len = sizeof(dom);
+        if (getsockopt((int)v, SOL_SOCKET, SO_DOMAIN, &dom, &len) != 0)
+            continue; /* not a socket (ENOTSOCK) */
+        if (dom != AF_INET && dom != AF_INET6)
+            continue;
+        if (n == cap) {
+            over = 1;
+            break;
+        }
+        out[n++] = (int)v;
+    }
+    (void)closedir(d);
+    return over ? 0 : n;
+}
+
+/* The first bytes of the request with `nfds` fds as SCM_RIGHTS (then send_all the rest):
+ * the bytes sent, or -1 with errno (ETIMEDOUT at the deadline). */
+static ssize_t send_with_fds(int fd, const char *buf, size_t len, const int *fds, unsigned nfds,
+                             long deadline_us)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * CID_HELD_MAX)];
+        struct cmsghdr align;
+    } ctl;
+    struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
+    struct msghdr msg;
+    struct cmsghdr *c;
+    ssize_t n;
+
+    memset(&msg, 0, sizeof(msg));
+    memset(&ctl, 0, sizeof(ctl));
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = ctl.buf;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+    c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+    memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
+    for (;;) {
+        n = sendmsg(fd, &msg, MSG_NOSIGNAL);
+        if (n >= 0)
+            return n;
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK)
+            return -1;
+        if (wait_ready(fd, POLLOUT, deadline_us) != 0)
+            return -1;
+    }
+}
+
 /* Non-blocking connect bounded by the deadline. A unix socket whose listen backlog is full
  * answers EAGAIN (there is no EINPROGRESS for AF_UNIX): retry every CONNECT_RETRY_MS. */
 static int connect_bounded(int fd, const struct sockaddr_un *sa, long deadline_us)
@@ -250,6 +330,10 @@ int cid_exchange(const char *path, int timeout_ms, const struct cid_request *req
     char line[CID_LINE_MAX];
     struct sockaddr_un sa;
     struct fdbox box;
+    int held[CID_HELD_MAX];
+    unsigned held_n;
+    size_t sent;
+    ssize_t n;
     size_t reqlen = 0;
     size_t linelen = 0;
     long start = now_us();
@@ -287,7 +371,17 @@ int cid_exchange(const char *path, int timeout_ms, const struct cid_request *req
         goto cleanup;
     }
     t = now_us();
-    r = send_all(fd, reqbuf, reqlen, deadline);
+    held_n = req->pass_sockets ? own_inet_fds(held, CID_HELD_MAX, fd) : 0;
+    sent = 0;
+    r = 0;
+    if (held_n > 0) {
+        n = send_with_fds(fd, reqbuf, reqlen, held, held_n, deadline);
+        r = n < 0 ? -1 : 0;
+        sent = n < 0 ? 0 : (size_t)n;
+        res->sent_fds = n < 0 ? 0 : held_n;
+    }
+    if (r == 0)
+        r = send_all(fd, reqbuf + sent, reqlen - sent, deadline);
     err = errno;
     res->send_us = now_us() - t;
     if (r != 0) {

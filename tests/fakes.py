@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Sequence
 from typing import Literal
 
 from callerid.agent import policy
@@ -125,7 +126,9 @@ class FakeSessions:
         self.start = start
         self.asked: list[tuple[int, str | None]] = []
 
-    def session_connection(self, pid: int, rhost: str | None = None) -> tuple[Proc, Connection]:
+    def session_connection(
+        self, pid: int, rhost: str | None = None, lent: Sequence[Connection] | None = None
+    ) -> tuple[Proc, Connection]:
         self.asked.append((pid, rhost))
         if self.conn is None:
             msg = f"no connection served by an ancestor's listener for pid {pid}"

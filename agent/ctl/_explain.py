@@ -14,7 +14,7 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from callerid.agent.ask import LocalAddresses, SourceAsker, mesh_asker
 from callerid.agent.backends import DryRun, make_backend
@@ -50,7 +50,9 @@ class GivenSession:
         self.conn = conn
         self.procs = procs
 
-    def session_connection(self, pid: int, rhost: str | None = None) -> tuple[Proc, Connection]:
+    def session_connection(
+        self, pid: int, rhost: str | None = None, lent: Sequence[Connection] | None = None
+    ) -> tuple[Proc, Connection]:
         if self.conn is None:
             msg = "no --from given"
             raise NetinfoError(msg)

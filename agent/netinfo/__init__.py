@@ -28,7 +28,7 @@ from callerid.agent.netinfo._proc import (
     ProcReader,
     read_proc,
 )
-from callerid.agent.netinfo._session import Connection, SessionFinder
+from callerid.agent.netinfo._session import Connection, SessionFinder, lent_connections
 
 __all__ = [
     "Connection",
@@ -40,5 +40,6 @@ __all__ = [
     "ProcessGone",
     "SessionFinder",
     "SocketOwners",
+    "lent_connections",
     "read_proc",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -29,7 +29,7 @@ from callerid.agent.netinfo._codec import (
 from callerid.agent.netinfo._proc import MAX_DEPTH, NetinfoError, Proc, ProcessGone, ProcReader
 from callerid.bus.protocol import Endpoint, is_link_local, normalize_ip, split_zone
 
-__all__ = ["Connection", "SessionFinder"]
+__all__ = ["Connection", "SessionFinder", "lent_connections"]
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,12 @@ class _Chain:
         return member
 
 
+def lent_connections(fds: list[int]) -> tuple[Connection, ...]:
+    """The inet connections among sockets a PAM caller lent with its request (SCM_RIGHTS);
+    every fd is closed here. What `SessionFinder.session_connection` takes as ``lent``."""
+    return tuple(_from_facts(f) for f in _sockfd.lent_facts(fds))
+
+
 def _from_facts(f: _sockfd.SockFacts) -> Connection:
     proto: Proto = "tcp" if f.proto == "tcp" else "udp"
     remote = _endpoint(f.remote)
@@ -234,12 +240,19 @@ class SessionFinder:
             self._listeners_seen.put(key, member)
         return member
 
-    def _chain(self, pid: int) -> _Chain:
+    def _chain(self, pid: int, lent: Sequence[Connection] | None = None) -> _Chain:
         """The caller (read at once: it may exit any moment), then ancestors as needed."""
         tables: dict[str, dict[str, str]] = {}
-        return _Chain(self, [self._member(pid, tables)], tables)
+        if lent is None:
+            return _Chain(self, [self._member(pid, tables)], tables)
+        procs = self._procs
+        conns = list(lent)
+        first = _Member(procs.proc(pid), frozenset(c.inode for c in conns), procs.netns(pid), conns)
+        return _Chain(self, [first], tables)
 
-    def session_connection(self, pid: int, rhost: str | None = None) -> tuple[Proc, Connection]:
+    def session_connection(
+        self, pid: int, rhost: str | None = None, lent: Sequence[Connection] | None = None
+    ) -> tuple[Proc, Connection]:
         """The sshd session process (``pid`` or an ancestor) and the connection it serves.
 
         A connection qualifies when it is established (UDP: connected), comes from ``rhost``
@@ -248,8 +261,10 @@ class SessionFinder:
         exactly one qualifying connection wins; if its parent holds the same socket (sshd's
         forked PAM helper), the topmost such holder is returned. Raises ProcessGone if ``pid``
         is gone, NetinfoError if nothing qualifies or one process holds several ("ambiguous").
+        ``lent``: the inet sockets ``pid`` lent with its request (`lent_connections`), taken as
+        all it holds; its fds are then not walked.
         """
-        chain = self._chain(pid)
+        chain = self._chain(pid, lent)
         want = _rhost_ip(rhost)
         init: list[_Member] | None = None  # pid 1, read only when needed
         i = 0

@@ -7,6 +7,9 @@ lends us a duplicate of each one; getsockname/getpeername/TCP_INFO on it are O(1
 independent of the network namespace. The duplicate is closed at once; the socket is not
 otherwise touched.
 
+`lent_facts(fds)` reads the same facts from sockets a PAM caller lent the agent with its
+request (SCM_RIGHTS): no walk of its fds, no pidfd.
+
 `socket_facts(pid, fds)` returns one `SockFacts` per inet TCP/UDP socket, or raises
 `Unsupported` (no pidfd_getfd here, or not permitted) so that the caller falls back to
 /proc/net; `ProcessLookupError` when the process is gone.
@@ -27,7 +30,7 @@ from typing import Final
 
 from callerid.agent.netinfo._codec import TCP_STATES
 
-__all__ = ["SockFacts", "Unsupported", "inet_fds", "socket_facts"]
+__all__ = ["SockFacts", "Unsupported", "inet_fds", "lent_facts", "socket_facts"]
 
 _SYS_PIDFD_GETFD: Final = 438  # the same number on every architecture (asm-generic)
 _KINDS: Final = (socket.SOCK_STREAM, socket.SOCK_DGRAM)
@@ -114,6 +117,25 @@ def inet_fds(proc_dir: str, fds: list[int]) -> list[int]:
             continue  # ENOENT: closed meanwhile
         if name.rstrip(b"\0") in _INET_PROTOS:
             out.append(fd)
+    return out
+
+
+def lent_facts(fds: list[int]) -> list[SockFacts]:
+    """Facts of the inet TCP/UDP sockets among ``fds`` (ours: lent with a request, each
+    closed here whatever happens); other fds, and sockets the kernel will not describe, are
+    left out."""
+    out: list[SockFacts] = []
+    for i, fd in enumerate(fds):
+        try:
+            facts = _facts(fd)
+        except OSError:
+            continue  # _facts has closed it
+        except BaseException:
+            for rest in fds[i + 1 :]:
+                os.close(rest)
+            raise
+        if facts is not None:
+            out.append(facts)
     return out
 
 

@@ -44,12 +44,20 @@ def connect_from_job(
     return trees["a"].spawn_in(job, "step_batch", argv, user=user, **kw)
 
 
+@pytest.mark.parametrize("lend", [True, False], ids=["lent", "walked"])
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
 @pytest.mark.parametrize("job", ["42", "43"])
 def test_callerid_over_the_mesh_adopts_the_source_job(
-    agents: LoopbackAgents, trees: dict[str, JobTree], user: ThrowawayUser, proto: str, job: str
+    agents: LoopbackAgents,
+    trees: dict[str, JobTree],
+    user: ThrowawayUser,
+    proto: str,
+    job: str,
+    lend: bool,
 ) -> None:
-    sshd = agents.sshd("b", proto)
+    """The same decision whether the monitor lends its connection with the request or the
+    agent finds it by walking its fds (an older module)."""
+    sshd = agents.sshd("b", proto, lend=lend)
     client = connect_from_job(trees, user, job, proto, sshd.port)
     try:
         login = sshd.login(user.name)
@@ -62,10 +70,11 @@ def test_callerid_over_the_mesh_adopts_the_source_job(
     assert monitor_cgroup == trees["b"].cgroup_path(job, "step_extern")
 
 
+@pytest.mark.parametrize("lend", [True, False], ids=["lent", "walked"])
 def test_the_monitor_is_adopted_not_the_pam_helper(
-    agents: LoopbackAgents, trees: dict[str, JobTree], user: ThrowawayUser
+    agents: LoopbackAgents, trees: dict[str, JobTree], user: ThrowawayUser, lend: bool
 ) -> None:
-    sshd = agents.sshd("b", "tcp", helper=True)
+    sshd = agents.sshd("b", "tcp", helper=True, lend=lend)
     client = connect_from_job(trees, user, "43", "tcp", sshd.port)
     try:
         login = sshd.login(user.name)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -241,7 +241,9 @@ class VanishingSessions:
     def __init__(self, tree: JobTree, job: str, pid: int) -> None:
         self.tree, self.job, self.pid = tree, job, pid
 
-    def session_connection(self, pid: int, rhost: str | None = None) -> tuple[Proc, Connection]:
+    def session_connection(
+        self, pid: int, rhost: str | None = None, lent: Sequence[Connection] | None = None
+    ) -> tuple[Proc, Connection]:
         extern = self.tree.job_dirs(self.job)[0] / "step_extern" / "cgroup.procs"
         for holder in extern.read_text().split():
             os.kill(int(holder), signal.SIGKILL)

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import pytest
 
 from callerid.agent.netinfo import (
+    Connection,
     NetinfoError,
     Proc,
     ProcessGone,
@@ -29,6 +30,7 @@ from callerid.agent.netinfo import (
     SessionFinder,
     SocketOwners,
     _sockfd,
+    lent_connections,
     read_proc,
 )
 from callerid.agent.netinfo import _codec as sd
@@ -512,6 +514,42 @@ def test_session_connection_ambiguous_unless_rhost_decides(spawn: Any) -> None:
             c.close()
 
 
+def lent_by(pid: int, remote_port: int) -> tuple[Connection, ...]:
+    """What ``pid`` would lend with its request if its one connection from ``remote_port``
+    were all it held: its sockets borrowed (pidfd_getfd), read by `lent_connections`."""
+    dups = []
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                dups.append(_sockfd._getfd(pidfd, int(name)))
+    finally:
+        os.close(pidfd)
+    return tuple(c for c in lent_connections(dups) if c.remote.port == remote_port)
+
+
+def test_lent_sockets_stand_for_the_callers_fds(spawn: Any) -> None:
+    """With ``lent``, the caller's own fds are not walked: what it lent is all it holds (here
+    one of its two connections, so no "ambiguous"); the same answer the walk gives when rhost
+    picks that one; lending nothing is holding nothing."""
+    tree = spawn(TREE, {"bind": "127.0.0.2", "n": 2})
+    port = tree.expect("port")["port"]
+    clients = [_connect(ip, ("127.0.0.2", port)) for ip in ("127.0.0.3", "127.0.0.5")]
+    try:
+        seen = tree.expect("monitor", "helper")
+        ni = sessions()
+        lent = lent_by(seen["monitor"], clients[1].getsockname()[1])
+        assert len(lent) == 1
+        assert ni.session_connection(seen["monitor"], None, lent) == ni.session_connection(
+            seen["monitor"], "127.0.0.5"
+        )
+        with pytest.raises(NetinfoError, match="no connection"):
+            ni.session_connection(seen["monitor"], None, ())
+    finally:
+        for c in clients:
+            c.close()
+
+
 def test_session_connection_dual_stack_yields_plain_ipv4(spawn: Any) -> None:
     tree = spawn(TREE, {"bind": "::", "dual": True, "n": 1})
     port = tree.expect("port")["port"]
@@ -739,8 +777,14 @@ def test_read_proc_one_record_reads_a_file_whole(tmp_path: Path, size: int) -> N
 
 
 def test_read_proc_one_record_matches_the_kernels_stat_and_cgroup() -> None:
-    for name in ("stat", "cgroup"):
-        assert (
-            read_proc(f"/proc/{os.getpid()}/{name}", one_record=True)
-            == Path(f"/proc/{os.getpid()}/{name}").read_text()
-        )
+    """Of a sleeping child (a running process's stat changes from one read to the next)."""
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        stat = f"/proc/{child.pid}/stat"
+        wait_for(lambda: Path(stat).read_text().rpartition(")")[2].split()[0] == "S", what="sleep")
+        for name in ("stat", "cgroup"):
+            path = f"/proc/{child.pid}/{name}"
+            assert read_proc(path, one_record=True) == Path(path).read_text()
+    finally:
+        child.kill()
+        child.wait()

@@ -13,6 +13,7 @@ PAM_SUCCESS / PAM_IGNORE / failure code is what the stack returns and each is di
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -146,6 +147,7 @@ def retval(
     user: str = USER,
     flags: tuple[str, ...] = (),
     syslog: bool = False,
+    pass_fds: tuple[int, ...] = (),
 ) -> Run:
     """Run tst-retval on a private service built from `opts`; ops default to acct_mgmt."""
     confdir = tmp_path / "pam.d"
@@ -157,7 +159,7 @@ def retval(
         logdir = Path(tempfile.mkdtemp(prefix="cid-log-", dir="/tmp"))
         argv, logsock = with_syslog(argv, logdir)
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, pass_fds=pass_fds)
         assert proc.returncode == 0, proc.stderr
         run = parse_retval(proc.stdout)
         if logsock is not None:
@@ -662,6 +664,42 @@ def test_debug_logs_steps_with_timings(built: Path, tmp_path: Path, sock: str) -
     assert run.codes == {"acct_mgmt": "PAM_SUCCESS"}
     debug = [text for sev, text in run.logs if sev == 7]
     assert any(
-        re.search(r"connect \d+ us, send \d+ us, recv \d+ us, total \d+ us", t) for t in debug
+        re.search(r"connect \d+ us, send \d+ us \(0 sockets\), recv \d+ us, total \d+ us", t)
+        for t in debug
     )
     assert any("returning 0" in t for t in debug)
+
+
+def test_account_lends_the_inet_sockets_it_holds(built: Path, tmp_path: Path, sock: str) -> None:
+    """An account request carries the caller's inet sockets (SCM_RIGHTS), not its unix ones;
+    open_session carries none. The agent reads the session's connection from them."""
+    with contextlib.ExitStack() as stack:
+        lst = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
+        tcp = stack.enter_context(socket.create_connection(lst.getsockname()[:2]))
+        udp = stack.enter_context(socket.socket(socket.AF_INET6, socket.SOCK_DGRAM))
+        udp.connect(("::1", 9))
+        unix_a, unix_b = (stack.enter_context(s) for s in socket.socketpair())
+        agent = stack.enter_context(FakeAgent(sock, reply=reply_line("allow")))
+        fds = (tcp.fileno(), udp.fileno(), unix_a.fileno(), unix_b.fileno())
+        run = retval(tmp_path, f"socket={sock}", "acct_mgmt", "open_session", pass_fds=fds)
+        want = {
+            (socket.AF_INET, tcp.getsockname(), tcp.getpeername()),
+            (socket.AF_INET6, udp.getsockname(), udp.getpeername()),
+        }
+    assert run.codes["acct_mgmt"] == "PAM_SUCCESS"
+    account, session = agent.seen
+    assert b"op=account" in account.line
+    assert set(account.lent) == want
+    assert b"op=open_session" in session.line
+    assert session.lent == ()
+
+
+def test_more_inet_sockets_than_four_lends_none(built: Path, tmp_path: Path, sock: str) -> None:
+    """Past CID_HELD_MAX (4) inet sockets the module lends none (the agent walks its fds)."""
+    with contextlib.ExitStack() as stack:
+        udp = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(5))
+        held = [stack.enter_context(s) for s in udp]
+        agent = stack.enter_context(FakeAgent(sock, reply=reply_line("allow")))
+        run = retval(tmp_path, f"socket={sock}", pass_fds=tuple(s.fileno() for s in held))
+    assert run.codes == {"acct_mgmt": "PAM_SUCCESS"}
+    assert [s.lent for s in agent.seen] == [()]

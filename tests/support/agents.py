@@ -14,7 +14,8 @@ The stand-in sshd is a real process tree shaped like OpenSSH's: a listener (TCP 
 socket, or an unconnected UDP socket) that forks a "monitor" per connection holding the
 accepted (TCP) or connected (UDP) socket, which optionally forks a "helper" (as sshd does for
 keyboard-interactive PAM) that inherits the socket; the process at the end of that chain sends
-the PAM request line to the agent, as pam_callerid.so would, and reports the reply.
+the PAM request line to the agent, as pam_callerid.so would (lending the connection with it,
+unless ``lend=False``: an older module), and reports the reply.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import json, os, signal, socket, sys
 proto, host, agent_sock, helper = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 escape = sys.argv[5]  # "": nothing; else a cgroup.procs the monitor moves itself to before
                       # the session phase (what a misplaced pam_systemd would do)
+lend = sys.argv[6] == "1"  # the account request lends the connection, as pam_callerid.so does
 kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
 lst = socket.socket(socket.AF_INET, kind)
 lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -76,7 +78,8 @@ for line in sys.stdin:
             s = socket.socket(socket.AF_UNIX)
             s.connect(agent_sock)
             line = f"CALLERID/1 op=account user={user} service=sshd rhost={peer[0]} tty=ssh\n"
-            s.sendall(line.encode())
+            sent = socket.send_fds(s, [line.encode()], [conn.fileno()]) if lend else 0
+            s.sendall(line.encode()[sent:])
             reply = s.makefile().readline().strip()
             os.write(w, (json.dumps({"reply": reply, "asker": os.getpid()}) + "\n").encode())
             if helper:
@@ -145,9 +148,16 @@ def end_client(client: subprocess.Popen[bytes]) -> None:
 
 class FakeSshd:
     def __init__(
-        self, proto: str, host: str, agent_socket: Path, *, helper: bool, escape: str = ""
+        self,
+        proto: str,
+        host: str,
+        agent_socket: Path,
+        *,
+        helper: bool,
+        escape: str = "",
+        lend: bool = True,
     ) -> None:
-        argv = [proto, host, str(agent_socket), "1" if helper else "0", escape]
+        argv = [proto, host, str(agent_socket), "1" if helper else "0", escape, str(int(lend))]
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _SSHD, *argv],
             stdin=subprocess.PIPE,
@@ -313,9 +323,17 @@ class LoopbackAgents:
             self.stop(node)
 
     def sshd(
-        self, node: str, proto: str = "tcp", *, helper: bool = False, escape: str = ""
+        self,
+        node: str,
+        proto: str = "tcp",
+        *,
+        helper: bool = False,
+        escape: str = "",
+        lend: bool = True,
     ) -> FakeSshd:
-        sshd = FakeSshd(proto, ADDRESSES[node], self.socket(node), helper=helper, escape=escape)
+        """A stand-in sshd on ``node``'s address (see the module docstring)."""
+        sock = self.socket(node)
+        sshd = FakeSshd(proto, ADDRESSES[node], sock, helper=helper, escape=escape, lend=lend)
         self._sshds.append(sshd)
         return sshd
 

@@ -49,6 +49,23 @@ class Seen:
     pid: int
     uid: int
     gid: int
+    # the sockets lent with the line (SCM_RIGHTS): (family, local, remote) of each
+    lent: tuple[tuple[int, object, object], ...] = ()
+
+
+def _describe(fd: int) -> tuple[int, object, object]:
+    """(family, local, remote) of a lent socket (-1 and Nones if it is none); closes it."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        return (-1, None, None)
+    with sock:
+        try:
+            remote: object = sock.getpeername()
+        except OSError:
+            remote = None
+        return (int(sock.family), sock.getsockname(), remote)
 
 
 def pct(value: str) -> str:
@@ -149,9 +166,9 @@ class FakeAgent:
     def _handle(self, conn: socket.socket) -> None:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", creds)
-        line = self._read_line(conn)
+        line, lent = self._read_line(conn)
         with self._lock:
-            self._seen.append(Seen(line=line, pid=pid, uid=uid, gid=gid))
+            self._seen.append(Seen(line=line, pid=pid, uid=uid, gid=gid, lent=lent))
         if self.mode is Mode.HANG:
             self._held.append(conn)
             return
@@ -163,18 +180,22 @@ class FakeAgent:
         finally:
             conn.close()
 
-    def _read_line(self, conn: socket.socket) -> bytes:
+    def _read_line(
+        self, conn: socket.socket
+    ) -> tuple[bytes, tuple[tuple[int, object, object], ...]]:
         conn.settimeout(5.0)
         data = b""
+        lent: list[tuple[int, object, object]] = []
         try:
             while b"\n" not in data and len(data) < MAX_REQUEST:
-                chunk = conn.recv(MAX_REQUEST - len(data))
+                chunk, fds, _flags, _ = socket.recv_fds(conn, MAX_REQUEST - len(data), 16)
+                lent.extend(_describe(fd) for fd in fds)
                 if not chunk:
                     break
                 data += chunk
         except TimeoutError:
             pass
-        return data
+        return data, tuple(lent)
 
     def _send_reply(self, conn: socket.socket) -> None:
         if self.fds:

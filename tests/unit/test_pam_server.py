@@ -4,6 +4,7 @@ probes, malformed input and the bound on decisions worked on at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import socket
@@ -36,6 +37,7 @@ class Adopter:
         self.most = 0
         self.order: list[int] = []
         self.cancelled = 0
+        self.requests: list[PamRequest] = []
 
     def account_now(self, req: PamRequest, pid: int, received: float | None) -> None:
         return None  # always waits: every decision is a task here
@@ -43,6 +45,7 @@ class Adopter:
     async def account(
         self, req: PamRequest, pid: int, received: float | None = None, started: object = None
     ) -> Outcome:
+        self.requests.append(req)
         self.running += 1
         self.most = max(self.most, self.running)
         try:
@@ -278,3 +281,82 @@ def test_bad_requests_are_logged_within_a_budget(
     lines = [r for r in caplog.records if r.name == "callerid.agent.pamserver"]
     assert 1 <= len(lines) <= 5  # the budget's burst; the rest are counted, said later
     assert server.noisy.budget.suppressed == 50 - len(lines)
+
+
+async def lend(path: str, payload: bytes, fds: list[int]) -> bytes:
+    """One exchange whose request lends ``fds`` (SCM_RIGHTS on its first bytes), as
+    pam_callerid.so lends its inet sockets."""
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.setblocking(False)
+        await loop.sock_connect(s, path)
+        sent = socket.send_fds(s, [payload], fds)
+        await loop.sock_sendall(s, payload[sent:])
+        reply = b""
+        while chunk := await asyncio.wait_for(loop.sock_recv(s, 4096), 5):
+            reply += chunk
+        return reply
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_inet_sockets_lent_with_a_request_name_its_connections_and_are_closed(
+    tmp_path: Path,
+) -> None:
+    """Of what a root caller lends, the inet sockets are read into `PamRequest.lent` (a
+    pipe and a unix socket are not); the agent keeps none of the fds."""
+    with (
+        socket.create_server(("127.0.0.1", 0)) as lst,
+        socket.create_connection(lst.getsockname()[:2]) as tcp,
+        socket.socket(socket.AF_UNIX) as unix,
+    ):
+        r, w = os.pipe()
+        try:
+            before = open_fds()
+
+            async def body(server: PamServer, adopter: Adopter, path: str) -> bytes:
+                return await lend(path, LINE, [r, unix.fileno(), tcp.fileno()])
+
+            reply, server, _ = run(serve(tmp_path, body))
+            after = open_fds()
+        finally:
+            os.close(r)
+            os.close(w)
+        local, remote = tcp.getsockname(), tcp.getpeername()
+    assert reply.startswith(b"CALLERID/1 verdict=allow")
+    (req,) = server.flow.requests  # type: ignore[attr-defined]
+    assert req.lent is not None
+    assert [(c.proto, c.local.port, c.remote.port, c.state) for c in req.lent] == [
+        ("tcp", local[1], remote[1], "ESTABLISHED")
+    ]
+    assert after == before
+
+
+def test_more_fds_than_lent_max_or_from_another_uid_are_closed_and_not_used(
+    tmp_path: Path,
+) -> None:
+    """Past LENT_MAX (4) fds the kernel truncates what is lent: none is used (the agent walks
+    the caller's fds instead). A refused caller's fds are closed unread."""
+    with contextlib.ExitStack() as stack:
+        socks = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) for _ in range(6)
+        ]
+        fds = [s.fileno() for s in socks]
+        before = open_fds()
+
+        async def body(server: PamServer, adopter: Adopter, path: str) -> bytes:
+            return await lend(path, LINE, fds)
+
+        async def one(server: PamServer, adopter: Adopter, path: str) -> bytes:
+            return await lend(path, LINE, fds[:1])
+
+        reply, server, _ = run(serve(tmp_path, body))
+        refused, refusing, _ = run(serve(tmp_path, one, allowed_uid=os.getuid() + 4242))
+        after = open_fds()
+    assert reply.startswith(b"CALLERID/1 verdict=allow")
+    (req,) = server.flow.requests  # type: ignore[attr-defined]
+    assert req.lent is None
+    assert refused.startswith(b"CALLERID/1 verdict=error reason=not_root")
+    assert refusing.refused == 1 and after == before
