@@ -90,8 +90,7 @@ class PamConnection:
         srv = self.server
         srv._begin()
         srv.turns.watch(self, self.loop)
-        try:
-            self.sock.setblocking(False)
+        try:  # the socket stays in blocking mode: every call on it says MSG_DONTWAIT
             self.pid, self.uid = peer_cred(self.sock)
         except OSError as exc:
             log.debug("pam connection without credentials: %s", exc)

@@ -18,13 +18,14 @@ _UCRED = struct.Struct("3i")  # pid, uid, gid
 BACKLOG = 512
 LENT_MAX = 4  # fds taken with a request (CID_HELD_MAX of pam/client.h); more: none are used
 _LENT_SPACE = socket.CMSG_SPACE(LENT_MAX * 4)
-_RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
+_RECV_FLAGS = socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
 
 
 def recv_lent(sock: socket.socket, size: int) -> tuple[bytes, list[int] | None]:
     """recv() that also takes the fds the caller passed with the bytes (SCM_RIGHTS,
-    close-on-exec), for the caller to close: None when none came, or when they came
-    truncated or with other control data (what did come is closed here then)."""
+    close-on-exec), for the caller to close; never waits (BlockingIOError). The fds are None
+    when none came, or when they came truncated or with other control data (what did come
+    is closed here then)."""
     data, anc, flags, _ = sock.recvmsg(size, _LENT_SPACE, _RECV_FLAGS)
     if not anc:
         return data, None
@@ -50,12 +51,15 @@ def peer_cred(sock: socket.socket) -> tuple[int, int]:
 
 
 def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int]) -> int:
-    """Send ``data`` with ``fds`` attached to its bytes (SCM_RIGHTS; none: a plain send).
-    The caller keeps its copies of the fds (and closes them)."""
+    """Send ``data`` with ``fds`` attached to its bytes (SCM_RIGHTS; none: a plain send),
+    never waiting (BlockingIOError). The caller keeps its copies of the fds (and closes
+    them)."""
     if not fds:
-        return sock.send(data)
+        return sock.send(data, socket.MSG_DONTWAIT)
     rights = array.array("i", fds).tobytes()
-    return sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+    return sock.sendmsg(
+        [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)], socket.MSG_DONTWAIT
+    )
 
 
 def bind_unix(path: Path) -> socket.socket:

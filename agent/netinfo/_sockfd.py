@@ -74,19 +74,29 @@ def _getfd(pidfd: int, fd: int) -> int:
 
 def _facts(dup: int) -> SockFacts | None:
     """Facts of the socket ``dup`` (closed here), None if it is not inet TCP/UDP (`inet_fds`
-    has already skipped the unix sockets, so this is nearly always the connection itself)."""
+    has already skipped the unix sockets, so this is nearly always the connection itself).
+
+    The socket object is made with a placeholder family and type, so that Python asks the
+    kernel nothing but one getsockname to wrap it; the family is then told by the address
+    getsockname returns (Python decodes it by the address's own family), the type by SO_TYPE.
+    The placeholder is AF_INET6: Python sizes its address buffers by it, and an IPv6 address
+    is the larger of the two (an IPv4 one fits, and is decoded as IPv4).
+    """
     try:
-        sock = socket.socket(fileno=dup)  # the kernel tells its family, type and protocol
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM, 0, dup)
     except OSError:  # the fd number was reused for something else meanwhile (ENOTSOCK)
         os.close(dup)
         return None
     with sock:
-        family, kind = sock.family, sock.type
-        if family not in (socket.AF_INET, socket.AF_INET6) or kind not in _KINDS:
+        local = sock.getsockname()
+        if not _is_inet(local):
+            return None
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        if kind not in _KINDS:
             return None
         st = os.fstat(dup)
-        lip, lport, _ = _addr(sock.getsockname())
-        unset = ("::" if family == socket.AF_INET6 else "0.0.0.0", 0, 0)
+        lip, lport, _ = _addr(local)
+        unset = ("::" if len(local) == 4 else "0.0.0.0", 0, 0)
         if kind == socket.SOCK_DGRAM:
             rip, rport, scope = _peer(sock, unset)
             state = "ESTABLISHED" if rport else "UNCONN"
@@ -95,6 +105,18 @@ def _facts(dup: int) -> SockFacts | None:
         state = TCP_STATES.get(info[0], "UNKNOWN")
         rip, rport, scope = unset if state == "LISTEN" else _peer(sock, unset)
         return SockFacts("tcp", (lip, lport), (rip, rport), st.st_ino, st.st_uid, state, scope)
+
+
+def _is_inet(addr: object) -> bool:
+    """Whether ``addr`` is what Python makes of an AF_INET (host, port) or AF_INET6 (host,
+    port, flowinfo, scope id) address: every other family decodes to another shape (a path,
+    ints, or (family, bytes))."""
+    return (
+        isinstance(addr, tuple)
+        and len(addr) in (2, 4)
+        and isinstance(addr[0], str)
+        and all(isinstance(x, int) for x in addr[1:])
+    )
 
 
 def _peer(sock: socket.socket, unset: tuple[str, int, int]) -> tuple[str, int, int]:
