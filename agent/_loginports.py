@@ -42,8 +42,8 @@ class SessionFinder(Protocol):
         self, pid: int, rhost: str | None = None, lent: Sequence[Connection] | None = None
     ) -> tuple[Proc, Connection]:
         """The sshd session process (``pid`` or an ancestor) and the connection it serves
-        (``lent``: the inet sockets ``pid`` lent with its request, all it holds); NetinfoError
-        when there is none."""
+        (``lent``: the socket(s) ``pid`` lent with its request as its session's, taken in place
+        of what it holds); NetinfoError when there is none."""
         ...
 
 

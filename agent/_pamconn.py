@@ -1,5 +1,5 @@
-"""One PAM socket client of `pamserver.PamServer`: read one bounded line (and the inet sockets
-lent with it), decide, write one line, close."""
+"""One PAM socket client of `pamserver.PamServer`: read one bounded line (and the session's
+socket lent with it), decide, write one line, close."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ class PamConnection:
         self.loop = loop
         self.state = "read"
         self.buf = b""
-        self.lent: tuple[Connection, ...] | None = None  # the caller's inet sockets, read
+        self.lent: tuple[Connection, ...] | None = None  # the socket(s) lent, read
         self.pid = 0
         self.uid = -1
         self.req: PamRequest | None = None
@@ -87,6 +87,7 @@ class PamConnection:
         self.deadline = loop.time() + server.timeout_s
 
     def begin(self) -> None:
+        """Take the connection just accepted: its credentials, then what it sent."""
         srv = self.server
         srv._begin()
         srv.turns.watch(self, self.loop)
@@ -100,14 +101,23 @@ class PamConnection:
             srv.refused += 1
             srv.noisy("refused a PAM socket client: pid %d uid %d is not root", self.pid, self.uid)
             self._discard(PamReply("error", "not_root"))
-        self._on_readable()
+        self._on_readable(first=True)
 
-    def _on_readable(self) -> None:
-        """Read what is there; wait for more (as a loop reader) only when it is needed."""
+    def _on_readable(self, *, first: bool = False) -> None:
+        """Read what is there; wait for more (as a loop reader) only when it is needed.
+
+        ``first``: right after the accept. The client writes its line a few microseconds after
+        its connect; when the connect woke the agent on the client's own CPU, the agent has
+        preempted it before it could: the CPU is yielded once (sched_yield) for the client to
+        write, saving the agent a second wake-up for this login."""
         while self.state in ("read", "discard"):
             try:
                 data, fds = recv_lent(self.sock, RECV_SIZE)
             except (BlockingIOError, InterruptedError):
+                if first:
+                    first = False
+                    os.sched_yield()
+                    continue
                 if not self.reading:
                     self.loop.add_reader(self.sock.fileno(), self._on_readable)
                     self.reading = True
@@ -125,7 +135,7 @@ class PamConnection:
         self._stop_reading()
 
     def _lend(self, fds: list[int]) -> None:
-        """Read the inet sockets a root caller lent with its line's first bytes (they name
+        """Read the socket(s) a root caller lent with its line's first bytes (they name
         its connection, `PamRequest.lent`); close anything else (`lent_connections` closes
         what it reads)."""
         if self.uid == self.server.allowed_uid and self.state == "read" and self.lent is None:

@@ -1,6 +1,6 @@
 """The agent's unix socket: made root-only from birth, who is calling (SO_PEERCRED), requests
-that carry fds (SCM_RIGHTS: the caller's inet sockets, lent) and replies that carry fds (the
-job's namespaces, to root only)."""
+that carry fds (SCM_RIGHTS: the session's socket, lent by the caller) and replies that carry
+fds (the job's namespaces, to root only)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ __all__ = ["LENT_MAX", "bind_unix", "peer_cred", "recv_lent", "send_with_fds"]
 
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 BACKLOG = 512
-LENT_MAX = 4  # fds taken with a request (CID_HELD_MAX of pam/client.h); more: none are used
+LENT_MAX = 4  # fds taken with a request (the module lends one); more: none are used
 _LENT_SPACE = socket.CMSG_SPACE(LENT_MAX * 4)
 _RECV_FLAGS = socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
 

@@ -146,8 +146,8 @@ class PamRequest:
     rhost: str = ""
     tty: str = ""
     join: bool | None = None  # ns=1 / ns=0: the module enters namespaces / will not; None: silent
-    # the inet sockets the caller lent with the line (SCM_RIGHTS, read by the server); None:
-    # none came (an older module, or a caller holding none): the agent walks its fds
+    # the session's socket(s) the caller lent with the line (SCM_RIGHTS, read by the server);
+    # None: none came (an older module, or sshd named none): the agent walks the caller's fds
     lent: tuple[Connection, ...] | None = None
 
 

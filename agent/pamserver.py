@@ -10,9 +10,10 @@ One handler per op (`PamServer._dispatch`):
     close_session  same fields -> verdict=allow
     status         (calleridctl) -> verdict=allow reason=status msg=<the agent's counters, JSON>
 
-An account request may carry the caller's inet sockets as SCM_RIGHTS (pam_callerid.so lends
-those it holds, at most four): from a root caller they are read at once (`PamRequest.lent`) and
-closed, and name the session's connection without a walk of the caller's fds.
+An account request may carry the session's socket as SCM_RIGHTS (pam_callerid.so lends the
+one sshd names in SSH_CONNECTION, when it holds it; at most LENT_MAX fds are taken): from a
+root caller it is read at once (`PamRequest.lent`) and closed, and names the session's
+connection without a walk of the caller's fds.
 
 The server takes the caller's pid and uid from SO_PEERCRED, refuses any uid but 0, reads at
 most one bounded line, and always answers within ``pam_timeout_ms``: when the decision is not

@@ -3,7 +3,7 @@
  * It inherits the accepted TCP connection from its parent (the stand-in listener), waits
  * for "go" (EOF on go_fd), then keeps `inflight` PAM account requests open at once on the
  * agent's unix socket (each on its own connection, the exact line pam_callerid.so sends, with
- * its inet sockets as SCM_RIGHTS, found in /proc/self/fd as the module finds them) until it
+ * its connection lent as SCM_RIGHTS, found as the module finds the one sshd names) until it
  * has sent `requests`. It writes one JSON object to `out`:
  *
  *     {"lat": [ms, ...], "nbad": N, "bad": ["reply", ...], "first": t0, "last": t1}
@@ -14,7 +14,6 @@
  * usage: storm-monitor AGENT_SOCK LINE JOB REQUESTS INFLIGHT GO_FD OUT
  */
 #define _GNU_SOURCE
-#include <dirent.h>
 #include <errno.h>
 #include <poll.h>
 #include <stdio.h>
@@ -28,7 +27,6 @@
 #define MAX_INFLIGHT 256
 #define REPLY_MAX 4096
 #define BAD_KEPT 5
-#define HELD_MAX 4 /* CID_HELD_MAX of pam/client.h */
 
 struct slot {
 	int fd;
@@ -44,52 +42,43 @@ static double now(clockid_t clock)
 	return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-/* This process's inet sockets, as pam/client.c's own_inet_fds finds them (0: none or too many). */
-static unsigned inet_fds(int *out)
+/* The session's socket, looked for as pam/client.c's session_socket does (fds from 0 up,
+ * getsockname and getpeername on each socket): here the first connected inet one, -1 if none. */
+static int session_socket(void)
 {
-	DIR *d = opendir("/proc/self/fd");
-	struct dirent *e;
-	unsigned n = 0;
-	if (d == NULL)
-		return 0;
-	while ((e = readdir(d)) != NULL) {
-		int fd = atoi(e->d_name), dom;
-		socklen_t len = sizeof(dom);
-		if (e->d_name[0] < '0' || e->d_name[0] > '9' || fd == dirfd(d) ||
-		    getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &dom, &len) != 0 ||
-		    (dom != AF_INET && dom != AF_INET6))
+	struct sockaddr_storage ss;
+	for (int fd = 0; fd < 1024; fd++) {
+		socklen_t len = sizeof(ss);
+		if (getsockname(fd, (struct sockaddr *)&ss, &len) != 0 ||
+		    (ss.ss_family != AF_INET && ss.ss_family != AF_INET6))
 			continue;
-		if (n == HELD_MAX) {
-			n = 0;
-			break;
-		}
-		out[n++] = fd;
+		len = sizeof(ss);
+		if (getpeername(fd, (struct sockaddr *)&ss, &len) == 0)
+			return fd;
 	}
-	closedir(d);
-	return n;
+	return -1;
 }
 
 static int start(struct slot *s, const struct sockaddr_un *addr, const char *line, size_t len)
 {
 	union {
-		char buf[CMSG_SPACE(sizeof(int) * HELD_MAX)];
+		char buf[CMSG_SPACE(sizeof(int))];
 		struct cmsghdr align;
 	} ctl;
 	struct iovec iov = {.iov_base = (void *)line, .iov_len = len};
 	struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
-	int held[HELD_MAX];
-	unsigned n = inet_fds(held);
+	int lent = session_socket();
 	s->started = now(CLOCK_MONOTONIC);
 	s->got = 0;
-	if (n > 0) {
+	if (lent >= 0) {
 		memset(&ctl, 0, sizeof(ctl));
 		msg.msg_control = ctl.buf;
-		msg.msg_controllen = CMSG_SPACE(sizeof(int) * n);
+		msg.msg_controllen = sizeof(ctl.buf);
 		struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
 		c->cmsg_level = SOL_SOCKET;
 		c->cmsg_type = SCM_RIGHTS;
-		c->cmsg_len = CMSG_LEN(sizeof(int) * n);
-		memcpy(CMSG_DATA(c), held, sizeof(int) * n);
+		c->cmsg_len = CMSG_LEN(sizeof(int));
+		memcpy(CMSG_DATA(c), &lent, sizeof(int));
 	}
 	s->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (s->fd < 0 || connect(s->fd, (const struct sockaddr *)addr, sizeof(*addr)) < 0 ||

@@ -3,9 +3,10 @@
  * Uses the module's own client code (client.c), so it exercises the exact same exchange.
  *
  *   callerid-pam-client [-s SOCKET] [-t MS] [-o OP] [-S SERVICE] [-r RHOST] [-T TTY]
- *                       [-N 0|1] [-P] USER
+ *                       [-N 0|1] [-C SSH_CONNECTION] USER
  *
- * -P passes this process's inet sockets with the request, as the module does for account.
+ * -C "rip rport lip lport": lend the socket it names with the request (when this process
+ * holds it), as the module does with the SSH_CONNECTION sshd puts into the PAM environment.
  * -N sends ns=0|1 (as the module does: whether it enters the job's namespaces; this tool never
  * does, it closes the fds). Prints "verdict=V job=J gid=G ns=KINDS reason=R msg=M" and the
  * timings. Exit status: 0 adopt/allow,
@@ -24,13 +25,13 @@
 static int usage(void)
 {
     fprintf(stderr, "usage: callerid-pam-client [-s SOCKET] [-t MS] [-o OP] [-S SERVICE] "
-                    "[-r RHOST] [-T TTY] [-N 0|1] [-P] USER\n");
+                    "[-r RHOST] [-T TTY] [-N 0|1] [-C SSH_CONNECTION] USER\n");
     return 64;
 }
 
 int main(int argc, char **argv)
 {
-    struct cid_request req = {"account", NULL, "callerid-pam-client", NULL, NULL, NULL, 0};
+    struct cid_request req = {"account", NULL, "callerid-pam-client", NULL, NULL, NULL, NULL};
     struct cid_result res;
     struct cid_reply *reply;
     char kinds[64] = "";
@@ -41,7 +42,7 @@ int main(int argc, char **argv)
     int status;
     int c;
 
-    while ((c = getopt(argc, argv, "s:t:o:S:r:T:N:P")) != -1) {
+    while ((c = getopt(argc, argv, "s:t:o:S:r:T:N:C:")) != -1) {
         switch (c) {
         case 's':
             path = optarg;
@@ -69,8 +70,8 @@ int main(int argc, char **argv)
                 return usage();
             req.ns = optarg;
             break;
-        case 'P': /* pass this process's inet sockets, as pam_callerid.so does */
-            req.pass_sockets = 1;
+        case 'C': /* lend the socket it names, as pam_callerid.so does with sshd's */
+            req.connection = optarg;
             break;
         default:
             return usage();

@@ -12,16 +12,17 @@
  * data, or a count that differs from the reply's ns= field is CID_E_FDS. Every fd received is
  * closed on every path but success, where the reply owns them.
  *
- * With req->pass_sockets the request's bytes carry this process's inet sockets (own_inet_fds):
- * the fds are lent, not given; the process keeps its own.
+ * With req->connection (sshd's SSH_CONNECTION) the request's bytes carry the socket it names,
+ * when this process holds it (session_socket): lent, not given; the process keeps it.
  */
 #define _GNU_SOURCE
 #include "client.h"
 
-#include <dirent.h>
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
 #include <poll.h>
-#include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -161,50 +162,75 @@ static ssize_t xfer_some(int fd, void *buf, size_t len, enum xfer_dir dir, long 
     }
 }
 
-/* This process's inet sockets (AF_INET, AF_INET6), from /proc/self/fd: their number, 0 when
- * there are none, more than `cap`, or /proc cannot be read (the agent then walks the fds
- * itself). `skip` is not looked at (the caller's own unix socket). */
-static unsigned own_inet_fds(int *out, unsigned cap, int skip)
+/* "ip port" of a socket address as sshd writes it in SSH_CONNECTION: an IPv4-mapped IPv6
+ * address as plain IPv4, no scope. 0, or -1 when it is not an inet address. */
+static int addr_text(const struct sockaddr_storage *ss, char *out, size_t cap)
 {
-    DIR *d = opendir("/proc/self/fd");
-    struct dirent *e;
-    unsigned n = 0;
-    int over = 0;
-    int dom;
-    socklen_t len;
-    char *end;
-    long v;
+    const struct sockaddr_in *v4 = (const struct sockaddr_in *)ss;
+    const struct sockaddr_in6 *v6 = (const struct sockaddr_in6 *)ss;
+    char ip[INET6_ADDRSTRLEN];
+    struct in_addr mapped;
 
-    if (d == NULL)
-        return 0;
-    while ((e = readdir(d)) != NULL) {
-        if (e->d_name[0] < '0' || e->d_name[0] > '9')
-            continue;
-        v = strtol(e->d_name, &end, 10);
-        if (*end != '\0' || v < 0 || v > 0x7fffffff || (int)v == skip || (int)v == dirfd(d))
-            continue;
-        len = sizeof(dom);
-        if (getsockopt((int)v, SOL_SOCKET, SO_DOMAIN, &dom, &len) != 0)
-            continue; /* not a socket (ENOTSOCK) */
-        if (dom != AF_INET && dom != AF_INET6)
-            continue;
-        if (n == cap) {
-            over = 1;
-            break;
-        }
-        out[n++] = (int)v;
+    if (ss->ss_family == AF_INET) {
+        if (inet_ntop(AF_INET, &v4->sin_addr, ip, sizeof(ip)) == NULL)
+            return -1;
+        return snprintf(out, cap, "%s %u", ip, ntohs(v4->sin_port)) < (int)cap ? 0 : -1;
     }
-    (void)closedir(d);
-    return over ? 0 : n;
+    if (ss->ss_family != AF_INET6)
+        return -1;
+    if (IN6_IS_ADDR_V4MAPPED(&v6->sin6_addr)) {
+        memcpy(&mapped, &v6->sin6_addr.s6_addr[12], sizeof(mapped));
+        if (inet_ntop(AF_INET, &mapped, ip, sizeof(ip)) == NULL)
+            return -1;
+    } else if (inet_ntop(AF_INET6, &v6->sin6_addr, ip, sizeof(ip)) == NULL) {
+        return -1;
+    }
+    return snprintf(out, cap, "%s %u", ip, ntohs(v6->sin6_port)) < (int)cap ? 0 : -1;
 }
 
-/* The first bytes of the request with `nfds` fds as SCM_RIGHTS (then send_all the rest):
+/* The fd of the socket SSH_CONNECTION ("rip rport lip lport") names, looked for among fds
+ * 0..CID_FD_SCAN-1 (not `skip`), or -1. sshd's connection is one of a
+ * monitor's first fds, so this usually takes a few getsockname calls. */
+static int session_socket(const char *connection, int skip)
+{
+    char rip[64], lip[64], want_local[96], want_remote[96], got[96];
+    unsigned rport, lport;
+    struct sockaddr_storage ss;
+    socklen_t len;
+    char *pct;
+    int fd;
+
+    if (connection == NULL ||
+        sscanf(connection, "%63s %u %63s %u", rip, &rport, lip, &lport) != 4)
+        return -1;
+    if ((pct = strchr(rip, '%')) != NULL) /* a link-local address's zone: not in getsockname */
+        *pct = '\0';
+    if ((pct = strchr(lip, '%')) != NULL)
+        *pct = '\0';
+    if (snprintf(want_local, sizeof(want_local), "%s %u", lip, lport) >= (int)sizeof(want_local) ||
+        snprintf(want_remote, sizeof(want_remote), "%s %u", rip, rport) >= (int)sizeof(want_remote))
+        return -1;
+    for (fd = 0; fd < CID_FD_SCAN; fd++) {
+        len = sizeof(ss);
+        if (fd == skip || getsockname(fd, (struct sockaddr *)&ss, &len) != 0)
+            continue; /* EBADF, ENOTSOCK */
+        if (addr_text(&ss, got, sizeof(got)) != 0 || strcmp(got, want_local) != 0)
+            continue;
+        len = sizeof(ss);
+        if (getpeername(fd, (struct sockaddr *)&ss, &len) != 0)
+            continue;
+        if (addr_text(&ss, got, sizeof(got)) == 0 && strcmp(got, want_remote) == 0)
+            return fd;
+    }
+    return -1;
+}
+
+/* The first bytes of the request with the fd `lent` as SCM_RIGHTS (then send_all the rest):
  * the bytes sent, or -1 with errno (ETIMEDOUT at the deadline). */
-static ssize_t send_with_fds(int fd, const char *buf, size_t len, const int *fds, unsigned nfds,
-                             long deadline_us)
+static ssize_t send_lent(int fd, const char *buf, size_t len, int lent, long deadline_us)
 {
     union {
-        char buf[CMSG_SPACE(sizeof(int) * CID_HELD_MAX)];
+        char buf[CMSG_SPACE(sizeof(int))];
         struct cmsghdr align;
     } ctl;
     struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
@@ -217,12 +243,12 @@ static ssize_t send_with_fds(int fd, const char *buf, size_t len, const int *fds
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
     msg.msg_control = ctl.buf;
-    msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+    msg.msg_controllen = sizeof(ctl.buf);
     c = CMSG_FIRSTHDR(&msg);
     c->cmsg_level = SOL_SOCKET;
     c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
-    memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &lent, sizeof(int));
     for (;;) {
         n = sendmsg(fd, &msg, MSG_NOSIGNAL);
         if (n >= 0)
@@ -330,8 +356,7 @@ int cid_exchange(const char *path, int timeout_ms, const struct cid_request *req
     char line[CID_LINE_MAX];
     struct sockaddr_un sa;
     struct fdbox box;
-    int held[CID_HELD_MAX];
-    unsigned held_n;
+    int lent;
     size_t sent;
     ssize_t n;
     size_t reqlen = 0;
@@ -358,6 +383,9 @@ int cid_exchange(const char *path, int timeout_ms, const struct cid_request *req
     }
     sa.sun_family = AF_UNIX;
     memcpy(sa.sun_path, path, strlen(path) + 1);
+    /* found before connecting: the request follows the connect at once, so that the agent,
+     * woken by the connect, finds the line there already */
+    lent = session_socket(req->connection, -1);
 
     if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)) < 0) {
         fail(res, CID_E_SOCKET, "socket", errno);
@@ -371,14 +399,13 @@ int cid_exchange(const char *path, int timeout_ms, const struct cid_request *req
         goto cleanup;
     }
     t = now_us();
-    held_n = req->pass_sockets ? own_inet_fds(held, CID_HELD_MAX, fd) : 0;
     sent = 0;
     r = 0;
-    if (held_n > 0) {
-        n = send_with_fds(fd, reqbuf, reqlen, held, held_n, deadline);
+    if (lent >= 0) {
+        n = send_lent(fd, reqbuf, reqlen, lent, deadline);
         r = n < 0 ? -1 : 0;
         sent = n < 0 ? 0 : (size_t)n;
-        res->sent_fds = n < 0 ? 0 : held_n;
+        res->sent_fds = n < 0 ? 0 : 1;
     }
     if (r == 0)
         r = send_all(fd, reqbuf + sent, reqlen - sent, deadline);

@@ -16,11 +16,12 @@
  * bytes. Received fds are close-on-exec and owned by the caller (cid_close_fds); on any
  * failure cid_exchange has closed them already and says in res->got_fds that some came.
  *
- * Sockets (account, pass_sockets): the request may carry, as SCM_RIGHTS on its bytes, the inet
- * sockets this process holds (at most CID_HELD_MAX; none if it holds more, or none): the agent
- * then reads the session's connection from them instead of walking /proc/<pid>/fd. It checks
- * them as it checks what the walk finds; an agent that does not read them lets the kernel
- * close them, so either side may be older.
+ * The session's socket (account, req->connection): sshd puts SSH_CONNECTION ("remote-ip
+ * remote-port local-ip local-port") into the PAM environment; when this process holds the
+ * socket it names, that one socket goes with the request's bytes as SCM_RIGHTS (lent: the
+ * process keeps it). The agent then reads the session's connection from it instead of walking
+ * /proc/<pid>/fd, and checks it as it checks what the walk finds; an agent that does not read
+ * it lets the kernel close it, so either side may be older.
  *
  * Lines are at most CID_LINE_MAX bytes including the final '\n'. Values are percent-encoded.
  * The whole exchange (connect + send + receive) is bounded by one deadline.
@@ -43,7 +44,7 @@
 #define CID_DEFAULT_TIMEOUT_MS 2500
 #define CID_MAX_TIMEOUT_MS     120000
 #define CID_NS_MAX             7 /* namespace kinds: user mnt pid net ipc uts cgroup */
-#define CID_HELD_MAX           4 /* inet sockets passed with an account request */
+#define CID_FD_SCAN            1024 /* fds looked at for the session's socket */
 
 enum cid_status {
     CID_OK = 0,
@@ -72,7 +73,7 @@ struct cid_request {
     const char *rhost;
     const char *tty;
     const char *ns; /* account: "1" joins the job's namespaces, "0" will not; NULL: not sent */
-    int pass_sockets; /* account from sshd: pass this process's inet sockets (see below) */
+    const char *connection; /* account: sshd's SSH_CONNECTION; its socket is lent (see above) */
 };
 
 struct cid_reply {
@@ -96,7 +97,7 @@ struct cid_result {
     long recv_us;
     long total_us;
     unsigned got_fds; /* fds that came with the reply (on a failure: closed already) */
-    unsigned sent_fds; /* inet sockets passed with the request (pass_sockets) */
+    unsigned sent_fds; /* sockets lent with the request: 1 when the session's was found */
 };
 
 /* Encode `req` as one '\n'-terminated line into buf[cap]. Returns CID_OK and the length in

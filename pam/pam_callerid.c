@@ -395,7 +395,8 @@ static int run_phase(pam_handle_t *pamh, int flags, int argc, const char **argv,
     req.rhost = get_item_str(pamh, PAM_RHOST);
     req.tty = get_item_str(pamh, PAM_TTY);
     req.ns = phase != PHASE_ACCOUNT ? NULL : o.join_container ? "1" : "0";
-    req.pass_sockets = phase == PHASE_ACCOUNT; /* the agent reads the connection from them */
+    /* the socket sshd names as the session's is lent: the agent reads the connection from it */
+    req.connection = phase == PHASE_ACCOUNT ? pam_getenv(pamh, "SSH_CONNECTION") : NULL;
     if ((reply = calloc(1, sizeof(*reply))) == NULL) {
         pam_syslog(pamh, LOG_CRIT, "out of memory");
         rc = PAM_BUF_ERR;
@@ -404,7 +405,7 @@ static int run_phase(pam_handle_t *pamh, int flags, int argc, const char **argv,
     r = cid_exchange(o.socket_path, o.timeout_ms, &req, reply, &res);
     if (o.debug)
         pam_syslog(pamh, LOG_DEBUG,
-                   "%s: user %s: %s at %s; connect %ld us, send %ld us (%u sockets), recv %ld us, "
+                   "%s: user %s: %s at %s; connect %ld us, send %ld us (%u lent), recv %ld us, "
                    "total %ld us",
                    req.op, user, cid_status_str(res.status), res.stage, res.connect_us, res.send_us,
                    res.sent_fds, res.recv_us, res.total_us);

@@ -108,7 +108,7 @@ struct tcase {
 
 static void run_case(const char sock_path[64], const struct tcase *t)
 {
-    struct cid_request req = {"account", "alice", "sshd", "10.0.0.1", "ssh", "1", 0};
+    struct cid_request req = {"account", "alice", "sshd", "10.0.0.1", "ssh", "1", NULL};
     struct cid_reply *reply = calloc(1, sizeof(*reply));
     struct cid_result res;
     struct sockaddr_un sa;

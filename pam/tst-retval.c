@@ -1,11 +1,11 @@
 /*
  * tst-retval.c - run PAM phases against a private service file and print exact results.
  *
- *   tst-retval [-r RHOST] [-t TTY] [-s] [-n] [-f PATH] CONFDIR SERVICE USER OP...
+ *   tst-retval [-r RHOST] [-t TTY] [-e NAME=VALUE] [-s] [-n] [-f PATH] CONFDIR SERVICE USER OP...
  *
  * OP is acct_mgmt, open_session or close_session. The service is read from CONFDIR/SERVICE
  * through pam_start_confdir (Linux-PAM >= 1.4), so /etc/pam.d is never touched. -s passes
- * PAM_SILENT; -n installs a conversation with no function. Output, one line each:
+ * PAM_SILENT; -e puts NAME=VALUE into the PAM environment first (as sshd puts SSH_CONNECTION); -n installs a conversation with no function. Output, one line each:
  *
  *   conv error <text>                   (every PAM_ERROR_MSG shown by a module)
  *   <op> rc=<n> <PAM_NAME> ms=<elapsed>
@@ -130,6 +130,7 @@ int main(int argc, char **argv)
     const char *rhost = NULL;
     const char *tty = NULL;
     const char *probe = NULL;
+    const char *putenv_arg = NULL;
     struct stat st;
     int flags = 0;
     int status = 2;
@@ -137,13 +138,16 @@ int main(int argc, char **argv)
     int i;
     int rc;
 
-    while ((c = getopt(argc, argv, "r:t:snf:")) != -1) {
+    while ((c = getopt(argc, argv, "r:t:e:snf:")) != -1) {
         switch (c) {
         case 'r':
             rhost = optarg;
             break;
         case 't':
             tty = optarg;
+            break;
+        case 'e':
+            putenv_arg = optarg;
             break;
         case 's':
             flags |= PAM_SILENT;
@@ -166,7 +170,8 @@ int main(int argc, char **argv)
         return 2;
     }
     if ((rhost != NULL && pam_set_item(pamh, PAM_RHOST, rhost) != PAM_SUCCESS) ||
-        (tty != NULL && pam_set_item(pamh, PAM_TTY, tty) != PAM_SUCCESS)) {
+        (tty != NULL && pam_set_item(pamh, PAM_TTY, tty) != PAM_SUCCESS) ||
+        (putenv_arg != NULL && pam_putenv(pamh, putenv_arg) != PAM_SUCCESS)) {
         fprintf(stderr, "tst-retval: pam_set_item failed\n");
         goto out;
     }
@@ -187,7 +192,8 @@ out:
     pam_end(pamh, PAM_SUCCESS);
     return status;
 usage:
-    fprintf(stderr, "usage: tst-retval [-r RHOST] [-t TTY] [-s] [-n] [-f PATH] CONFDIR SERVICE USER "
+    fprintf(stderr, "usage: tst-retval [-r RHOST] [-t TTY] [-e NAME=VALUE] [-s] [-n] [-f PATH] "
+                    "CONFDIR SERVICE USER "
                     "OP...\n");
     return 2;
 }

@@ -261,8 +261,8 @@ class SessionFinder:
         exactly one qualifying connection wins; if its parent holds the same socket (sshd's
         forked PAM helper), the topmost such holder is returned. Raises ProcessGone if ``pid``
         is gone, NetinfoError if nothing qualifies or one process holds several ("ambiguous").
-        ``lent``: the inet sockets ``pid`` lent with its request (`lent_connections`), taken as
-        all it holds; its fds are then not walked.
+        ``lent``: the socket(s) ``pid`` lent with its request as its session's (`lent_connections`:
+        the one sshd names), taken in place of what it holds; its fds are then not walked.
         """
         chain = self._chain(pid, lent)
         want = _rhost_ip(rhost)

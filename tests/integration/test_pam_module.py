@@ -664,42 +664,72 @@ def test_debug_logs_steps_with_timings(built: Path, tmp_path: Path, sock: str) -
     assert run.codes == {"acct_mgmt": "PAM_SUCCESS"}
     debug = [text for sev, text in run.logs if sev == 7]
     assert any(
-        re.search(r"connect \d+ us, send \d+ us \(0 sockets\), recv \d+ us, total \d+ us", t)
+        re.search(r"connect \d+ us, send \d+ us \(0 lent\), recv \d+ us, total \d+ us", t)
         for t in debug
     )
     assert any("returning 0" in t for t in debug)
 
 
-def test_account_lends_the_inet_sockets_it_holds(built: Path, tmp_path: Path, sock: str) -> None:
-    """An account request carries the caller's inet sockets (SCM_RIGHTS), not its unix ones;
-    open_session carries none. The agent reads the session's connection from them."""
+def ssh_connection(sock: socket.socket, *, v4: bool = False) -> str:
+    """SSH_CONNECTION as sshd writes it for the connection ``sock`` (its server end): remote
+    ip and port, local ip and port; ``v4``: an IPv4-mapped address as plain IPv4."""
+    (lip, lport), (rip, rport) = sock.getsockname()[:2], sock.getpeername()[:2]
+    if v4:
+        lip, rip = lip.removeprefix("::ffff:"), rip.removeprefix("::ffff:")
+    return f"SSH_CONNECTION={rip} {rport} {lip} {lport}"
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6", "mapped"])
+def test_account_lends_the_socket_sshd_names(
+    built: Path, tmp_path: Path, sock: str, family: str
+) -> None:
+    """sshd's SSH_CONNECTION (PAM environment) names the session's socket: an account request
+    lends exactly that one (SCM_RIGHTS), not the process's other inet sockets; open_session
+    lends none."""
+    host = {"ipv4": "127.0.0.1", "ipv6": "::1", "mapped": "::"}[family]
+    fam = socket.AF_INET if family == "ipv4" else socket.AF_INET6
     with contextlib.ExitStack() as stack:
-        lst = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
-        tcp = stack.enter_context(socket.create_connection(lst.getsockname()[:2]))
-        udp = stack.enter_context(socket.socket(socket.AF_INET6, socket.SOCK_DGRAM))
-        udp.connect(("::1", 9))
-        unix_a, unix_b = (stack.enter_context(s) for s in socket.socketpair())
+        lst = stack.enter_context(socket.socket(fam))
+        if family == "mapped":
+            lst.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        lst.bind((host, 0))
+        lst.listen()
+        port = lst.getsockname()[1]
+        client = stack.enter_context(
+            socket.create_connection(
+                ("127.0.0.1" if fam == socket.AF_INET or family == "mapped" else "::1", port)
+            )
+        )
+        server = stack.enter_context(lst.accept()[0])
+        other = stack.enter_context(
+            socket.create_connection(("127.0.0.1" if family != "ipv6" else "::1", port))
+        )
+        stack.enter_context(lst.accept()[0])
         agent = stack.enter_context(FakeAgent(sock, reply=reply_line("allow")))
-        fds = (tcp.fileno(), udp.fileno(), unix_a.fileno(), unix_b.fileno())
-        run = retval(tmp_path, f"socket={sock}", "acct_mgmt", "open_session", pass_fds=fds)
-        want = {
-            (socket.AF_INET, tcp.getsockname(), tcp.getpeername()),
-            (socket.AF_INET6, udp.getsockname(), udp.getpeername()),
-        }
+        env = ssh_connection(server, v4=family == "mapped")
+        fds = (lst.fileno(), other.fileno(), server.fileno(), client.fileno())
+        run = retval(
+            tmp_path, f"socket={sock}", "acct_mgmt", "open_session", flags=("-e", env),
+            pass_fds=fds,
+        )  # fmt: skip
+        want = (int(server.family), server.getsockname(), server.getpeername())
     assert run.codes["acct_mgmt"] == "PAM_SUCCESS"
     account, session = agent.seen
-    assert b"op=account" in account.line
-    assert set(account.lent) == want
-    assert b"op=open_session" in session.line
-    assert session.lent == ()
+    assert b"op=account" in account.line and account.lent == (want,)
+    assert b"op=open_session" in session.line and session.lent == ()
 
 
-def test_more_inet_sockets_than_four_lends_none(built: Path, tmp_path: Path, sock: str) -> None:
-    """Past CID_HELD_MAX (4) inet sockets the module lends none (the agent walks its fds)."""
+@pytest.mark.parametrize("env", [None, "SSH_CONNECTION=10.9.9.9 5 10.9.9.8 22", "SSH_CONNECTION=x"])
+def test_no_socket_is_lent_unless_the_named_one_is_held(
+    built: Path, tmp_path: Path, sock: str, env: str | None
+) -> None:
+    """No SSH_CONNECTION, one naming a socket this process does not hold, or a malformed one:
+    nothing is lent (the agent walks the caller's fds)."""
     with contextlib.ExitStack() as stack:
-        udp = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(5))
-        held = [stack.enter_context(s) for s in udp]
+        lst = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
+        held = stack.enter_context(socket.create_connection(lst.getsockname()[:2]))
         agent = stack.enter_context(FakeAgent(sock, reply=reply_line("allow")))
-        run = retval(tmp_path, f"socket={sock}", pass_fds=tuple(s.fileno() for s in held))
+        flags = ("-e", env) if env else ()
+        run = retval(tmp_path, f"socket={sock}", flags=flags, pass_fds=(held.fileno(),))
     assert run.codes == {"acct_mgmt": "PAM_SUCCESS"}
     assert [s.lent for s in agent.seen] == [()]

@@ -285,7 +285,7 @@ def test_bad_requests_are_logged_within_a_budget(
 
 async def lend(path: str, payload: bytes, fds: list[int]) -> bytes:
     """One exchange whose request lends ``fds`` (SCM_RIGHTS on its first bytes), as
-    pam_callerid.so lends its inet sockets."""
+    pam_callerid.so lends the session's socket."""
     loop = asyncio.get_running_loop()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.setblocking(False)
