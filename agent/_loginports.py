@@ -50,6 +50,8 @@ class SessionFinder(Protocol):
 class Held(Protocol):
     """A process pinned by its identity (`netinfo.Pin`)."""
 
+    pid: int
+
     def exited(self) -> bool: ...
 
     def close(self) -> None: ...
@@ -63,6 +65,11 @@ class Processes(Protocol):
     def pin(self, pid: int, start_time: float | None) -> Held:
         """Hold ``pid`` if it is still the process started at ``start_time``; ProcessGone
         (a NetinfoError) when it is not."""
+        ...
+
+    def hold(self, pid: int) -> Held:
+        """Hold whatever process has ``pid`` now, unchecked (its identity is read after);
+        ProcessGone when there is none."""
         ...
 
 

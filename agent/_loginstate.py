@@ -5,17 +5,23 @@ Re-exported by `login` (`Outcome`, `Started`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from callerid.agent import policy
 from callerid.agent._joinns import Fetched
-from callerid.agent.backends.base import JobNamespaces
+from callerid.agent.backends.base import BackendError, JobNamespaces
 from callerid.agent.journal import DecisionRecord
-from callerid.agent.netinfo import Connection
+from callerid.agent.netinfo import Connection, ProcessGone
 from callerid.agent.pamproto import PamReply, PamRequest
 
-__all__ = ["Login", "Outcome", "Started"]
+if TYPE_CHECKING:
+    from callerid.agent._loginports import Held, Processes
+
+__all__ = ["Login", "Outcome", "Started", "pinned"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +56,49 @@ class Login:
     waited_ms: int | None = None  # waited for the job the source named (wait_for_job_ms)
     fetched: Fetched | None = None  # the job's namespaces, asked for after the adoption
     marks: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+    # the caller, held (pidfd) since before its identity was read: see `LoginFlow._hold`
+    pin: Held | None = None
+
+    def take_pin(self, pid: int) -> Held | None:
+        """The early pin if it holds ``pid`` (the caller handing it over), else None (and
+        it is closed: the adoption is of another process)."""
+        pin, self.pin = self.pin, None
+        if pin is not None and pin.pid != pid:
+            pin.close()
+            return None
+        return pin
+
+    def unpin(self) -> None:
+        """Close the early pin if it was not handed over (idempotent)."""
+        if self.pin is not None:
+            self.pin.close()
+            self.pin = None
 
     def give_up(self) -> None:
         """The login was cancelled (PAM deadline): fds a worker fetched meanwhile are closed."""
         if self.fetched is not None:
             self.fetched.drop()
+
+
+@contextlib.contextmanager
+def pinned(
+    procs: Processes, pid: int, start: float | None, held: Held | None = None
+) -> Iterator[None]:
+    """Around the adoption of the process ``pid`` started at ``start``, and only that process
+    (see `netinfo.Pin`): NetinfoError if it is gone, BackendError if it exits meanwhile.
+    ``held``: ``pid`` held since before ``start`` was read (taken over, closed here): if it
+    is alive now, it still holds the pid and ``start`` is its own, which is what `pin` checks
+    by reading the start time again; one poll instead of that read."""
+    if held is None:
+        held = procs.pin(pid, start)
+    elif held.exited():
+        held.close()
+        msg = f"process {pid} is gone"
+        raise ProcessGone(msg)
+    try:
+        yield
+        if held.exited():
+            msg = f"process {pid} exited while it was being adopted"
+            raise BackendError(msg)
+    finally:
+        held.close()

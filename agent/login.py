@@ -33,7 +33,7 @@ from callerid.agent._loginports import (
     UserSource,
 )
 from callerid.agent._loginrecord import decided, failed
-from callerid.agent._loginstate import Login, Outcome, Started
+from callerid.agent._loginstate import Login, Outcome, Started, pinned
 from callerid.agent._offload import backend_call, in_thread
 from callerid.agent.backends.base import Backend, BackendError, Job, JobNamespaces, LoopAdoption
 from callerid.agent.config import Mode, PolicyConfig
@@ -119,13 +119,17 @@ class LoginFlow:
         login = self._login(req, caller_pid, received)
         login.facts = facts
         self._mark(login, "user")
-        step = self._local_step(login)
-        if isinstance(step, Outcome):
-            return step
-        if step is policy.Need.CALLERID:
-            return Started(login)
-        assert isinstance(step, policy.Decision)
-        return self._conclude(login, step)
+        try:
+            step = self._local_step(login, early_pin=True)
+            if isinstance(step, Outcome):
+                return step
+            if step is policy.Need.CALLERID:
+                return Started(login)  # `account` takes the login (and its pin) over
+            assert isinstance(step, policy.Decision)
+            return self._conclude(login, step)
+        except BaseException:
+            login.unpin()
+            raise
 
     async def account(
         self,
@@ -143,16 +147,21 @@ class LoginFlow:
         the loop. The record's latency counts from ``received`` (when the request arrived) if
         given.
         """
-        step: policy.Decision | policy.Need | Outcome = policy.Need.CALLERID
-        if started is not None:
-            login = started.login
-        else:
-            login = self._login(req, caller_pid, received)
-            login.facts = await self.users.facts(req.user)
+        login = started.login if started is not None else self._login(req, caller_pid, received)
+        try:
+            return await self._account(login, policy.Need.CALLERID if started else None)
+        finally:
+            login.unpin()  # on the loop: whoever used the pin (the loop) is done with it
+
+    async def _account(self, login: Login, step: policy.Decision | policy.Need | None) -> Outcome:
+        """`account` from where `account_now` left it (``step``), or from the start (None)."""
+        if step is None:
+            login.facts = await self.users.facts(login.req.user)
             self._mark(login, "user")
-            step = await self._local(login)
-            if isinstance(step, Outcome):
-                return step
+            found = await self._local(login)
+            if isinstance(found, Outcome):
+                return found
+            step = found
         if step is policy.Need.CALLERID:
             await self._ask_source(login)
             self._mark(login, "source")
@@ -204,12 +213,13 @@ class LoginFlow:
         knows the jobs at once, on the loop, the adoption driven by the loop."""
         lb = self._on_loop
         if lb is not None:
-            step = self._local_step(login, jobs_now=lb.jobs_now, adopt=False)
+            step = self._local_step(login, jobs_now=lb.jobs_now, adopt=False, early_pin=True)
             if step is not None:
                 if isinstance(step, policy.Decision):
                     step = await self._carry_out_on_loop(login, step, lb)
                 return step
-        found = await self._backend(login, self._local_step, login)
+        on_loop = not self.backend.blocking  # the pin only where the loop both opens and uses it
+        found = await self._backend(login, self._local_step, login, None, True, on_loop)
         assert found is not None  # only a jobs_now that cannot tell gives None
         return found
 
@@ -234,13 +244,15 @@ class LoginFlow:
     def _local_step(
         self,
         login: Login,
-        *,
         jobs_now: Callable[[int], list[Job] | None] | None = None,
         adopt: bool = True,
+        early_pin: bool = False,
     ) -> policy.Decision | policy.Need | Outcome | None:
         """Local jobs and the session connection, as the policy asks; a final adopt decision
         is carried out here too (unless ``adopt`` is false). With ``jobs_now``, the jobs come
-        from it, and None is returned at once (nothing done) when it cannot tell."""
+        from it, and None is returned at once (nothing done) when it cannot tell.
+        ``early_pin``: the caller is held before its identity is read (`_find_session`); only
+        on the event loop, where the login's end closes the pin."""
         step = policy.decide(login.facts, self.cfg, self.node, self.rng)
         if step is policy.Need.JOBS:
             assert login.facts.uid is not None
@@ -257,15 +269,22 @@ class LoginFlow:
             self._mark(login, "jobs")
             step = policy.decide(login.facts, self.cfg, self.node, self.rng)
         if step is policy.Need.CALLERID:
-            self._find_session(login)
+            self._find_session(login, early_pin)
         elif isinstance(step, policy.Decision) and step.verdict == "adopt":
-            self._find_session(login)
+            self._find_session(login, early_pin)
             if adopt:
                 step = self._carry_out(login, step)
         return step
 
-    def _find_session(self, login: Login) -> None:
-        """The process to adopt: the sshd monitor holding the connection (or the caller)."""
+    def _find_session(self, login: Login, early_pin: bool = False) -> None:
+        """The process to adopt: the sshd monitor holding the connection (or the caller).
+
+        ``early_pin``: the caller is held (`Processes.hold`) before its identity (start time)
+        is read here; if it is the process adopted, the adoption uses that pin and need not
+        read its start time again (`netinfo.Pin`)."""
+        if early_pin:
+            with contextlib.suppress(NetinfoError):  # gone: the finding says so
+                login.pin = self.procs.hold(login.caller_pid)
         try:
             holder, conn = self.sessions.session_connection(
                 login.caller_pid, login.req.rhost or None, login.req.lent
@@ -324,15 +343,16 @@ class LoginFlow:
         """Around an adoption of the login's (pinned) process into the decided job; the
         "adopt" mark either way."""
         assert decision.job is not None and login.target_pid is not None
+        pid = login.target_pid
         try:
-            with _pinned(self.procs, login.target_pid, login.target_start):
-                yield login.target_pid, decision.job
+            with pinned(self.procs, pid, login.target_start, login.take_pin(pid)):
+                yield pid, decision.job
         finally:
             self._mark(login, "adopt")
 
     def _adopt(self, pid: int, start: float | None, job: Job) -> None:
         """Adopt the (pinned) process ``pid`` started at ``start`` into ``job``."""
-        with _pinned(self.procs, pid, start):
+        with pinned(self.procs, pid, start):
             self.backend.adopt(pid, job)
 
     def _adopt_failed(
@@ -345,6 +365,7 @@ class LoginFlow:
     def _outcome(
         self, login: Login, d: policy.Decision, ns: JobNamespaces | None = None
     ) -> Outcome:
+        login.unpin()  # the login has ended (an early pin not handed to an adoption)
         return decided(login, d, ns, node=self.node, mode=self.mode, now=self.clock())
 
     def error_outcome(
@@ -356,6 +377,7 @@ class LoginFlow:
         return self._error(login, reason, text)
 
     def _error(self, login: Login, reason: str, text: str) -> Outcome:
+        login.unpin()
         return failed(login, reason, text, node=self.node, mode=self.mode, now=self.clock())
 
     async def open_session(self, req: PamRequest, caller_pid: int) -> PamReply:
@@ -394,17 +416,3 @@ class LoginFlow:
     def close_session(self, caller_pid: int) -> PamReply:
         self.adopted.pop(caller_pid)
         return PamReply("allow", "closed")
-
-
-@contextlib.contextmanager
-def _pinned(procs: Processes, pid: int, start: float | None) -> Iterator[None]:
-    """Around the adoption of the process ``pid`` started at ``start``, and only that process
-    (see `netinfo.Pin`): NetinfoError if it is gone, BackendError if it exits meanwhile."""
-    held = procs.pin(pid, start)
-    try:
-        yield
-        if held.exited():
-            msg = f"process {pid} exited while it was being adopted"
-            raise BackendError(msg)
-    finally:
-        held.close()

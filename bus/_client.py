@@ -307,11 +307,14 @@ class MeshClient:
         """Close connections unused for IDLE_CLOSE_S: a source then holds state only for the
         peers that asked it recently, not for every node that ever did (LRU order: the
         least recently used come first)."""
-        for conn in list(self._pool.values()):
+        idle = []
+        for conn in self._pool.values():  # a copy only when some are to go
             if now - conn.last_used < IDLE_CLOSE_S:
                 break
             if not conn.pending:
-                self._drop(conn, _Failure("error", "idle connection closed"))
+                idle.append(conn)
+        for conn in idle:
+            self._drop(conn, _Failure("error", "idle connection closed"))
 
     def _open(self, key: tuple[str, int], server_key: str) -> _PeerConn:
         sock: zmq.Socket[bytes] = zmq.Socket(self._ctx, zmq.DEALER)  # driven by LoopSocket

@@ -137,12 +137,16 @@ class FakeSessions:
 
 
 class FakePin:
+    """A pidfd: it holds the process that had the pid when it was made (by its start time);
+    that one has exited once the pid names another (or is in ``exiting``)."""
+
     def __init__(self, procs: FakeProcs, pid: int) -> None:
         self.procs = procs
         self.pid = pid
+        self.start = procs.start_time(pid)
 
     def exited(self) -> bool:
-        return self.pid in self.procs.exiting
+        return self.pid in self.procs.exiting or self.procs.start_time(self.pid) != self.start
 
     def close(self) -> None:
         self.procs.open_pins.remove(self.pid)
@@ -169,6 +173,9 @@ class FakeProcs:
             raise ProcessGone(pid)
         self.open_pins.append(pid)
         return FakePin(self, pid)
+
+    def hold(self, pid: int) -> FakePin:
+        return self.pin(pid, None)
 
 
 class FakePeers:

@@ -179,13 +179,15 @@ class CgroupBackend:
             msg = f"invalid pid {pid}"
             raise BackendError(msg)
         targets = self._targets(job)
+        # A write to cgroup.procs that returns has moved the process (the migration is done
+        # within the write): nothing is read back. What it cannot tell, a process exiting
+        # meanwhile, the login flow's pin tells (`netinfo.Pin.exited`).
         try:
             for _h, extern in targets:
                 _write_pid(extern, pid, job)
         except JobVanished:
             self._externs.pop((job.id, job.uid))
             raise
-        self._verify(pid, targets)
         log.debug("adopted pid %d into job %s (%s)", pid, job.id, targets[0][1])
 
     def namespaces(self, job: Job) -> JobNamespaces | None:
@@ -312,23 +314,6 @@ class CgroupBackend:
             return None
         # the most common non-root uid; a tie goes to the lower uid
         return max(counts.items(), key=lambda kv: (kv[1], -kv[0]))[0]
-
-    def _verify(self, pid: int, targets: list[tuple[Hierarchy, str]]) -> None:
-        text = self._procs.cgroup_text(pid)
-        if text is None:
-            msg = f"process {pid} vanished"
-            raise BackendError(msg)
-        entries: list[tuple[str, frozenset[str], str]] | None = None
-        for h, extern in targets:
-            want = h.cgroup_path(extern)
-            if h.version == 2 and f"\n0::{want}\n" in f"\n{text}":
-                continue  # the usual case, found without parsing
-            if entries is None:
-                entries = parse_proc_cgroup(text)
-            got = h.path_of(entries)
-            if got != want:
-                msg = f"process {pid} is in {h.label}:{got}, not in {want} after adoption"
-                raise BackendError(msg)
 
 
 def _v2_entry(text: str) -> list[tuple[str, frozenset[str], str]]:

@@ -134,9 +134,10 @@ class ProcReader:
         except NetinfoError:
             return None
 
-    def pin(self, pid: int, start_time: float | None) -> Pin:
-        """Hold ``pid`` if it is still the process that started at ``start_time`` (None:
-        whatever process has the pid now); ProcessGone when it is not. See `Pin`."""
+    def hold(self, pid: int) -> Pin:
+        """Hold whatever process has ``pid`` now (a pidfd; its identity not checked: a start
+        time read *after* this names the held process, if it is alive once done with); see
+        `Pin`. ProcessGone when there is none."""
         try:
             fd = os.pidfd_open(pid)
         except OSError as exc:
@@ -144,7 +145,12 @@ class ProcReader:
                 raise ProcessGone(pid) from exc
             msg = f"cannot open a pidfd on {pid}: {exc.strerror}"
             raise NetinfoError(msg) from exc
-        held = Pin(pid, fd)
+        return Pin(pid, fd)
+
+    def pin(self, pid: int, start_time: float | None) -> Pin:
+        """Hold ``pid`` if it is still the process that started at ``start_time`` (None:
+        whatever process has the pid now); ProcessGone when it is not. See `Pin`."""
+        held = self.hold(pid)
         if start_time is not None and self.start_time(pid) != start_time:
             held.close()
             raise ProcessGone(pid)
@@ -277,6 +283,11 @@ class Pin:
     reaped). After the adoption `exited()` polls the pidfd: a process still alive after the
     write was alive during it, so the pid named it and no other. Only a process that exited
     meanwhile leaves the question open; the adoption is then reported as failed.
+
+    `ProcReader.hold` is the same pidfd opened *before* the start time is read (the login
+    flow pins its caller so, and reads it once): if the held process is alive after the
+    adoption, it held the pid from the hold through the read to the write, so the start time
+    read was its own.
     """
 
     __slots__ = ("fd", "pid")

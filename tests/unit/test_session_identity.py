@@ -11,13 +11,14 @@ import asyncio
 import os
 import random
 import resource
+from collections.abc import Sequence
 
 import pytest
 
 from callerid.agent.backends.base import Job
 from callerid.agent.config import parse
-from callerid.agent.login import LoginFlow
-from callerid.agent.netinfo import Connection, ProcessGone, ProcReader
+from callerid.agent.login import LoginFlow, Outcome
+from callerid.agent.netinfo import Connection, Proc, ProcessGone, ProcReader
 from callerid.agent.pamproto import PamReply, PamRequest
 from callerid.bus.protocol import Endpoint
 from tests.fakes import FakeBackend, FakeClock, FakeProcs, FakeSessions, FakeUsers
@@ -123,15 +124,40 @@ def test_a_process_that_exits_during_its_adoption_fails_it() -> None:
     assert procs.open_pins == []
 
 
-def test_a_process_replaced_before_the_write_is_not_adopted() -> None:
-    """The session finder saw start 1.0; by the adoption the pid has another process."""
-    procs, backend = FakeProcs({PID: 2.0}), FakeBackend([ALICE_JOB])
-    sessions_start = 1.0
+class ReplacingSessions(FakeSessions):
+    """Finds the session of the process started at 1.0, which is then replaced under its pid
+    (the pid reused by a process started at 2.0) before the adoption."""
+
+    def __init__(self, procs: FakeProcs) -> None:
+        super().__init__(CONN, holder=PID, start=1.0)
+        self.procs = procs
+
+    def session_connection(
+        self, pid: int, rhost: str | None = None, lent: Sequence[Connection] | None = None
+    ) -> tuple[Proc, Connection]:
+        found = super().session_connection(pid, rhost, lent)
+        self.procs.starts[PID] = 2.0
+        return found
+
+
+@pytest.mark.parametrize("path", ["account_now", "account", "worker"])
+def test_a_process_replaced_before_the_write_is_not_adopted(path: str) -> None:
+    """The session finder saw start 1.0; by the adoption the pid has another process. Held
+    since before the finding (on the loop: the early pin) or pinned for the write (a worker
+    thread's path): either way nothing is written, and no pin is left open."""
+    procs = FakeProcs({PID: 1.0})
+    backend = FakeBackend([ALICE_JOB], blocking=path == "worker")
     f = flow(procs, backend)
-    f.sessions = FakeSessions(CONN, holder=PID, start=sessions_start)
-    reply = run(f.account(req("alice"), PID))
+    f.sessions = ReplacingSessions(procs)
+    if path == "account_now":
+        out = f.account_now(req("alice"), PID)
+        assert isinstance(out, Outcome)
+        reply = out.reply
+    else:
+        reply = run(f.account(req("alice"), PID))
     assert (reply.verdict, reply.reason) == ("deny", "adopt_failed")
     assert backend.adopted == []  # nothing written
+    assert procs.open_pins == []
 
 
 def test_the_real_pin_holds_this_process_and_refuses_another_start_time() -> None:
