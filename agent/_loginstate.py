@@ -93,8 +93,7 @@ def pinned(
         held = procs.pin(pid, start)
     elif held.exited():
         held.close()
-        msg = f"process {pid} is gone"
-        raise ProcessGone(msg)
+        raise ProcessGone(pid)
     try:
         yield
         if held.exited():

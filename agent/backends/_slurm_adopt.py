@@ -12,6 +12,10 @@ remembered for this very socket file (``owner_known``: a stepd's job never chang
 stepd makes a new file): all four requests go at once and the answers are checked after; a
 step found ending then has the pid already (it ends with the step), and the login is refused as
 before.
+
+PID_IN_CONTAINER confirms ADD_EXTERN_PID (a stepd with proctrack/pgid accepts a pid it cannot
+contain) unless this very stepd has confirmed an adoption before (``contains_known``: a
+stepd's proctrack plugin is loaded once, for its life).
 """
 
 from __future__ import annotations
@@ -27,22 +31,32 @@ __all__ = ["adoption"]
 
 
 def adoption(
-    pid: int, job: Job, path: Path, version: int, *, owner_known: bool, proc_root: Path
+    pid: int,
+    job: Job,
+    path: Path,
+    version: int,
+    *,
+    owner_known: bool,
+    contains_known: bool = False,
+    proc_root: Path,
 ) -> Generator[list[StepdConnection], None, None]:
     """Adopt ``pid`` into ``job``'s extern step at ``path`` (see the module docstring)."""
     conn = StepdConnection(path)
+    inside: stepd.Reader[bool] | None = None
     try:
         greeting = conn.queue(stepd.hello(version))
         owner = conn.queue(stepd.step_uid())
         state = conn.queue(stepd.state())
         if owner_known:
             added = conn.queue(stepd.add_extern_pid(pid))
-            inside = conn.queue(stepd.pid_in_container(pid))
+            if not contains_known:
+                inside = conn.queue(stepd.pid_in_container(pid))
         yield [conn]
         _check_step(pid, job, conn, (greeting, owner, state), version)
         if not owner_known:
             added = conn.queue(stepd.add_extern_pid(pid))
-            inside = conn.queue(stepd.pid_in_container(pid))
+            if not contains_known:
+                inside = conn.queue(stepd.pid_in_container(pid))
             yield [conn]
     finally:
         conn.close()
@@ -73,12 +87,12 @@ def _check_adopted(
     pid: int,
     job: Job,
     conn: StepdConnection,
-    replies: tuple[stepd.Reader[int], stepd.Reader[bool]],
+    replies: tuple[stepd.Reader[int], stepd.Reader[bool] | None],
     proc_root: Path,
 ) -> None:
-    """Raise unless ADD_EXTERN_PID said 0 and PID_IN_CONTAINER then said yes."""
+    """Raise unless ADD_EXTERN_PID said 0 and PID_IN_CONTAINER (if asked) then said yes."""
     added, inside = replies
-    if added.done and added.value == 0 and conn.error is None and inside.value:
+    if added.done and added.value == 0 and conn.error is None and (inside is None or inside.value):
         return
     gone = "" if (proc_root / str(pid)).exists() else f" (process {pid} is gone)"
     if added.done and added.value != 0:

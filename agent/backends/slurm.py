@@ -124,6 +124,12 @@ class SlurmBackend:
         self._no_ns: Memo[tuple[str, int, float], bool] = Memo(
             max_entries=max_owners, ttl_s=owner_ttl_s, clock=clock
         )
+        # socket file identity of an extern stepd that has confirmed an adoption with
+        # PID_IN_CONTAINER: its proctrack plugin (what can contain a pid) is loaded once for
+        # the stepd's life, so later adoptions through it need not ask again
+        self._contains: Memo[tuple[str, int, float], bool] = Memo(
+            max_entries=max_owners, ttl_s=owner_ttl_s, clock=clock
+        )
         self._version = cfg.protocol_version or stepd.DEFAULT_PROTOCOL_VERSION
         self._host = socket.gethostname().split(".")[0]
         self._node = cfg.node_name
@@ -178,6 +184,7 @@ class SlurmBackend:
         with self._ended(job, sock, f"adopting pid {pid}"):
             for conns in self._adoption(pid, job, sock):
                 drive(conns, deadline, self._clock)
+        self._contains.put(sock.identity, True)
         log.debug("adopted pid %d into job %s (%s)", pid, job.id, sock.path)
 
     async def adopt_async(self, pid: int, job: Job) -> None:
@@ -190,6 +197,7 @@ class SlurmBackend:
                     await drive_async(conns, deadline, self._clock)
         finally:
             steps.close()  # cancelled mid-exchange: the connection is closed
+        self._contains.put(sock.identity, True)
         log.debug("adopted pid %d into job %s (%s)", pid, job.id, sock.path)
 
     def jobs_now(self, uid: int) -> list[Job] | None:
@@ -246,7 +254,8 @@ class SlurmBackend:
         known = self._ids.get(sock.identity)
         return adoption(
             pid, job, sock.path, self._version,
-            owner_known=known is not None and known[0] == job.uid, proc_root=self._proc,
+            owner_known=known is not None and known[0] == job.uid,
+            contains_known=bool(self._contains.get(sock.identity)), proc_root=self._proc,
         )  # fmt: skip
 
     @contextlib.contextmanager

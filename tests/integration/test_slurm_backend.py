@@ -626,6 +626,39 @@ def test_a_remembered_owner_adopts_in_one_round_trip(spool: Path) -> None:
         ]
 
 
+def test_a_stepd_that_confirmed_an_adoption_is_not_asked_again(spool: Path) -> None:
+    """PID_IN_CONTAINER confirms the first adoption through a stepd; later ones through that
+    stepd (its proctrack plugin is loaded once) skip it. A new stepd under the same name is a
+    new socket file: asked again."""
+
+    def adopt_once(fake: FakeStepd, backend: SlurmBackend) -> list[stepd.Request]:
+        fake.requests.clear()
+        (job,) = backend.jobs_of(UID)
+        backend.adopt(os.getpid(), job)
+        return [r for r, _arg in fake.requests if r != stepd.Request.STEP_UID]
+
+    backend = _fake_backend(spool)
+    with FakeStepd(_ext(spool, 7), uid=UID) as fake:
+        assert stepd.Request.PID_IN_CONTAINER in adopt_once(fake, backend)
+        assert stepd.Request.PID_IN_CONTAINER not in adopt_once(fake, backend)
+        assert fake.adopted == [os.getpid(), os.getpid()]
+    with FakeStepd(_ext(spool, 7), uid=UID) as fake:  # the job requeued: a new stepd
+        assert stepd.Request.PID_IN_CONTAINER in adopt_once(fake, backend)
+
+
+def test_a_stepd_that_cannot_contain_is_asked_every_time(spool: Path) -> None:
+    """proctrack/pgid: ADD_EXTERN_PID says yes, PID_IN_CONTAINER no; every adoption fails and
+    nothing is remembered."""
+    with FakeStepd(_ext(spool, 7), uid=UID, contains=False) as fake:
+        backend = _fake_backend(spool)
+        (job,) = backend.jobs_of(UID)
+        for _ in range(2):
+            fake.requests.clear()
+            with pytest.raises(BackendError, match="does not contain it"):
+                backend.adopt(os.getpid(), job)
+            assert stepd.Request.PID_IN_CONTAINER in [r for r, _arg in fake.requests]
+
+
 def test_a_remembered_owner_into_an_ending_step_is_still_refused(spool: Path) -> None:
     """Sent at once, the pid reaches the ending step (and ends with it); the login is refused
     all the same: JobVanished, as with the owner asked first."""

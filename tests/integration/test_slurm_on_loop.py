@@ -90,12 +90,11 @@ def test_a_known_owner_keeps_the_login_on_the_loop(spool: Path) -> None:
         assert _login(backend, pool, os.getpid()) == "adopt/single_job/7"
         assert pool.used == first  # no thread at all this time
         asked = [r for r, _arg in fake.requests]
-        assert asked[:4] == [
+        assert asked == [
             stepd.Request.STEP_UID,
             stepd.Request.STATE,
             stepd.Request.ADD_EXTERN_PID,
-            stepd.Request.PID_IN_CONTAINER,
-        ]  # one round trip
+        ]  # one round trip (PID_IN_CONTAINER: this stepd confirmed the first adoption)
         assert fake.adopted == [os.getpid(), os.getpid()]
 
 

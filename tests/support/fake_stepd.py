@@ -151,7 +151,8 @@ class FakeStepd:
     never answer). ``on_add``: how ADD_EXTERN_PID is met: "answer" (rc 0, the pid is recorded in
     `adopted`), "refuse" (rc -1, as 22.05 does), "close" (close without a reply, as 26.05 does),
     "hang". STEP_UID answers ``uid``; PID_IN_CONTAINER answers whether the pid was adopted (or
-    is in ``pids``); STEP_LIST_PIDS lists those; DAEMON_PID answers the serving thread's id (not
+    is in ``pids``; ``contains=False``: adopted pids are not, as with proctrack/pgid);
+    STEP_LIST_PIDS lists those; DAEMON_PID answers the serving thread's id (not
     the test's pid); STATE ``state`` (2: running); GETPW the job's entry with ``gid`` (None:
     "not found", as a stepd without a complete entry answers), met as ``on_getpw`` says.
     """
@@ -168,8 +169,10 @@ class FakeStepd:
         state: int = 2,
         gid: int | None = None,
         on_getpw: Behaviour = "answer",
+        contains: bool = True,
     ) -> None:
         self.path, self.uid, self.version = path, uid, version
+        self.contains = contains
         self.on_hello, self.on_add = on_hello, on_add
         self.gid, self.on_getpw = gid, on_getpw
         self.adopted: list[int] = []
@@ -254,7 +257,8 @@ class FakeStepd:
             return True
         value: object = {
             stepd.Request.STEP_UID: self.uid,
-            stepd.Request.PID_IN_CONTAINER: arg in self.adopted or arg in self.pids,
+            stepd.Request.PID_IN_CONTAINER: (arg in self.adopted and self.contains)
+            or arg in self.pids,
             stepd.Request.STEP_LIST_PIDS: self.pids + self.adopted,
             stepd.Request.DAEMON_PID: self._thread.native_id,
             stepd.Request.STATE: self.state,
