@@ -161,11 +161,6 @@ static void parse_options(pam_handle_t *pamh, int argc, const char **argv, struc
         else if (r != 0)
             pam_syslog(pamh, LOG_ERR, "bad value in option \"%s\" ignored, default kept", argv[i]);
     }
-    if (o->debug)
-        pam_syslog(pamh, LOG_DEBUG,
-                   "options: socket=%s timeout=%d on_error=%s skip_root=%d join_container=%d",
-                   o->socket_path, o->timeout_ms, on_error_str(o->on_error), o->skip_root,
-                   o->join_container);
 }
 
 /* 0 and *uid set when the user exists, ENOENT when it does not, another errno on failure. */
@@ -439,9 +434,14 @@ cleanup:
         memset(reply, 0, sizeof(*reply));
         free(reply);
     }
+    /* the options are logged here, not while parsing: no log write (a wake-up of syslog)
+     * before the agent is asked, in the login's path */
     if (o.debug)
-        pam_syslog(pamh, LOG_DEBUG, "%s: returning %d (%s)", phase_op(phase), rc,
-                   pam_strerror(pamh, rc));
+        pam_syslog(pamh, LOG_DEBUG,
+                   "%s: returning %d (%s); options: socket=%s timeout=%d on_error=%s "
+                   "skip_root=%d join_container=%d",
+                   phase_op(phase), rc, pam_strerror(pamh, rc), o.socket_path, o.timeout_ms,
+                   on_error_str(o.on_error), o.skip_root, o.join_container);
     return rc;
 }
 

@@ -667,7 +667,7 @@ def test_debug_logs_steps_with_timings(built: Path, tmp_path: Path, sock: str) -
         re.search(r"connect \d+ us, send \d+ us \(0 lent\), recv \d+ us, total \d+ us", t)
         for t in debug
     )
-    assert any("returning 0" in t for t in debug)
+    assert any("returning 0" in t and f"options: socket={sock} timeout=" in t for t in debug)
 
 
 def ssh_connection(sock: socket.socket, *, v4: bool = False) -> str:
