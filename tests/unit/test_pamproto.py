@@ -23,6 +23,7 @@ from callerid.agent.pamproto import (
     PamProtocolError,
     PamReply,
     PamRequest,
+    _parse_fields,
     format_reply,
     parse_request,
     pct_decode,
@@ -304,6 +305,51 @@ def test_what_the_module_encodes_parses_back(
 ) -> None:
     line = c_encode_request(op, user, service, rhost, tty)
     assert parse_request(line) == PamRequest(op, user, service, rhost, tty)  # type: ignore[arg-type]
+
+
+def _same_as_the_field_walk(line: bytes) -> None:
+    """`parse_request`'s one-match path gives what the field walk gives (or both refuse)."""
+    try:
+        walked: PamRequest | str = _parse_fields(line, None)
+    except PamProtocolError:
+        walked = "refused"
+    try:
+        got: PamRequest | str = parse_request(line)
+    except PamProtocolError:
+        got = "refused"
+    assert got == walked
+
+
+_ascii = st.text(st.characters(min_codepoint=0, max_codepoint=127), max_size=30)
+
+
+@PROPS
+@given(
+    st.sampled_from(["account", "open_session", "close_session", "status", "x"]),
+    _ascii, _ascii, _ascii, _ascii,
+    st.sampled_from(["", " ns=0", " ns=1", " ns=2", " ns=", " x=1"]),
+    st.sampled_from(["\n", "", "\n\n", " \n"]),
+)  # fmt: skip
+def test_the_common_line_parses_as_every_line_does(
+    op: str, user: str, service: str, rhost: str, tty: str, tail: str, end: str
+) -> None:
+    """The module's field order with any ASCII values (escapes, spaces, "/", ":", "%",
+    controls, empty or overlong names): the one-match path and the field walk agree."""
+    line = f"CALLERID/1 op={op} user={user} service={service} rhost={rhost} tty={tty}{tail}{end}"
+    _same_as_the_field_walk(line.encode())
+
+
+@PROPS
+@given(st.binary(max_size=300))
+def test_any_line_parses_as_the_field_walk_does(line: bytes) -> None:
+    _same_as_the_field_walk(b"CALLERID/1 op=account user=" + line)
+
+
+def test_long_values_at_the_limits_agree() -> None:
+    for user in ("u" * 255, "u" * 256):
+        for value in ("v" * 1024, "v" * 1025):
+            line = f"CALLERID/1 op=account user={user} service={value} rhost=h tty=t\n"
+            _same_as_the_field_walk(line.encode())
 
 
 _verdict = st.sampled_from(["adopt", "allow", "deny", "error"])
