@@ -187,10 +187,10 @@ def parse_request(line: bytes, lent: tuple[Connection, ...] | None = None) -> Pa
     if common is not None:  # the module's own line: one match instead of a field walk
         op, user, service, rhost, tty, ns = common.groups()
         join = None if ns is None else ns == b"1"
+        the_op: Op = op.decode()  # type: ignore[assignment]  # one of OPS: the pattern says so
         return PamRequest(
-            op.decode(), user.decode(), service.decode(), rhost.decode(), tty.decode(), join,
-            lent,
-        )  # type: ignore[arg-type]  # fmt: skip
+            the_op, user.decode(), service.decode(), rhost.decode(), tty.decode(), join, lent
+        )
     return _parse_fields(line, lent)
 
 

@@ -35,6 +35,7 @@ from callerid.bus._client_types import (
     PeerSettings,
     QueryResult,
     QueryStatus,
+    reach,
 )
 from callerid.bus._deadhosts import DeadHosts
 from callerid.bus._sockets import (
@@ -59,9 +60,7 @@ from callerid.bus.protocol import (
     UnsupportedVersion,
     decode_frames,
     encode,
-    is_link_local,
     normalize_ip,
-    split_zone,
 )
 
 log = logging.getLogger("callerid.bus.transport")
@@ -76,28 +75,18 @@ _STATUS_OF: Final[dict[str, QueryStatus]] = {
 }
 
 
-def _reach(host: str) -> tuple[str, str]:
-    """(the address, the address to connect to) of a host: an IP literal, with its zone for a
-    link-local one (``fe80::1%eth0`` or ``fe80::1%3``); the peer table knows the address,
-    libzmq connects over the zone's interface. ValueError when unusable."""
-    addr, zone = split_zone(host)
-    try:
-        ip = normalize_ip(addr)
-    except ValueError:
-        msg = f"not an IP address: {host!r}"
-        raise ValueError(msg) from None
-    if not is_link_local(ip):
-        return ip, ip  # a zone means nothing off a link-local address
-    if zone is None:
-        msg = f"link-local address {ip} without its interface (fe80::...%eth0)"
-        raise ValueError(msg)
-    return ip, f"{ip}%{zone}"
-
-
 @dataclass(frozen=True, slots=True)
 class _Failure:
     status: QueryStatus
     detail: str
+
+
+_EXPIRED: Final = _Failure("timeout", "")  # a query's own deadline passed (`_expire`)
+
+
+def _expire(fut: asyncio.Future[Message | _Failure]) -> None:
+    if not fut.done():
+        fut.set_result(_EXPIRED)
 
 
 @dataclass(eq=False)
@@ -234,7 +223,7 @@ class MeshClient:
         if self._closed:
             return done("error", "client closed")
         try:
-            ip, where = _reach(host)
+            ip, where = reach(host)
         except ValueError as exc:
             return done("error", str(exc))
         key = (where, self._port if port is None else port)
@@ -254,18 +243,42 @@ class MeshClient:
         conn.pending[msg.id] = fut
         timeout = timeout_s if timeout_s is not None else self._cfg.timeout_ms / 1000
         try:
-            async with asyncio.timeout(timeout):
-                outcome = await self._roundtrip(conn, msg, fut)
-        except TimeoutError:
-            conn.stalled = True
-            return done("timeout", f"no answer within {timeout * 1000:.0f} ms")
+            outcome = await self._reply(conn, msg, fut, start + timeout)
         finally:
             conn.pending.pop(msg.id, None)
+        if outcome is _EXPIRED:
+            conn.stalled = True
+            return done("timeout", f"no answer within {timeout * 1000:.0f} ms")
         if isinstance(outcome, _Failure):
             return done(outcome.status, outcome.detail)
         if not isinstance(outcome, expect):
             return done("error", f"unexpected {type(outcome).__name__} in reply")
         return done("ok", reply=outcome)
+
+    async def _reply(
+        self,
+        conn: _PeerConn,
+        msg: CallerIdQuery | Ping,
+        fut: asyncio.Future[Message | _Failure],
+        deadline: float,
+    ) -> Message | _Failure:
+        """Send ``msg`` and wait for its reply until ``deadline`` (loop time; then
+        `_EXPIRED`). When the connection is up and takes the message at once (the usual
+        case) only the reply is waited for, under a plain timer; else `_roundtrip`."""
+        loop = asyncio.get_running_loop()
+        if conn.io is not None and conn.ready.done() and conn.ready.result() is None:
+            with contextlib.suppress(zmq.ZMQError):  # Again, or closed: `_roundtrip` tells
+                conn.io.send([encode(msg)])
+                expiry = loop.call_at(deadline, _expire, fut)
+                try:
+                    return await fut
+                finally:
+                    expiry.cancel()
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._roundtrip(conn, msg, fut)
+        except TimeoutError:
+            return _EXPIRED
 
     async def _roundtrip(
         self, conn: _PeerConn, msg: CallerIdQuery | Ping, fut: asyncio.Future[Message | _Failure]

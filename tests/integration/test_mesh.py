@@ -291,6 +291,40 @@ def test_a_silent_peer_gets_one_probe_at_a_time_and_fast_timeouts(keys: Keys) ->
     run(main())
 
 
+def test_a_query_on_an_established_connection_times_out_at_its_deadline(keys: Keys) -> None:
+    """Once the connection is up a query waits for its reply under a plain timer (not the
+    path of the first query): it still ends at its deadline, as a timeout that stalls the peer,
+    and a late reply to it is dropped."""
+    kp_a, kp_b = keys.node("nodeA"), keys.node("nodeB", B_IP)
+    silent = asyncio.Event()
+    wake = asyncio.Event()
+
+    async def maybe_silent(query: CallerIdQuery) -> None:
+        if silent.is_set():
+            await wake.wait()
+
+    async def main() -> None:
+        async with (
+            server(kp_b, keys, Echo("nodeB", maybe_silent), B_IP) as srv,
+            client(kp_a, keys, timeout_ms=300) as cli,
+        ):
+            assert ok_reply(await cli.query(B_IP, query_for(cli, 1), srv.port)).job == "1"
+            silent.set()
+            late = await cli.query(B_IP, query_for(cli, 2), srv.port)
+            assert late.status == "timeout" and 0.3 <= late.elapsed_s < 0.5
+            probe = asyncio.create_task(cli.query(B_IP, query_for(cli, 3), srv.port))
+            await async_wait_for(lambda: srv.stats.received == 3, what="the probe received")
+            fast = await cli.query(B_IP, query_for(cli, 5), srv.port)  # the peer is stalled
+            assert fast.status == "timeout" and cli.stats.stalled_fast_fails == 1
+            silent.clear()
+            wake.set()  # the late reply arrives (nobody waits for it), then the probe's
+            assert ok_reply(await probe).job == "3"
+            again = await cli.query(B_IP, query_for(cli, 4), srv.port)
+            assert ok_reply(again).job == "4"
+
+    run(main())
+
+
 def test_server_back_pressure_bounds_concurrent_handlers(keys: Keys) -> None:
     kp_a, kp_b = keys.node("nodeA"), keys.node("nodeB", B_IP)
     release = asyncio.Event()

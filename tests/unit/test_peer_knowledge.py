@@ -17,7 +17,7 @@ from callerid.agent.netinfo import Connection, Owner, ProcReader, SocketOwners, 
 from callerid.agent.netinfo import _codec as sd
 from callerid.agent.netinfo._session import _from_facts, _rhost_ip
 from callerid.agent.source import NOT_FOUND, SourceAnswer
-from callerid.bus._client import _reach
+from callerid.bus._client_types import reach
 from callerid.bus._sockets import endpoint
 from callerid.bus._zap import KeyProvider, ServerStats
 from callerid.bus.loglimit import LogBudget
@@ -179,12 +179,12 @@ def test_zones_are_split_from_addresses() -> None:
 
 
 def test_the_mesh_client_reaches_a_link_local_peer_over_its_interface() -> None:
-    assert _reach("fe80::1%eth0") == ("fe80::1", "fe80::1%eth0")
-    assert _reach("fe80::1%3") == ("fe80::1", "fe80::1%3")
-    assert _reach("10.0.0.1") == ("10.0.0.1", "10.0.0.1")
-    assert _reach("fd00::1%eth0") == ("fd00::1", "fd00::1")  # a zone means nothing there
+    assert reach("fe80::1%eth0") == ("fe80::1", "fe80::1%eth0")
+    assert reach("fe80::1%3") == ("fe80::1", "fe80::1%3")
+    assert reach("10.0.0.1") == ("10.0.0.1", "10.0.0.1")
+    assert reach("fd00::1%eth0") == ("fd00::1", "fd00::1")  # a zone means nothing there
     with pytest.raises(ValueError, match="interface"):
-        _reach("fe80::1")
+        reach("fe80::1")
     assert endpoint("fe80::1%3", 6820) == "tcp://[fe80::1%3]:6820"
     table = PeerTable([Peer("a", KEY, ("fe80::1",))])
     peer = table.by_address("fe80::1%eth0")
