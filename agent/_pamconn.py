@@ -32,6 +32,7 @@ log = logging.getLogger("callerid.agent.pamserver")
 DISCARD_MAX = 64 * 1024
 DISCARD_TIMEOUT_S = 0.05
 RECV_SIZE = MAX_LINE + 1
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int: no flag enum built per call
 
 
 class PamConnection:
@@ -184,7 +185,7 @@ class PamConnection:
     def client_gone(self) -> bool:
         """Whether the client closed its end (peeked at, nothing consumed)."""
         try:
-            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            return self.sock.recv(1, _PEEK) == b""
         except (BlockingIOError, InterruptedError):
             return False  # still there, waiting for its answer
         except OSError:

@@ -18,7 +18,10 @@ _UCRED = struct.Struct("3i")  # pid, uid, gid
 BACKLOG = 512
 LENT_MAX = 4  # fds taken with a request (the module lends one); more: none are used
 _LENT_SPACE = socket.CMSG_SPACE(LENT_MAX * 4)
-_RECV_FLAGS = socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+# plain ints: an operation on the socket module's flag enums builds an enum member each time
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+_CTRUNC = int(socket.MSG_CTRUNC)
+_DONTWAIT = int(socket.MSG_DONTWAIT)
 
 
 def recv_lent(sock: socket.socket, size: int) -> tuple[bytes, list[int] | None]:
@@ -30,7 +33,7 @@ def recv_lent(sock: socket.socket, size: int) -> tuple[bytes, list[int] | None]:
     if not anc:
         return data, None
     fds: list[int] = []
-    bad = bool(flags & socket.MSG_CTRUNC)  # the kernel closed what did not fit
+    bad = bool(flags & _CTRUNC)  # the kernel closed what did not fit
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
@@ -55,11 +58,9 @@ def send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int]) -> int:
     never waiting (BlockingIOError). The caller keeps its copies of the fds (and closes
     them)."""
     if not fds:
-        return sock.send(data, socket.MSG_DONTWAIT)
+        return sock.send(data, _DONTWAIT)
     rights = array.array("i", fds).tobytes()
-    return sock.sendmsg(
-        [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)], socket.MSG_DONTWAIT
-    )
+    return sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)], _DONTWAIT)
 
 
 def bind_unix(path: Path) -> socket.socket:

@@ -101,6 +101,12 @@ def endpoint(ip: str, port: int, *, source: str | None = None) -> str:
 # --------------------------------------------------------------------------- loop sockets
 
 
+# plain ints: an operation on pyzmq's flag enums builds a new enum member each time
+_NOBLOCK: Final = int(zmq.NOBLOCK)
+_POLLIN: Final = int(zmq.POLLIN)
+_POLLOUT: Final = int(zmq.POLLOUT)
+
+
 class LoopSocket:
     """A plain zmq socket driven by the running asyncio loop through its ZMQ_FD.
 
@@ -138,7 +144,7 @@ class LoopSocket:
 
     def send(self, frames: Sequence[bytes]) -> None:
         """Send now or raise zmq.Again (no pipe yet under IMMEDIATE, or HWM reached)."""
-        self.sock.send_multipart(frames, zmq.NOBLOCK)
+        self.sock.send_multipart(frames, _NOBLOCK)
         self._recheck()
 
     async def send_wait(self, frames: Sequence[bytes]) -> None:
@@ -162,7 +168,7 @@ class LoopSocket:
         return events
 
     def _recheck(self) -> None:
-        if self._reading and self._events() & zmq.POLLIN:
+        if self._reading and self._events() & _POLLIN:
             self._loop.call_soon(self._on_events)
 
     def _wake_writers(self) -> None:
@@ -176,7 +182,7 @@ class LoopSocket:
             return
         for _ in range(READ_BATCH):
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=self._copy)
+                frames = self.sock.recv_multipart(_NOBLOCK, copy=self._copy)
             except zmq.Again:
                 break
             self._on_message(frames)
@@ -184,7 +190,7 @@ class LoopSocket:
                 return
         else:
             self._loop.call_soon(self._on_events)  # not drained: continue after other work
-        if self._writers and self._events() & zmq.POLLOUT:
+        if self._writers and self._events() & _POLLOUT:
             self._wake_writers()
 
 
