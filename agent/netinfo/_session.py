@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from callerid.agent.memo import Memo
 from callerid.agent.netinfo import _sockfd
 from callerid.agent.netinfo._codec import (
     UNSPECIFIED,
@@ -26,6 +25,7 @@ from callerid.agent.netinfo._codec import (
     row_inode,
     state_name,
 )
+from callerid.agent.netinfo._listeners import HeldListeners
 from callerid.agent.netinfo._proc import MAX_DEPTH, NetinfoError, Proc, ProcessGone, ProcReader
 from callerid.bus.protocol import Endpoint, is_link_local, normalize_ip, split_zone
 
@@ -176,16 +176,13 @@ class SessionFinder:
     ) -> None:
         self._procs = procs
         self._use_pidfd = use_pidfd and procs.root == Path("/proc")
-        # A listening ancestor (sshd's listener, pid 1) by (pid, start time): every login asks
-        # about the same listener, and what it listens on does not change between logins (a
-        # login on a port it stopped listening on a moment ago was still accepted by it); the
-        # start time tells a new process under a reused pid apart.
-        self._listeners_seen: Memo[tuple[int, float], _Member] = Memo(
-            max_entries=max_listeners, ttl_s=listener_ttl_s, clock=clock
+        # listening ancestors (sshd's listener, pid 1), each held by a pidfd (`_listeners`)
+        self._listeners_seen: HeldListeners[_Member] = HeldListeners(
+            ttl_s=listener_ttl_s, max_entries=max_listeners, clock=clock
         )
 
     def close(self) -> None:
-        """Forget the remembered listeners (nothing else is held open)."""
+        """Forget the remembered listeners (and close their pidfds)."""
         self._listeners_seen.clear()
 
     # ------------------------------------------------------------------ sockets of a process
@@ -229,15 +226,23 @@ class SessionFinder:
         return _Member(info, inodes, netns, conns)
 
     def _ancestor(self, pid: int, tables: dict[str, dict[str, str]]) -> _Member:
-        """A caller's ancestor; one that listens is remembered (see `__init__`)."""
-        info = self._procs.proc(pid)
-        key = (pid, info.start_time)
-        member = self._listeners_seen.get(key)
+        """A caller's ancestor; one that listens is remembered, held by a pidfd taken before
+        it is read (`_listeners`; only where its sockets are read from its fds)."""
+        if not self._use_pidfd:
+            return self._member(pid, tables)
+        member = self._listeners_seen.get(pid)
         if member is not None:
             return member
-        member = self._member(pid, tables, info)
+        pin = self._procs.hold(pid)  # ProcessGone: the chain ends there
+        try:
+            member = self._member(pid, tables)
+        except BaseException:
+            pin.close()
+            raise
         if member.conns is not None and any(_is_listener(c) for c in member.conns):
-            self._listeners_seen.put(key, member)
+            self._listeners_seen.put(pid, member, pin)
+        else:
+            pin.close()
         return member
 
     def _chain(self, pid: int, lent: Sequence[Connection] | None = None) -> _Chain:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -24,7 +23,6 @@ import pytest
 from callerid.agent.netinfo import (
     Connection,
     NetinfoError,
-    Proc,
     ProcessGone,
     ProcReader,
     SessionFinder,
@@ -34,6 +32,7 @@ from callerid.agent.netinfo import (
     read_proc,
 )
 from callerid.agent.netinfo import _codec as sd
+from callerid.agent.netinfo._listeners import HeldListeners
 from callerid.agent.netinfo._netlink import SockDiag
 from callerid.bus.protocol import Endpoint
 from tests.fakes import FakeClock
@@ -220,15 +219,11 @@ def ep(ip: str, port: int) -> Endpoint:
 
 
 class RecordingProcs(ProcReader):
-    """The real /proc reader, recording whose fds were read (all of them, or one).
-
-    ``start_time_seen``, when set, is the start time every process is said to have (a new process
-    under the same pid)."""
+    """The real /proc reader, recording whose fds were read (all of them, or one)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.looked: list[int] = []
-        self.start_time_seen: float | None = None
 
     def fd_links(self, pid: int) -> Iterator[tuple[str, str]]:
         self.looked.append(pid)
@@ -237,12 +232,6 @@ class RecordingProcs(ProcReader):
     def fd_link(self, pid: int, fd: str) -> str | None:
         self.looked.append(pid)
         return super().fd_link(pid, fd)
-
-    def proc(self, pid: int) -> Proc:
-        got = super().proc(pid)
-        if self.start_time_seen is None:
-            return got
-        return dataclasses.replace(got, start_time=self.start_time_seen)
 
 
 def owners(**kw: Any) -> SocketOwners:
@@ -654,7 +643,7 @@ def test_vanished_pid_is_process_gone() -> None:
     assert procs.owner_uid(proc.pid) is None
 
 
-def test_the_listener_is_remembered_by_pid_and_start_time(spawn: Any) -> None:
+def test_the_listener_is_remembered_while_it_lives(spawn: Any) -> None:
     tree = spawn(TREE, {"bind": "127.0.0.2", "n": 1})
     port = tree.expect("port")["port"]
     client = _connect("127.0.0.3", ("127.0.0.2", port))
@@ -675,17 +664,39 @@ def test_the_listener_is_remembered_by_pid_and_start_time(spawn: Any) -> None:
         assert procs.looked == [monitor, listener]
 
         procs.looked.clear()
-        procs.start_time_seen = 1.0  # another process under the same pid: read anew
-        assert finder.session_connection(monitor)[0].pid == monitor
-        assert procs.looked == [monitor, listener]
-
-        procs.looked.clear()
         fresh = SessionFinder(procs, clock=clock, listener_ttl_s=0.0)  # remembered no time
         for _ in range(2):
             assert fresh.session_connection(monitor)[0].pid == monitor
         assert procs.looked == [monitor, listener] * 2
     finally:
         client.close()
+
+
+def test_a_held_listener_is_forgotten_once_it_exits() -> None:
+    """The pidfd taken before the listener was read says when it has exited (its pid may be
+    reused from then on): the entry goes, its pidfd closed; so do older entries past the bound
+    and every entry at clear()."""
+    procs, clock = ProcReader(), FakeClock()
+    held: HeldListeners[str] = HeldListeners(ttl_s=5.0, max_entries=2, clock=clock)
+    children = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    pins = [procs.hold(c.pid) for c in children]
+    try:
+        held.put(children[0].pid, "first", pins[0])
+        assert held.get(children[0].pid) == "first"
+        children[0].kill()
+        children[0].wait()  # reaped: the pid is free for another process
+        assert held.get(children[0].pid) is None
+        assert pins[0].fd == -1 and len(held) == 0
+        held.put(children[1].pid, "second", pins[1])
+        held.put(children[2].pid, "third", pins[2])
+        clock.advance(5.0)
+        assert held.get(children[1].pid) is None and pins[1].fd == -1  # its time is up
+        held.clear()
+        assert pins[2].fd == -1 and len(held) == 0
+    finally:
+        for c in children:
+            c.kill()
+            c.wait()
 
 
 def test_inet_fds_keeps_only_tcp_and_udp_sockets() -> None:
