@@ -165,7 +165,9 @@ class LoginFlow:
         if step is policy.Need.CALLERID:
             await self._ask_source(login)
             self._mark(login, "source")
-            await self._await_named_job(login)
+            named = login.facts.callerid_job
+            if named is not None and all(j.id != named for j in login.facts.jobs or ()):
+                await self._await_named_job(login)  # the source named a job not listed here
             step = policy.decide(login.facts, self.cfg, self.node, self.rng)
             assert isinstance(step, policy.Decision)
             if self._on_loop is not None:

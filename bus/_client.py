@@ -22,7 +22,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -168,16 +168,17 @@ class MeshClient:
             if peer is None or peer.public_key != conn.server_key:
                 self._drop(conn, _Failure("error", "the peer's key changed"))
 
-    async def query(
+    def query(
         self,
         host: str,
         query: CallerIdQuery,
         port: int | None = None,
         *,
         timeout_s: float | None = None,
-    ) -> QueryResult:
-        """Ask the agent at ``host`` (an IP literal) which job owns a connection."""
-        return await self._exchange(host, port, query, CallerIdReply, timeout_s)
+    ) -> Coroutine[None, None, QueryResult]:
+        """Ask the agent at ``host`` (an IP literal) which job owns a connection (a coroutine
+        to await; no frame of its own between the caller and the exchange)."""
+        return self._exchange(host, port, query, CallerIdReply, timeout_s)
 
     async def ping(
         self, host: str, port: int | None = None, *, timeout_s: float | None = None

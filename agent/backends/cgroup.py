@@ -76,6 +76,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+MAX_USERS_SEEN = 4096  # users whose job list is remembered (beyond: all forgotten)
 
 _JOB_ID = re.compile(JOB_ID_RE)
 
@@ -132,6 +133,9 @@ class CgroupBackend:
             max_entries=max_jobs, ttl_s=extern_ttl_s, clock=clock
         )
         self._listings: Listings[list[_JobDir]] = Listings()
+        # uid -> (the listing object its jobs came from, the jobs): while `_listings` gives
+        # that very object (no directory changed) and each job is in _known, they are the same
+        self._jobs_seen: dict[int, tuple[list[_JobDir], list[Job]]] = {}
         log.info(
             "cgroup backend: %s, hierarchies %s, jobs %s",
             self.layout.mode,
@@ -146,12 +150,20 @@ class CgroupBackend:
             found = self._job_dirs(h, uid=uid if self._pattern.has_uid else None)
             if found:
                 break
+        seen = self._jobs_seen.get(uid)
+        if seen is not None and seen[0] is found:  # the same listing, every job known
+            return list(seen[1])
         jobs: dict[str, Job] = {}
         for d in found:
             job = self._describe(d)
             if job is not None and job.uid == uid:
                 jobs.setdefault(job.id, job)
-        return sorted(jobs.values(), key=Job.sort_key)
+        out = sorted(jobs.values(), key=Job.sort_key)
+        if all(self._known.get((d.path, d.inode)) is not None for d in found):
+            if len(self._jobs_seen) >= MAX_USERS_SEEN:
+                self._jobs_seen.clear()
+            self._jobs_seen[uid] = (found, out)
+        return list(out)
 
     def job_of_pid(self, pid: int) -> Job | None:
         """The job whose cgroup tree holds ``pid`` (first matching hierarchy), or None."""
