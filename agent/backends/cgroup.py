@@ -36,7 +36,6 @@ job that differ from the agent's own, of the configured kinds (`_cgns`).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -59,6 +58,7 @@ from callerid.agent.backends._cglayout import (
 )
 from callerid.agent.backends._cgns import oldest_owner_namespaces
 from callerid.agent.backends._cgwatch import Listings
+from callerid.agent.backends._procsfd import ProcsWriter
 from callerid.agent.backends.base import BackendError, Job, JobNamespaces, JobVanished
 from callerid.agent.config import CgroupBackendConfig
 from callerid.agent.memo import Memo
@@ -133,6 +133,7 @@ class CgroupBackend:
             max_entries=max_jobs, ttl_s=extern_ttl_s, clock=clock
         )
         self._listings: Listings[list[_JobDir]] = Listings()
+        self._writer = ProcsWriter(ttl_s=extern_ttl_s, max_open=256, clock=clock)
         # uid -> (the listing object its jobs came from, the jobs): while `_listings` gives
         # that very object (no directory changed) and each job is in _known, they are the same
         self._jobs_seen: dict[int, tuple[list[_JobDir], list[Job]]] = {}
@@ -196,7 +197,7 @@ class CgroupBackend:
         # meanwhile, the login flow's pin tells (`netinfo.Pin.exited`).
         try:
             for _h, extern in targets:
-                _write_pid(extern, pid, job)
+                self._writer.write(extern, pid, job)
         except JobVanished:
             self._externs.pop((job.id, job.uid))
             raise
@@ -211,8 +212,9 @@ class CgroupBackend:
         return oldest_owner_namespaces(self._procs, self._proc_root, job.uid, pids, self._ns_kinds)
 
     def close(self) -> None:
-        """Release the inotify fd of the remembered listings."""
+        """Release the inotify fd of the remembered listings and the open cgroup.procs."""
         self._listings.close()
+        self._writer.close()
 
     # ----------------------------------------------------------------------- internals
 
@@ -373,28 +375,6 @@ def _tree_pids(path: str) -> list[int]:
             continue  # removed meanwhile, or a threaded cgroup
         pids.extend(int(x) for x in text.split())
     return pids
-
-
-def _write_pid(extern: str, pid: int, job: Job) -> None:
-    procs = f"{extern}/cgroup.procs"
-    try:
-        fd = os.open(procs, os.O_WRONLY)
-    except FileNotFoundError as exc:
-        msg = f"job {job.id} no longer exists ({extern})"
-        raise JobVanished(msg) from exc
-    except OSError as exc:
-        msg = f"cannot open {procs}: {exc.strerror}"
-        raise BackendError(msg) from exc
-    try:
-        os.write(fd, str(pid).encode())
-    except OSError as exc:
-        if exc.errno == errno.ESRCH:
-            msg = f"process {pid} vanished"
-        else:
-            msg = f"cannot move process {pid} into {extern}: {exc.strerror}"
-        raise BackendError(msg) from exc
-    finally:
-        os.close(fd)
 
 
 def _read_text(path: Path) -> str:
