@@ -256,6 +256,19 @@ def cpu_s(pid: int, *, children: bool = False, sys_only: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def host_speed_s(rounds: int = 3) -> float:
+    """Seconds a fixed pure-Python loop (5 million additions) takes here, best of ``rounds``:
+    how fast this (shared) machine runs Python right now, to read CPU figures by."""
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        x = 0
+        for i in range(5_000_000):
+            x += i
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def thread_cpu_s(pid: int) -> dict[str, float]:
     """User + system CPU seconds of each thread of ``pid``, summed by thread name (comm)."""
     out: dict[str, float] = {}

@@ -62,6 +62,7 @@ from bench._common import (
     bench_argv,
     cpu_s,
     end_procs,
+    host_speed_s,
     median,
     met,
     ms,
@@ -258,6 +259,7 @@ def rows(args: argparse.Namespace, res: dict[str, Any]) -> list[Row]:
             reproduce=cmd,
             notes=[
                 plain_text(plain),
+                host_text(res["host_loop_s"]),
                 f"peer status {res['peer_status']}, reasons {res['reasons']}",
                 f"CPU ms per decision: {res['cpu_ms_per_request']}",
                 f"agent b's capacity: {1000 / max(1e-6, res['cpu_ms_per_request']['b']):.0f} "
@@ -282,6 +284,13 @@ def plain_text(plain: dict[str, Any]) -> str:
         f"plain sshd login on this machine (`ssh -p PORT {ADDRESSES['b']} true`, no callerid, "
         f"no pam_slurm_adopt): p50 {ms(plain['p50'])} ms, p90 {ms(plain['p90'])} ms, "
         f"{plain['n']} logins"
+    )
+
+
+def host_text(loop_s: float) -> str:
+    return (
+        f"this machine's Python speed after the storm: a fixed loop (5 million additions) took "
+        f"{loop_s:.3f} s (best of 3; CPU figures of runs are comparable in proportion to it)"
     )
 
 
@@ -326,6 +335,7 @@ def main() -> int:
             res = storm(agents, ta, user, args)
             res["rss"] = {n: mem_text(p.pid) for n, p in agents.procs.items()}
     res["plain_sshd_ms"] = plain
+    res["host_loop_s"] = host_speed_s()
     res["cpu_ms_b"] = res["cpu_ms_per_request"]["b"]
     res["cpu_target_ms_b"] = TARGET_CPU_MS
     print_report(args, res)
@@ -364,6 +374,7 @@ def print_report(args: argparse.Namespace, res: dict[str, Any]) -> None:
     )
     print(f"  agent RSS/PSS/USS after the storm: {res['rss']}")
     print(f"  {plain_text(res['plain_sshd_ms'])}")
+    print(f"  {host_text(res['host_loop_s'])}")
     if res["bad_examples"]:
         print(f"  examples of errors: {res['bad_examples']}")
 
