@@ -16,6 +16,7 @@ import array
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import selectors
 import socket
@@ -203,46 +204,72 @@ async def drive_async(
 ) -> None:
     """`drive` on the running event loop: the loop watches the connections' fds, nothing
     blocks it; the same one deadline, the same `StepdTimeout` for a connection still waiting
-    then. The fds are unwatched however it ends (a cancelled wait included)."""
+    then. The fds are unwatched however it ends (a cancelled wait included).
+
+    The requests are sent at once (a unix socket takes a few at any time; what it does not
+    take waits for the loop), so the usual exchange watches one fd for reading, once."""
     loop = asyncio.get_running_loop()
     conns = list(conns)
+    for conn in conns:
+        if not conn.settled and conn.events & selectors.EVENT_WRITE:
+            conn.on_ready(selectors.EVENT_WRITE)
     pending = [c for c in conns if not c.settled]
-    done: asyncio.Future[None] = loop.create_future()
+    if not pending:
+        return
+    done: asyncio.Future[bool] = loop.create_future()  # True: all settled; False: deadline
+    watched: dict[int, int] = {}  # fd -> the events the loop watches for it
 
     def watch(conn: StepdConnection) -> None:
         fd = conn.sock.fileno()
-        loop.remove_reader(fd)
-        loop.remove_writer(fd)
-        if conn.settled:
-            if conn in pending:
-                pending.remove(conn)
+        want, have = (0 if conn.settled else conn.events), watched.get(fd, 0)
+        if want != have:
+            _rewatch(loop, fd, have, want, functools.partial(ready, conn))
+            watched[fd] = want
+        if conn.settled and conn in pending:
+            pending.remove(conn)
             if not pending and not done.done():
-                done.set_result(None)
-            return
-        if conn.events & selectors.EVENT_READ:
-            loop.add_reader(fd, ready, conn, selectors.EVENT_READ)
-        if conn.events & selectors.EVENT_WRITE:
-            loop.add_writer(fd, ready, conn, selectors.EVENT_WRITE)
+                done.set_result(True)
 
     def ready(conn: StepdConnection, mask: int) -> None:
         conn.on_ready(mask)
         watch(conn)
 
+    expiry = loop.call_later(max(0.0, deadline - clock()), _expire, done)
     try:
         for conn in list(pending):
             watch(conn)
-        if pending:
-            await asyncio.wait_for(done, max(0.0, deadline - clock()))
-    except TimeoutError:
-        for conn in pending:
-            what = conn.waiting_for or "the connection"
-            conn.fail(StepdTimeout(f"slurmstepd {conn.path}: no answer to {what} in time"))
+        if not await done:
+            for conn in pending:
+                what = conn.waiting_for or "the connection"
+                conn.fail(StepdTimeout(f"slurmstepd {conn.path}: no answer to {what} in time"))
     finally:
-        for conn in conns:
-            fd = conn.sock.fileno()
-            if fd >= 0:
-                loop.remove_reader(fd)
-                loop.remove_writer(fd)
+        expiry.cancel()
+        for fd, have in watched.items():
+            _rewatch(loop, fd, have, 0, None)
+
+
+def _rewatch(
+    loop: asyncio.AbstractEventLoop,
+    fd: int,
+    have: int,
+    want: int,
+    ready: Callable[[int], None] | None,
+) -> None:
+    """Change what the loop watches ``fd`` for from ``have`` to ``want`` (selector events)."""
+    for event, add, remove in (
+        (selectors.EVENT_READ, loop.add_reader, loop.remove_reader),
+        (selectors.EVENT_WRITE, loop.add_writer, loop.remove_writer),
+    ):
+        if have & event and not want & event:
+            remove(fd)
+        elif want & event and not have & event:
+            assert ready is not None
+            add(fd, ready, event)
+
+
+def _expire(done: asyncio.Future[bool]) -> None:
+    if not done.done():
+        done.set_result(False)
 
 
 def outcome(
