@@ -138,16 +138,43 @@ static int wait_ready(int fd, short events, long deadline_us)
     }
 }
 
+/* One sendmsg() of the request's bytes with the fd `lent` as SCM_RIGHTS (xfer_some retries). */
+static ssize_t send_lent(int fd, const void *buf, size_t len, int lent)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } ctl;
+    struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
+    struct msghdr msg;
+    struct cmsghdr *c;
+
+    memset(&msg, 0, sizeof(msg));
+    memset(&ctl, 0, sizeof(ctl));
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = ctl.buf;
+    msg.msg_controllen = sizeof(ctl.buf);
+    c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &lent, sizeof(int));
+    return sendmsg(fd, &msg, MSG_NOSIGNAL);
+}
+
 /* One successful send() or recv() of at most `len` bytes (0 = end of stream for a recv),
  * waiting for readiness within the deadline. -1 with errno on failure (ETIMEDOUT at the
  * deadline). The only place where EINTR/EAGAIN on data transfer are retried. */
 static ssize_t xfer_some(int fd, void *buf, size_t len, enum xfer_dir dir, long deadline_us,
-                         struct fdbox *box)
+                         struct fdbox *box, int lent)
 {
     ssize_t n;
 
     for (;;) {
-        if (dir == XFER_SEND)
+        if (dir == XFER_SEND && lent >= 0)
+            n = send_lent(fd, buf, len, lent);
+        else if (dir == XFER_SEND)
             n = send(fd, buf, len, MSG_NOSIGNAL);
         else
             n = recv_fds(fd, buf, len, box);
@@ -225,43 +252,6 @@ static int session_socket(const char *connection, int skip)
     return -1;
 }
 
-/* The first bytes of the request with the fd `lent` as SCM_RIGHTS (then send_all the rest):
- * the bytes sent, or -1 with errno (ETIMEDOUT at the deadline). */
-static ssize_t send_lent(int fd, const char *buf, size_t len, int lent, long deadline_us)
-{
-    union {
-        char buf[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } ctl;
-    struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
-    struct msghdr msg;
-    struct cmsghdr *c;
-    ssize_t n;
-
-    memset(&msg, 0, sizeof(msg));
-    memset(&ctl, 0, sizeof(ctl));
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = ctl.buf;
-    msg.msg_controllen = sizeof(ctl.buf);
-    c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &lent, sizeof(int));
-    for (;;) {
-        n = sendmsg(fd, &msg, MSG_NOSIGNAL);
-        if (n >= 0)
-            return n;
-        if (errno == EINTR)
-            continue;
-        if (errno != EAGAIN && errno != EWOULDBLOCK)
-            return -1;
-        if (wait_ready(fd, POLLOUT, deadline_us) != 0)
-            return -1;
-    }
-}
-
 /* Non-blocking connect bounded by the deadline. A unix socket whose listen backlog is full
  * answers EAGAIN (there is no EINPROGRESS for AF_UNIX): retry every CONNECT_RETRY_MS. */
 static int connect_bounded(int fd, const struct sockaddr_un *sa, long deadline_us)
@@ -301,7 +291,7 @@ static int send_all(int fd, char *buf, size_t len, long deadline_us)
     ssize_t n;
 
     while (done < len) {
-        n = xfer_some(fd, buf + done, len - done, XFER_SEND, deadline_us, NULL);
+        n = xfer_some(fd, buf + done, len - done, XFER_SEND, deadline_us, NULL, -1);
         if (n < 0)
             return -1;
         done += (size_t)n;
@@ -320,7 +310,7 @@ static int recv_line(int fd, char *buf, size_t cap, size_t *len, long deadline_u
     for (;;) {
         if (have >= cap)
             return CID_E_TOOLONG;
-        n = xfer_some(fd, buf + have, cap - have, XFER_RECV, deadline_us, box);
+        n = xfer_some(fd, buf + have, cap - have, XFER_RECV, deadline_us, box, -1);
         if (n < 0)
             return errno == ETIMEDOUT ? CID_E_TIMEOUT : CID_E_IO;
         if (n == 0)
@@ -401,8 +391,8 @@ int cid_exchange(const char *path, int timeout_ms, const struct cid_request *req
     t = now_us();
     sent = 0;
     r = 0;
-    if (lent >= 0) {
-        n = send_lent(fd, reqbuf, reqlen, lent, deadline);
+    if (lent >= 0) { /* the fd goes with the first bytes sent */
+        n = xfer_some(fd, reqbuf, reqlen, XFER_SEND, deadline, NULL, lent);
         r = n < 0 ? -1 : 0;
         sent = n < 0 ? 0 : (size_t)n;
         res->sent_fds = n < 0 ? 0 : 1;

@@ -257,21 +257,32 @@ def test_a_slow_lookup_does_not_block_the_others(keys: Keys) -> None:
     run(main())
 
 
+class Silence:
+    """A source's handler that, while ``silent`` is set, holds every query until `speak`."""
+
+    def __init__(self) -> None:
+        self.silent = asyncio.Event()
+        self._wake = asyncio.Event()
+
+    async def maybe_silent(self, query: CallerIdQuery) -> None:
+        if self.silent.is_set():
+            await self._wake.wait()
+
+    def speak(self) -> None:
+        self.silent.clear()
+        self._wake.set()
+
+
 def test_a_silent_peer_gets_one_probe_at_a_time_and_fast_timeouts(keys: Keys) -> None:
     """After a query to a peer timed out with nothing heard since, one probe goes to it and
     every other query is answered "timeout" at once; its next answer ends that."""
     kp_a, kp_b = keys.node("nodeA"), keys.node("nodeB", B_IP)
-    silent = asyncio.Event()
-    silent.set()
-    wake = asyncio.Event()
-
-    async def maybe_silent(query: CallerIdQuery) -> None:
-        if silent.is_set():
-            await wake.wait()
+    peer = Silence()
+    peer.silent.set()
 
     async def main() -> None:
         async with (
-            server(kp_b, keys, Echo("nodeB", maybe_silent), B_IP) as srv,
+            server(kp_b, keys, Echo("nodeB", peer.maybe_silent), B_IP) as srv,
             client(kp_a, keys, timeout_ms=300) as cli,
         ):
             first = await cli.query(B_IP, query_for(cli, 1), srv.port)
@@ -282,8 +293,7 @@ def test_a_silent_peer_gets_one_probe_at_a_time_and_fast_timeouts(keys: Keys) ->
             assert [r.status for r in fast] == ["timeout"] * 3
             assert max(r.elapsed_s for r in fast) < 0.05
             assert cli.stats.stalled_fast_fails == 3
-            silent.clear()
-            wake.set()  # the peer answers again: the probe's reply ends the stall
+            peer.speak()  # the peer answers again: the probe's reply ends the stall
             assert ok_reply(await probe).job == "2"
             again = await cli.query(B_IP, query_for(cli, 6), srv.port)
             assert ok_reply(again).job == "6"
@@ -296,28 +306,22 @@ def test_a_query_on_an_established_connection_times_out_at_its_deadline(keys: Ke
     path of the first query): it still ends at its deadline, as a timeout that stalls the peer,
     and a late reply to it is dropped."""
     kp_a, kp_b = keys.node("nodeA"), keys.node("nodeB", B_IP)
-    silent = asyncio.Event()
-    wake = asyncio.Event()
-
-    async def maybe_silent(query: CallerIdQuery) -> None:
-        if silent.is_set():
-            await wake.wait()
+    peer = Silence()
 
     async def main() -> None:
         async with (
-            server(kp_b, keys, Echo("nodeB", maybe_silent), B_IP) as srv,
+            server(kp_b, keys, Echo("nodeB", peer.maybe_silent), B_IP) as srv,
             client(kp_a, keys, timeout_ms=300) as cli,
         ):
             assert ok_reply(await cli.query(B_IP, query_for(cli, 1), srv.port)).job == "1"
-            silent.set()
+            peer.silent.set()
             late = await cli.query(B_IP, query_for(cli, 2), srv.port)
             assert late.status == "timeout" and 0.3 <= late.elapsed_s < 0.5
             probe = asyncio.create_task(cli.query(B_IP, query_for(cli, 3), srv.port))
             await async_wait_for(lambda: srv.stats.received == 3, what="the probe received")
             fast = await cli.query(B_IP, query_for(cli, 5), srv.port)  # the peer is stalled
             assert fast.status == "timeout" and cli.stats.stalled_fast_fails == 1
-            silent.clear()
-            wake.set()  # the late reply arrives (nobody waits for it), then the probe's
+            peer.speak()  # the late reply arrives (nobody waits for it), then the probe's
             assert ok_reply(await probe).job == "3"
             again = await cli.query(B_IP, query_for(cli, 4), srv.port)
             assert ok_reply(again).job == "4"

@@ -36,6 +36,7 @@ from callerid.agent.netinfo._listeners import HeldListeners
 from callerid.agent.netinfo._netlink import SockDiag
 from callerid.bus.protocol import Endpoint
 from tests.fakes import FakeClock
+from tests.support.cgroups import scratch_cgroup2
 from tests.support.poll import wait_for
 
 pytestmark = [
@@ -344,29 +345,10 @@ def test_socket_owner_prefers_the_parent_over_a_forked_sharer(spawn: Any) -> Non
     assert owner.pid == client.pid
 
 
-def _cgroup2_mount() -> Path | None:
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        if " - cgroup2 " in line:
-            return Path(line.split()[4])
-    return None
-
-
 @pytest.fixture
 def cgroup2_dir() -> Iterator[Path]:
-    mount = _cgroup2_mount()
-    if mount is None:
-        pytest.skip("no cgroup2 mount")
-    path = mount / f"cid-ni-{secrets.token_hex(4)}"
-    path.mkdir()
-    try:
+    with scratch_cgroup2("cid-ni") as path:
         yield path
-    finally:
-        if path.exists():
-            for pid in (path / "cgroup.procs").read_text().split():
-                with contextlib.suppress(ProcessLookupError):
-                    (mount / "cgroup.procs").write_text(pid)
-            wait_for(lambda: not (path / "cgroup.procs").read_text().strip(), what="empty cgroup")
-            path.rmdir()
 
 
 def test_socket_owner_searches_the_sockets_cgroup_first(spawn: Any, cgroup2_dir: Path) -> None:
@@ -486,23 +468,6 @@ def test_session_connection_returns_the_monitor_not_the_decoy(
         client.close()
 
 
-def test_session_connection_ambiguous_unless_rhost_decides(spawn: Any) -> None:
-    tree = spawn(TREE, {"bind": "127.0.0.2", "n": 2})
-    port = tree.expect("port")["port"]
-    clients = [_connect(ip, ("127.0.0.2", port)) for ip in ("127.0.0.3", "127.0.0.5")]
-    try:
-        seen = tree.expect("monitor", "helper")
-        ni = sessions()
-        with pytest.raises(NetinfoError, match="ambiguous"):
-            ni.session_connection(seen["helper"])
-        info, conn = ni.session_connection(seen["helper"], "127.0.0.5")
-        assert info.pid == seen["monitor"]
-        assert conn.remote == ep("127.0.0.5", clients[1].getsockname()[1])
-    finally:
-        for c in clients:
-            c.close()
-
-
 def lent_by(pid: int, remote_port: int) -> tuple[Connection, ...]:
     """What ``pid`` would lend with its request if its one connection from ``remote_port``
     were all it held: its sockets borrowed (pidfd_getfd), read by `lent_connections`."""
@@ -517,21 +482,27 @@ def lent_by(pid: int, remote_port: int) -> tuple[Connection, ...]:
     return tuple(c for c in lent_connections(dups) if c.remote.port == remote_port)
 
 
-def test_lent_sockets_stand_for_the_callers_fds(spawn: Any) -> None:
-    """With ``lent``, the caller's own fds are not walked: what it lent is all it holds (here
-    one of its two connections, so no "ambiguous"); the same answer the walk gives when rhost
-    picks that one; lending nothing is holding nothing."""
+def test_session_connection_ambiguous_unless_rhost_decides_or_the_socket_is_lent(
+    spawn: Any,
+) -> None:
+    """Two connections in one monitor: ambiguous, unless rhost picks one. With ``lent``, the
+    caller's own fds are not walked: what it lent stands for what it holds (here one of the
+    two, so not ambiguous: the answer the walk gives when rhost picks it); lending nothing is
+    holding nothing."""
     tree = spawn(TREE, {"bind": "127.0.0.2", "n": 2})
     port = tree.expect("port")["port"]
     clients = [_connect(ip, ("127.0.0.2", port)) for ip in ("127.0.0.3", "127.0.0.5")]
     try:
         seen = tree.expect("monitor", "helper")
         ni = sessions()
+        with pytest.raises(NetinfoError, match="ambiguous"):
+            ni.session_connection(seen["helper"])
+        info, conn = ni.session_connection(seen["helper"], "127.0.0.5")
+        assert info.pid == seen["monitor"]
+        assert conn.remote == ep("127.0.0.5", clients[1].getsockname()[1])
         lent = lent_by(seen["monitor"], clients[1].getsockname()[1])
         assert len(lent) == 1
-        assert ni.session_connection(seen["monitor"], None, lent) == ni.session_connection(
-            seen["monitor"], "127.0.0.5"
-        )
+        assert ni.session_connection(seen["monitor"], None, lent) == (info, conn)
         with pytest.raises(NetinfoError, match="no connection"):
             ni.session_connection(seen["monitor"], None, ())
     finally:

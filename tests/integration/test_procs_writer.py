@@ -5,7 +5,6 @@ removed (and made again under the same path)."""
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from callerid.agent.backends._procsfd import ProcsWriter
 from callerid.agent.backends.base import Job, JobVanished
 from tests.fakes import FakeClock
-from tests.support.cgroups import rmtree_cgroup
+from tests.support.cgroups import scratch_cgroup2
 from tests.support.poll import wait_for
 
 pytestmark = [
@@ -26,28 +25,10 @@ pytestmark = [
 JOB = Job("42", 1000, 0.0)
 
 
-def _cgroup2_mount() -> Path | None:
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        if " - cgroup2 " in line:
-            return Path(line.split()[4])
-    return None
-
-
 @pytest.fixture
 def top() -> Iterator[Path]:
-    mount = _cgroup2_mount()
-    if mount is None:
-        pytest.skip("no cgroup2 mount")
-    path = mount / f"cid-pw-{secrets.token_hex(4)}"
-    path.mkdir()
-    try:
+    with scratch_cgroup2("cid-pw") as path:
         yield path
-    finally:
-        for d in sorted(path.rglob("*"), reverse=True):
-            if d.is_dir():
-                for pid in (d / "cgroup.procs").read_text().split():
-                    (mount / "cgroup.procs").write_text(pid)
-        rmtree_cgroup(path)
 
 
 @pytest.fixture
@@ -58,6 +39,13 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
     child.wait()
 
 
+def _two(top: Path) -> tuple[Path, Path]:
+    a, b = top / "a", top / "b"
+    a.mkdir()
+    b.mkdir()
+    return a, b
+
+
 def _in(cgroup: Path, pid: int) -> bool:
     return str(pid) in (cgroup / "cgroup.procs").read_text().split()
 
@@ -65,9 +53,7 @@ def _in(cgroup: Path, pid: int) -> bool:
 def test_a_cgroup_is_written_through_one_kept_descriptor(
     top: Path, sleeper: subprocess.Popen[bytes]
 ) -> None:
-    a, b = top / "a", top / "b"
-    a.mkdir()
-    b.mkdir()
+    a, b = _two(top)
     writer = ProcsWriter(ttl_s=10.0, max_open=1, clock=FakeClock())
     writer.write(str(a), sleeper.pid, JOB)
     assert _in(a, sleeper.pid) and len(writer) == 1
@@ -104,9 +90,7 @@ def test_a_removed_cgroup_is_opened_again_by_its_path(
 def test_kept_descriptors_are_closed_after_their_time(
     top: Path, sleeper: subprocess.Popen[bytes]
 ) -> None:
-    a, b = top / "a", top / "b"
-    a.mkdir()
-    b.mkdir()
+    a, b = _two(top)
     clock = FakeClock()
     writer = ProcsWriter(ttl_s=10.0, max_open=8, clock=clock)
     writer.write(str(a), sleeper.pid, JOB)

@@ -34,7 +34,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,6 +93,26 @@ def cgroup_mounts() -> dict[str, Path]:
                 if opt not in _NOT_CONTROLLERS and not opt.startswith("release_agent="):
                     found.setdefault(opt, mountpoint)
     return found
+
+
+@contextlib.contextmanager
+def scratch_cgroup2(prefix: str) -> Iterator[Path]:
+    """A fresh cgroup v2 directory ``<mount>/<prefix>-<random>`` (pytest.skip without a
+    cgroup2 mount); at the end the processes left in it or below go back to the mount's root
+    and every directory is removed."""
+    mount = cgroup_mounts().get("v2")
+    if mount is None:
+        pytest.skip("no cgroup2 mount")
+    path = mount / f"{prefix}-{secrets.token_hex(4)}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        for d in [*sorted((p for p in path.rglob("*") if p.is_dir()), reverse=True), path]:
+            for pid in (d / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    (mount / "cgroup.procs").write_text(pid)
+        rmtree_cgroup(path)
 
 
 def require_cgroups(mode: Mode) -> None:
