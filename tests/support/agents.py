@@ -78,8 +78,10 @@ for line in sys.stdin:
             s = socket.socket(socket.AF_UNIX)
             s.connect(agent_sock)
             line = f"CALLERID/1 op=account user={user} service=sshd rhost={peer[0]} tty=ssh\n"
-            sent = socket.send_fds(s, [line.encode()], [conn.fileno()]) if lend else 0
-            s.sendall(line.encode()[sent:])
+            data = line.encode()
+            sent = socket.send_fds(s, [data], [conn.fileno()]) if lend else 0
+            if sent < len(data):  # (an empty send after the agent answered and closed: EPIPE)
+                s.sendall(data[sent:])
             reply = s.makefile().readline().strip()
             os.write(w, (json.dumps({"reply": reply, "asker": os.getpid()}) + "\n").encode())
             if helper:

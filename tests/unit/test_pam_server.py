@@ -291,7 +291,8 @@ async def lend(path: str, payload: bytes, fds: list[int]) -> bytes:
         s.setblocking(False)
         await loop.sock_connect(s, path)
         sent = socket.send_fds(s, [payload], fds)
-        await loop.sock_sendall(s, payload[sent:])
+        if sent < len(payload):
+            await loop.sock_sendall(s, payload[sent:])
         reply = b""
         while chunk := await asyncio.wait_for(loop.sock_recv(s, 4096), 5):
             reply += chunk
