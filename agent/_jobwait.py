@@ -17,11 +17,17 @@ from collections.abc import Awaitable, Callable
 from callerid.agent import policy
 from callerid.agent.backends.base import BackendError, Job
 
-__all__ = ["JOB_POLL_S", "await_named_job"]
+__all__ = ["JOB_POLL_S", "await_named_job", "named_job_missing"]
 
 log = logging.getLogger("callerid.agent.login")
 
 JOB_POLL_S = 0.05  # how often the jobs are listed again while waiting for a named job
+
+
+def named_job_missing(facts: policy.Facts) -> bool:
+    """Whether the source named a job that ``facts`` do not list (what would be waited for)."""
+    named = facts.callerid_job
+    return named is not None and all(j.id != named for j in facts.jobs or ())
 
 
 async def await_named_job(
@@ -35,9 +41,7 @@ async def await_named_job(
     """``facts`` with the jobs found while waiting, and how long it waited (None: it did
     not: no job named, the named job is listed, or no time left)."""
     named, uid = facts.callerid_job, facts.uid
-    if named is None or uid is None or bound_ms <= 0:
-        return facts, None
-    if any(j.id == named for j in facts.jobs or ()):
+    if named is None or uid is None or bound_ms <= 0 or not named_job_missing(facts):
         return facts, None
     start = clock()
     for _ in range(max(1, math.ceil(bound_ms / 1000 / JOB_POLL_S))):

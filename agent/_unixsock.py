@@ -9,19 +9,33 @@ import contextlib
 import os
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["LENT_MAX", "bind_unix", "peer_cred", "recv_lent", "send_with_fds"]
+__all__ = ["LENT_MAX", "bind_unix", "passed_fds", "peer_cred", "recv_lent", "send_with_fds"]
 
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 BACKLOG = 512
 LENT_MAX = 4  # fds taken with a request (the module lends one); more: none are used
-_LENT_SPACE = socket.CMSG_SPACE(LENT_MAX * 4)
+_INT_SIZE = array.array("i").itemsize
+_LENT_SPACE = socket.CMSG_SPACE(LENT_MAX * _INT_SIZE)
 # plain ints: an operation on the socket module's flag enums builds an enum member each time
 _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
 _CTRUNC = int(socket.MSG_CTRUNC)
 _DONTWAIT = int(socket.MSG_DONTWAIT)
+
+
+def passed_fds(anc: Iterable[tuple[int, int, bytes]]) -> tuple[list[int], bool]:
+    """The fds of recvmsg's ancillary data (SCM_RIGHTS), in order, and whether other control
+    data came too."""
+    fds: list[int] = []
+    other = False
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", payload[: len(payload) - len(payload) % _INT_SIZE]))
+        else:
+            other = True
+    return fds, other
 
 
 def recv_lent(sock: socket.socket, size: int) -> tuple[bytes, list[int] | None]:
@@ -32,14 +46,8 @@ def recv_lent(sock: socket.socket, size: int) -> tuple[bytes, list[int] | None]:
     data, anc, flags, _ = sock.recvmsg(size, _LENT_SPACE, _RECV_FLAGS)
     if not anc:
         return data, None
-    fds: list[int] = []
-    bad = bool(flags & _CTRUNC)  # the kernel closed what did not fit
-    for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
-        else:
-            bad = True
-    if bad:
+    fds, other = passed_fds(anc)
+    if other or flags & _CTRUNC:  # truncated: the kernel closed what did not fit
         for fd in fds:
             os.close(fd)
         return data, None

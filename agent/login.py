@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterator
@@ -23,15 +24,9 @@ from concurrent.futures import Executor
 from typing import TypeVar
 
 from callerid.agent import policy
-from callerid.agent._jobwait import await_named_job
+from callerid.agent._jobwait import await_named_job, named_job_missing
 from callerid.agent._joinns import fetch_namespaces, namespace_verdict
-from callerid.agent._loginports import (
-    AskSource,
-    Held,
-    Processes,
-    SessionFinder,
-    UserSource,
-)
+from callerid.agent._loginports import AskSource, Held, Processes, SessionFinder, UserSource
 from callerid.agent._loginrecord import decided, failed
 from callerid.agent._loginstate import Login, Outcome, Started, pinned
 from callerid.agent._offload import backend_call, in_thread
@@ -149,25 +144,25 @@ class LoginFlow:
         """
         login = started.login if started is not None else self._login(req, caller_pid, received)
         try:
-            return await self._account(login, policy.Need.CALLERID if started else None)
+            return await self._account(login, begun=started is not None)
         finally:
             login.unpin()  # on the loop: whoever used the pin (the loop) is done with it
 
-    async def _account(self, login: Login, step: policy.Decision | policy.Need | None) -> Outcome:
-        """`account` from where `account_now` left it (``step``), or from the start (None)."""
-        if step is None:
+    async def _account(self, login: Login, *, begun: bool) -> Outcome:
+        """`account` from where `account_now` left it (``begun``: the source is to be asked),
+        or from the start."""
+        step: policy.Decision | policy.Need | Outcome = policy.Need.CALLERID
+        if not begun:
             login.facts = await self.users.facts(login.req.user)
             self._mark(login, "user")
-            found = await self._local(login)
-            if isinstance(found, Outcome):
-                return found
-            step = found
+            step = await self._local(login)
+            if isinstance(step, Outcome):
+                return step
         if step is policy.Need.CALLERID:
             await self._ask_source(login)
             self._mark(login, "source")
-            named = login.facts.callerid_job
-            if named is not None and all(j.id != named for j in login.facts.jobs or ()):
-                await self._await_named_job(login)  # the source named a job not listed here
+            if named_job_missing(login.facts):  # else no wait to start at all
+                await self._await_named_job(login)
             step = policy.decide(login.facts, self.cfg, self.node, self.rng)
             assert isinstance(step, policy.Decision)
             if self._on_loop is not None:
@@ -220,8 +215,9 @@ class LoginFlow:
                 if isinstance(step, policy.Decision):
                     step = await self._carry_out_on_loop(login, step, lb)
                 return step
-        on_loop = not self.backend.blocking  # the pin only where the loop both opens and uses it
-        found = await self._backend(login, self._local_step, login, None, True, on_loop)
+        # the early pin only where the loop both opens and uses it
+        local_step = functools.partial(self._local_step, early_pin=not self.backend.blocking)
+        found = await self._backend(login, local_step, login)
         assert found is not None  # only a jobs_now that cannot tell gives None
         return found
 
@@ -237,15 +233,15 @@ class LoginFlow:
         except (BackendError, NetinfoError) as exc:
             return self._adopt_failed(login, decision, exc)
         if login.req.join is not False and not lb.no_namespaces(job):
-            fetch = fetch_namespaces
             login.fetched = await self._backend(
-                login, fetch, self.backend, decision, login.req.join
+                login, fetch_namespaces, self.backend, decision, login.req.join
             )
         return decision
 
     def _local_step(
         self,
         login: Login,
+        *,
         jobs_now: Callable[[int], list[Job] | None] | None = None,
         adopt: bool = True,
         early_pin: bool = False,

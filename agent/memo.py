@@ -4,6 +4,11 @@ A value is kept for ``ttl_s`` seconds from when it was put (``None``: until it i
 by the injected ``clock``; beyond ``max_entries`` the least recently used entry goes first.
 Each user of a memo says, where it makes one, why a remembered fact stays true that long.
 Safe to use from several threads (the source side may run in worker threads).
+
+A memo may own what it holds (an open descriptor): ``on_drop`` is called with each value the
+memo lets go of by itself (expired, replaced, evicted, cleared or swept), outside its lock;
+a value taken back with `pop` is the caller's again. `sweep` lets expired values go without
+waiting for their key to be asked again.
 """
 
 from __future__ import annotations
@@ -23,10 +28,15 @@ V = TypeVar("V")
 class Memo(Generic[K, V]):
     """A bounded key -> value memory with a time to live; see the module docstring."""
 
-    __slots__ = ("_clock", "_entries", "_lock", "max_entries", "ttl_s")
+    __slots__ = ("_clock", "_entries", "_lock", "_on_drop", "max_entries", "ttl_s")
 
     def __init__(
-        self, *, max_entries: int, ttl_s: float | None, clock: Callable[[], float]
+        self,
+        *,
+        max_entries: int,
+        ttl_s: float | None,
+        clock: Callable[[], float],
+        on_drop: Callable[[V], None] | None = None,
     ) -> None:
         if max_entries < 1:
             msg = f"max_entries must be at least 1, not {max_entries}"
@@ -37,8 +47,12 @@ class Memo(Generic[K, V]):
         self.max_entries = max_entries
         self.ttl_s = ttl_s
         self._clock = clock
+        self._on_drop = on_drop
         self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def get(self, key: K) -> V | None:
         """The value remembered for ``key``, or None (never put, expired or evicted)."""
@@ -46,11 +60,12 @@ class Memo(Generic[K, V]):
             hit = self._entries.get(key)
             if hit is None:
                 return None
-            if hit[0] <= self._clock():
-                del self._entries[key]
-                return None
-            self._entries.move_to_end(key)
-            return hit[1]
+            if hit[0] > self._clock():
+                self._entries.move_to_end(key)
+                return hit[1]
+            del self._entries[key]
+        self._dropped((hit[1],))
+        return None
 
     def put(self, key: K, value: V) -> None:
         """Remember ``value`` for ``key`` from now on (for ``ttl_s``)."""
@@ -60,14 +75,17 @@ class Memo(Generic[K, V]):
         """Remember each (key, value) of ``items``, all from now on: one clock read and one
         lock for all (a source-side scan remembers every socket of a process at once)."""
         expires = math.inf if self.ttl_s is None else self._clock() + self.ttl_s
+        gone: list[V] = []
         with self._lock:
             entries = self._entries
             for key, value in items:
-                if key in entries:
-                    entries.move_to_end(key)
+                old = entries.pop(key, None)
+                if old is not None and old[1] is not value:
+                    gone.append(old[1])
                 entries[key] = (expires, value)
             while len(entries) > self.max_entries:
-                entries.popitem(last=False)
+                gone.append(entries.popitem(last=False)[1][1])
+        self._dropped(gone)
 
     def pop(self, key: K) -> V | None:
         """Forget ``key``; the value it had (even if expired), or None."""
@@ -75,6 +93,29 @@ class Memo(Generic[K, V]):
             hit = self._entries.pop(key, None)
         return None if hit is None else hit[1]
 
+    def sweep(self) -> None:
+        """Let expired values go, from the least recently used on, up to the first that is
+        not (one that was used since lives on behind it until it is asked for or swept)."""
+        if self._on_drop is None or not self._entries:
+            return
+        now, gone = self._clock(), []
+        with self._lock:
+            entries = self._entries
+            while entries:
+                key, (expires, value) = next(iter(entries.items()))
+                if expires > now:
+                    break
+                del entries[key]
+                gone.append(value)
+        self._dropped(gone)
+
     def clear(self) -> None:
         with self._lock:
+            gone = [value for _expires, value in self._entries.values()]
             self._entries.clear()
+        self._dropped(gone)
+
+    def _dropped(self, values: Iterable[V]) -> None:
+        if self._on_drop is not None:
+            for value in values:
+                self._on_drop(value)

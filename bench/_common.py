@@ -252,6 +252,12 @@ def cpu_s(pid: int, *, children: bool = False, sys_only: bool = False) -> float:
     """User + system CPU seconds of ``pid`` (with ``children``: of its reaped children)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     at = 13 if children else 11  # cutime, cstime | utime, stime (fields 16-17 | 14-15)
+    return _seconds(fields, at, sys_only=sys_only)
+
+
+def _seconds(fields: list[str], at: int, *, sys_only: bool = False) -> float:
+    """User + system (or system only) seconds from the /proc stat fields after the comm,
+    the user ticks at ``at``, the system ticks after them."""
     ticks = int(fields[at + 1]) if sys_only else int(fields[at]) + int(fields[at + 1])
     return ticks / os.sysconf("SC_CLK_TCK")
 
@@ -276,9 +282,7 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             stat = (task / "stat").read_text()
             name = stat[stat.index("(") + 1 : stat.rindex(")")]
-            fields = stat.rpartition(")")[2].split()
-            ticks = int(fields[11]) + int(fields[12])
-            out[name] = out.get(name, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
+            out[name] = out.get(name, 0.0) + _seconds(stat.rpartition(")")[2].split(), 11)
     return out
 
 

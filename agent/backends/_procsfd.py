@@ -3,11 +3,12 @@
 An adoption is one write of the pid to the extern step's ``cgroup.procs``; opening that file
 walks the whole cgroupfs path each time (a storm adopts into the same few jobs again and
 again). `ProcsWriter` keeps each file it opened, for ``ttl_s`` and at most ``max_open`` of
-them (least recently opened first out). How it stays right: a descriptor names the cgroup it
-was opened on, not its path; once that cgroup is removed (the job ended), a write through it
-fails (ENODEV) and the file is opened again by its path, which names the cgroup there now, or
-nothing (the job has ended: JobVanished). The TTL keeps a removed cgroup from being pinned in
-the kernel by our descriptor for long. Event-loop only, like the backend.
+them (least recently used first out: a `Memo` that owns them). How it stays right: a
+descriptor names the cgroup it was opened on, not its path; once that cgroup is removed (the
+job ended), a write through it fails (ENODEV) and the file is opened again by its path, which
+names the cgroup there now, or nothing (the job has ended: JobVanished). The TTL (each write
+sweeps expired descriptors first) keeps a removed cgroup from being pinned in the kernel by
+our descriptor for long. Event-loop only, like the backend.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 from collections.abc import Callable
 
 from callerid.agent.backends.base import BackendError, Job, JobVanished
+from callerid.agent.memo import Memo
 
 __all__ = ["ProcsWriter"]
 
@@ -27,22 +29,22 @@ class ProcsWriter:
     """``write(extern, pid, job)``: move ``pid`` into the cgroup ``extern``."""
 
     def __init__(self, *, ttl_s: float, max_open: int, clock: Callable[[], float]) -> None:
-        self._ttl = ttl_s
-        self._max = max_open
-        self._clock = clock
-        self._open: dict[str, tuple[int, float]] = {}  # path -> (fd, opened at), oldest first
+        # path -> its open descriptor (`Memo` owns them: closed as they expire or go)
+        self._open: Memo[str, int] = Memo(
+            max_entries=max_open, ttl_s=ttl_s, clock=clock, on_drop=os.close
+        )
 
     def write(self, extern: str, pid: int, job: Job) -> None:
         path = f"{extern}/cgroup.procs"
-        now = self._clock()
-        self._expire(now)
-        held = self._open.get(path)
-        if held is not None:
+        self._open.sweep()
+        fd = self._open.get(path)
+        if fd is not None:
             try:
-                os.write(held[0], str(pid).encode())
+                os.write(fd, str(pid).encode())
                 return
             except OSError as exc:
-                self._close(path)
+                self._open.pop(path)  # ours again: closed here
+                os.close(fd)
                 if exc.errno not in _STALE:
                     raise _write_error(exc, pid, extern) from exc
         fd = _open(path, extern, job)
@@ -51,30 +53,16 @@ class ProcsWriter:
         except OSError as exc:
             os.close(fd)
             raise _write_error(exc, pid, extern) from exc
-        if self._ttl <= 0:
+        if self._open.ttl_s == 0:
             os.close(fd)
             return
-        while len(self._open) >= self._max:
-            self._close(next(iter(self._open)))
-        self._open[path] = (fd, now)
+        self._open.put(path, fd)
 
     def close(self) -> None:
-        for path in list(self._open):
-            self._close(path)
+        self._open.clear()
 
     def __len__(self) -> int:
         return len(self._open)
-
-    def _expire(self, now: float) -> None:
-        for path, (_fd, opened) in list(self._open.items()):
-            if now - opened < self._ttl:
-                break  # in opening order: the rest are younger
-            self._close(path)
-
-    def _close(self, path: str) -> None:
-        held = self._open.pop(path, None)
-        if held is not None:
-            os.close(held[0])
 
 
 def _open(path: str, extern: str, job: Job) -> int:

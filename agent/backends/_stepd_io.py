@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from callerid.agent._unixsock import passed_fds
 from callerid.agent.backends import stepd
 from callerid.agent.backends.base import BackendError, JobVanished
 
@@ -140,11 +141,7 @@ class StepdConnection:
 
     def _receive(self) -> None:
         data, anc, flags, _addr = self.sock.recvmsg(_RECV_SIZE, _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
-                self._fds.extend(fds)
+        self._fds.extend(passed_fds(anc)[0])  # other control data: none is expected, ignored
         if flags & socket.MSG_CTRUNC:
             msg = f"slurmstepd {self.path} passed more file descriptors than expected"
             raise stepd.StepdProtocolError(msg)

@@ -76,7 +76,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-MAX_USERS_SEEN = 4096  # users whose job list is remembered (beyond: all forgotten)
+MAX_USERS_SEEN = 4096  # users whose job list is remembered (the least recent go first)
 
 _JOB_ID = re.compile(JOB_ID_RE)
 
@@ -136,7 +136,9 @@ class CgroupBackend:
         self._writer = ProcsWriter(ttl_s=extern_ttl_s, max_open=256, clock=clock)
         # uid -> (the listing object its jobs came from, the jobs): while `_listings` gives
         # that very object (no directory changed) and each job is in _known, they are the same
-        self._jobs_seen: dict[int, tuple[list[_JobDir], list[Job]]] = {}
+        self._jobs_seen: Memo[int, tuple[list[_JobDir], list[Job]]] = Memo(
+            max_entries=MAX_USERS_SEEN, ttl_s=None, clock=clock
+        )
         log.info(
             "cgroup backend: %s, hierarchies %s, jobs %s",
             self.layout.mode,
@@ -161,9 +163,7 @@ class CgroupBackend:
                 jobs.setdefault(job.id, job)
         out = sorted(jobs.values(), key=Job.sort_key)
         if all(self._known.get((d.path, d.inode)) is not None for d in found):
-            if len(self._jobs_seen) >= MAX_USERS_SEEN:
-                self._jobs_seen.clear()
-            self._jobs_seen[uid] = (found, out)
+            self._jobs_seen.put(uid, (found, out))
         return list(out)
 
     def job_of_pid(self, pid: int) -> Job | None:

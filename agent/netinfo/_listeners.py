@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from callerid.agent.memo import Memo
 from callerid.agent.netinfo._proc import Pin
 
 __all__ = ["HeldListeners"]
@@ -24,42 +25,32 @@ T = TypeVar("T")
 
 class HeldListeners(Generic[T]):
     """pid -> what was read of it, with its pin, for ``ttl_s`` and while it lives; at most
-    ``max_entries`` (the oldest go first). Owns the pins: each is closed when its entry goes."""
+    ``max_entries`` (`Memo`, which owns the pins: each is closed when its entry goes)."""
 
     def __init__(self, *, ttl_s: float, max_entries: int, clock: Callable[[], float]) -> None:
-        self._ttl = ttl_s
-        self._max = max_entries
-        self._clock = clock
-        self._by_pid: dict[int, tuple[T, Pin, float]] = {}
+        self._memo: Memo[int, tuple[T, Pin]] = Memo(
+            max_entries=max_entries, ttl_s=ttl_s, clock=clock, on_drop=lambda hit: hit[1].close()
+        )
 
     def get(self, pid: int) -> T | None:
-        hit = self._by_pid.get(pid)
+        hit = self._memo.get(pid)
         if hit is None:
             return None
-        value, pin, until = hit
-        if self._clock() >= until or pin.exited():
-            self._drop(pid)
+        if hit[1].exited():  # its pid may name another process from now on
+            self._memo.pop(pid)
+            hit[1].close()
             return None
-        return value
+        return hit[0]
 
     def put(self, pid: int, value: T, pin: Pin) -> None:
         """Remember ``value`` read of ``pid`` after ``pin`` was taken (the pin is ours now)."""
-        self._drop(pid)
-        if self._ttl <= 0:
+        if self._memo.ttl_s == 0:
             pin.close()
             return
-        while len(self._by_pid) >= self._max:
-            self._drop(next(iter(self._by_pid)))
-        self._by_pid[pid] = (value, pin, self._clock() + self._ttl)
+        self._memo.put(pid, (value, pin))
 
     def clear(self) -> None:
-        for pid in list(self._by_pid):
-            self._drop(pid)
+        self._memo.clear()
 
     def __len__(self) -> int:
-        return len(self._by_pid)
-
-    def _drop(self, pid: int) -> None:
-        hit = self._by_pid.pop(pid, None)
-        if hit is not None:
-            hit[1].close()
+        return len(self._memo)

@@ -58,3 +58,27 @@ def test_pop_and_clear() -> None:
 def test_bad_bounds_are_refused(max_entries: int, ttl_s: float) -> None:
     with pytest.raises(ValueError, match="must be"):
         Memo(max_entries=max_entries, ttl_s=ttl_s, clock=FakeClock())
+
+
+def test_an_owning_memo_drops_each_value_it_lets_go_once() -> None:
+    """``on_drop`` gets what expires (when asked for, or swept), is replaced, evicted or
+    cleared; not what `pop` hands back, nor a value put again for its own key."""
+    clock, dropped = FakeClock(), []
+    memo: Memo[str, str] = Memo(max_entries=2, ttl_s=10.0, clock=clock, on_drop=dropped.append)
+    memo.put("a", "A")
+    memo.put("a", "A")  # the same value again: still held
+    memo.put("a", "A2")  # replaced
+    assert dropped == ["A"]
+    memo.put("b", "B")
+    memo.put("c", "C")  # beyond the bound: the least recently used goes
+    assert dropped == ["A", "A2"] and len(memo) == 2
+    assert memo.pop("b") == "B" and dropped == ["A", "A2"]
+    clock.advance(10.0)
+    memo.sweep()
+    assert dropped == ["A", "A2", "C"] and len(memo) == 0
+    memo.put("d", "D")
+    clock.advance(10.0)
+    assert memo.get("d") is None and dropped[-1] == "D"
+    memo.put("e", "E")
+    memo.clear()
+    assert dropped[-1] == "E" and len(memo) == 0
