@@ -266,7 +266,7 @@ class MeshClient:
         """Send ``msg`` and wait for its reply until ``deadline`` (loop time; then
         `_EXPIRED`). When the connection is up and takes the message at once (the usual
         case) only the reply is waited for, under a plain timer; else `_roundtrip`."""
-        loop = asyncio.get_running_loop()
+        loop = fut.get_loop()  # the running one (asyncio.get_running_loop costs a getpid)
         if conn.io is not None and conn.ready.done() and conn.ready.result() is None:
             with contextlib.suppress(zmq.ZMQError):  # Again, or closed: `_roundtrip` tells
                 conn.io.send([encode(msg)])

@@ -33,7 +33,6 @@ from callerid.agent.netinfo._codec import TCP_STATES
 __all__ = ["SockFacts", "Unsupported", "inet_fds", "lent_facts", "socket_facts"]
 
 _SYS_PIDFD_GETFD: Final = 438  # the same number on every architecture (asm-generic)
-_KINDS: Final = (socket.SOCK_STREAM, socket.SOCK_DGRAM)
 _INET_PROTOS: Final = frozenset({b"TCP", b"TCPv6", b"UDP", b"UDPv6"})
 _NO_XATTR_ERRNOS: Final = frozenset({errno.ENOTSUP, errno.ENODATA, errno.EPERM, errno.EACCES})
 _UNSUPPORTED_ERRNOS: Final = frozenset({errno.ENOSYS, errno.EPERM, errno.EACCES, errno.EINVAL})
@@ -78,7 +77,8 @@ def _facts(dup: int) -> SockFacts | None:
 
     The socket object is made with a placeholder family and type, so that Python asks the
     kernel nothing but one getsockname to wrap it; the family is then told by the address
-    getsockname returns (Python decodes it by the address's own family), the type by SO_TYPE.
+    getsockname returns (Python decodes it by the address's own family), the type by TCP_INFO
+    (only TCP answers it) or else SO_TYPE.
     The placeholder is AF_INET6: Python sizes its address buffers by it, and an IPv6 address
     is the larger of the two (an IPv4 one fits, and is decoded as IPv4).
     """
@@ -91,17 +91,19 @@ def _facts(dup: int) -> SockFacts | None:
         local = sock.getsockname()
         if not _is_inet(local):
             return None
-        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-        if kind not in _KINDS:
-            return None
+        try:  # a TCP socket says its state; any other refuses (the type is asked only then)
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+        except OSError:
+            info = None
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_DGRAM:
+                return None
         st = os.fstat(dup)
         lip, lport, _ = _addr(local)
         unset = ("::" if len(local) == 4 else "0.0.0.0", 0, 0)
-        if kind == socket.SOCK_DGRAM:
+        if info is None:
             rip, rport, scope = _peer(sock, unset)
             state = "ESTABLISHED" if rport else "UNCONN"
             return SockFacts("udp", (lip, lport), (rip, rport), st.st_ino, st.st_uid, state, scope)
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
         state = TCP_STATES.get(info[0], "UNKNOWN")
         rip, rport, scope = unset if state == "LISTEN" else _peer(sock, unset)
         return SockFacts("tcp", (lip, lport), (rip, rport), st.st_ino, st.st_uid, state, scope)
