@@ -53,6 +53,7 @@ FD_LIMIT = 65536
 # Collect young objects every 7,000 net allocations instead of Python's 700: a login allocates
 # a few hundred, nearly all freed by reference counting when it ends (see `settle_gc`).
 GC_THRESHOLD = (7000, 10, 10)
+SCHED_POLICIES: dict[str, int] = {"batch": os.SCHED_BATCH, "normal": os.SCHED_OTHER}
 
 
 @dataclass
@@ -99,6 +100,7 @@ class Agent:
                 "abandoned": self.pam.turns.abandoned,
                 "accept_errors": self.pam.accept_errors,
             },
+            "scheduling": scheduling_name(os.sched_getscheduler(0)),
             "journald": self.journal.journald_running,
             "journal_lost": self.journal.lost,  # records journald did not get
             "metrics": None if self.metrics is None else self.metrics.endpoint(),
@@ -123,7 +125,8 @@ class Agent:
             self._refuse(exc, "keys.authorized: ")
             return
         built_once = (
-            "node_name listen port keys.dir peer pam_socket pam_timeout_ms backend journal metrics"
+            "node_name listen port keys.dir peer pam_socket pam_timeout_ms backend journal metrics "
+            "scheduling"
         )
         for key in built_once.split():  # what build() wired in: the policy and keys reload
             if self._dotted(new, key) != self._dotted(self.cfg, key):
@@ -319,6 +322,27 @@ async def _bounded(step: Awaitable[None], what: str) -> None:
         log.warning("%s took over %.0f s; going on with the shutdown", what, SHUTDOWN_STEP_S)
 
 
+def set_scheduling(policy: str) -> None:
+    """Put this thread, and every thread it starts afterwards (they inherit it), under the
+    CPU scheduling ``policy`` (config ``scheduling``: why batch is the default is said there
+    and in docs/performance.md, section 11). Refused (a seccomp filter, a container): one
+    warning, and the agent runs under the policy it was started with."""
+    try:
+        os.sched_setscheduler(0, SCHED_POLICIES[policy], os.sched_param(0))
+    except OSError as exc:
+        log.warning(
+            "cannot set the CPU scheduling policy to %s (%s); running under %s",
+            policy,
+            exc.strerror or exc,
+            scheduling_name(os.sched_getscheduler(0)),
+        )
+
+
+def scheduling_name(policy: int) -> str:
+    """The config name of a scheduling policy number (another one: its number)."""
+    return next((k for k, v in SCHED_POLICIES.items() if v == policy), str(policy))
+
+
 def _raise_fd_limit(want: int = FD_LIMIT) -> None:
     """Raise the soft limit of open files towards ``want`` (within the hard limit): each login
     holds a PAM connection and each peer a mesh socket; 1024 is far too few for a storm."""
@@ -338,6 +362,7 @@ def run(cfg_path: Path) -> int:
     """
     cfg = config_mod.load(cfg_path)
     _raise_fd_limit()
+    set_scheduling(cfg.scheduling)  # before build(): the threads it starts inherit the policy
     try:
         agent = build(cfg, cfg_path=cfg_path)
     except (OSError, ValueError, BackendError) as exc:

@@ -37,7 +37,8 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         print(json.dumps(body, indent=2))
         return 0
     print(f"callerid-agent {body['version']} on {body['node']}, pid {body['pid']}, "
-          f"up {body['uptime_s']:.0f} s, backend {body['backend']}")  # fmt: skip
+          f"up {body['uptime_s']:.0f} s, backend {body['backend']}, "
+          f"scheduling {body.get('scheduling', '?')}")  # fmt: skip
     print(f"mesh: {' '.join(body['mesh'])}; {body['peers']} authorized peers, "
           f"{body['pooled']} connections open to peers")  # fmt: skip
     served, asked, pam = body["served"], body["asked"], body["pam"]

@@ -488,14 +488,31 @@ def test_calleridctl_status(agents: LoopbackAgents) -> None:
     body = json.loads(r.stdout)
     assert body["node"] == "b" and body["backend"] == "cgroup" and body["peers"] == 2
     assert body["pid"] == agents.procs["b"].pid
+    assert body["scheduling"] == "batch"
     assert body["served"]["answered"] >= 0 and "in_flight" in body["pam"]
     assert {"waiting", "abandoned", "accept_errors"} <= body["pam"].keys()
     r = ctl(agents, "b", "status")
     assert r.returncode == 0 and r.stdout.startswith("callerid-agent ")
     assert "waiting their turn" in r.stdout and "given up by the client" in r.stdout
     assert "on b, pid" in r.stdout and "2 authorized peers" in r.stdout
+    assert "scheduling batch" in r.stdout
     cfg = agents.config("b")
     cfg.write_text(cfg.read_text().replace(str(agents.socket("b")), "/nonexistent/agent.sock"))
     r = ctl(agents, "b", "status")
     assert r.returncode == 1 and "no agent answers on /nonexistent/agent.sock" in r.stderr
     agents.write_config("b")
+
+
+def _policies(pid: int) -> set[int]:
+    return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_every_thread_runs_under_the_configured_scheduling(
+    agents: LoopbackAgents, trees: dict[str, JobTree]
+) -> None:
+    # the default: SCHED_BATCH for the loop, the workers and zmq's I/O thread alike
+    assert _policies(agents.procs["a"].pid) == {os.SCHED_BATCH}
+    with LoopbackAgents(trees, extra={"scheduling": "normal"}) as normal:
+        assert _policies(normal.procs["a"].pid) == {os.SCHED_OTHER}
+        body = json.loads(ctl(normal, "a", "status", "--json").stdout)
+        assert body["scheduling"] == "normal"
