@@ -15,7 +15,10 @@ decision goes on. The adoption then waits only for what is left of that same gra
 A login's module time loses the time of its decision (1-2 ms), and the worker sleeps while it
 waits: no CPU worth counting.
 
-Not primed: with ``favordynmods`` on (nothing to wait for); when the last priming began less
+Not primed: with ``favordynmods`` on (nothing to wait for): at start, or set later (a remount
+while the agent runs; the worker looks at /proc/self/mountinfo before a priming write, at
+most once per `LOOK_S`, and while the flag is on it rests `FDM_QUIET_S` between looks, so
+priming resumes within that time of the flag going off); when the last priming began less
 than `WINDOW_S` ago (the rwsem is still in slow mode or about to be; in a storm the adoptions
 keep it there); for `QUIET_S` after a priming write that took less than `FAST_S` (the rwsem
 was in slow mode anyway, as it stays on a busy node: the worker's wake-up would be all the
@@ -36,13 +39,15 @@ from pathlib import Path
 from callerid.agent.backends._cglayout import Mount, parse_mountinfo, parse_proc_cgroup
 from callerid.agent.netinfo import read_proc
 
-__all__ = ["WINDOW_S", "Primer"]
+__all__ = ["FDM_QUIET_S", "LOOK_S", "WINDOW_S", "Primer"]
 
 log = logging.getLogger(__name__)
 
 WINDOW_S = 0.01  # a priming begun this recently covers the next adoption too
 FAST_S = 0.001  # a priming write this quick waited for no grace period: nothing to prime now
 QUIET_S = 1.0  # after such a write, priming rests this long (then looks again)
+LOOK_S = 1.0  # the mount's favordynmods flag is looked at again at most this often
+FDM_QUIET_S = 60.0  # while favordynmods is on, priming rests this long between looks
 FLAG = "favordynmods"
 
 
@@ -70,6 +75,8 @@ class Primer:
         self._proc = str(proc_root)
         self._last = -float("inf")
         self._quiet_until = -float("inf")
+        self._looked_at = clock()  # `detect` has just looked
+        self.favordynmods = False  # the flag, as last looked at (`_look`)
         self.enabled = True
         self.primed = 0  # writes made (for tests and `calleridctl status`)
 
@@ -80,8 +87,8 @@ class Primer:
         """A primer for this machine, or None when there is nothing to prime: no cgroup file
         system, or one mounted ``favordynmods`` (the rwsem is always in its slow mode)."""
         text = read_proc(f"{proc_root}/self/mountinfo") or ""
-        mounts = [m for m in parse_mountinfo(text) if m.fstype in ("cgroup", "cgroup2")]
-        if any(FLAG in m.super_options for m in mounts):
+        mounts = _cgroup_mounts(text)
+        if favors(text):
             log.info("cgroup migrations are cheap here (%s): no priming", FLAG)
             return None
         v2 = next((m for m in mounts if m.fstype == "cgroup2"), None)
@@ -119,7 +126,23 @@ class Primer:
                 return f"{h.mount.mountpoint}{path[len(root) :].rstrip('/')}/cgroup.procs"
         return None
 
+    def _look(self) -> bool | None:
+        """Whether a cgroup hierarchy is mounted favordynmods now (`favors`); None when the
+        mounts were looked at less than `LOOK_S` ago."""
+        now = self._clock()
+        if now - self._looked_at < LOOK_S:
+            return None
+        self._looked_at = now
+        return favors(read_proc(f"{self._proc}/self/mountinfo") or "")
+
     def _write(self) -> None:
+        fdm = self._look()
+        if fdm is not None and fdm != self.favordynmods:
+            self.favordynmods = fdm
+            log.info("cgroup %s %s", FLAG, "set: no priming" if fdm else "cleared: priming again")
+        if self.favordynmods:
+            self._quiet_until = self._clock() + FDM_QUIET_S
+            return
         path = self._own_procs()
         try:
             if path is None:
@@ -139,3 +162,13 @@ class Primer:
         self.primed += 1
         if done - began < FAST_S:
             self._quiet_until = done + QUIET_S
+
+
+def _cgroup_mounts(mountinfo: str) -> list[Mount]:
+    return [m for m in parse_mountinfo(mountinfo) if m.fstype in ("cgroup", "cgroup2")]
+
+
+def favors(mountinfo: str) -> bool:
+    """Whether a cgroup hierarchy in ``mountinfo`` is mounted favordynmods: the rwsem every
+    migration takes is global, so one such mount keeps it in its slow mode for all."""
+    return any(FLAG in m.super_options for m in _cgroup_mounts(mountinfo))

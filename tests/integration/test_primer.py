@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from callerid.agent.backends._primer import FAST_S, QUIET_S, WINDOW_S, Primer
+from callerid.agent.backends._primer import FAST_S, FDM_QUIET_S, LOOK_S, QUIET_S, WINDOW_S, Primer
 from tests.fakes import FakeClock
 
 T = TypeVar("T")
@@ -105,6 +105,33 @@ def test_favordynmods_means_nothing_to_prime(tmp_path: Path) -> None:
     )
     proc = _scratch_proc(tmp_path, mountinfo, "0::/system.slice/x.service\n")
     assert Primer.detect(Inline(), FakeClock(), proc) is None
+
+
+def test_favordynmods_set_later_rests_the_primer_until_it_is_cleared(tmp_path: Path) -> None:
+    mount = tmp_path / "cg"
+    (mount / "agent").mkdir(parents=True)
+    procs = mount / "agent" / "cgroup.procs"
+    procs.write_text("")  # a plain file in a scratch tree: the write lands there
+    plain = f"35 24 0:30 / {mount} rw - cgroup2 cgroup2 rw,nsdelegate\n"
+    proc = _scratch_proc(tmp_path, plain, "0::/agent\n")
+    clock = FakeClock()
+    primer = Primer.detect(Inline(), clock, proc)
+    assert primer is not None
+    clock.advance(LOOK_S)
+    primer.prime()
+    assert primer.primed == 1 and procs.read_text() == str(os.getpid())
+    # the mount is made favordynmods while the agent runs (a remount)
+    (proc / "self" / "mountinfo").write_text(plain.replace("nsdelegate", "nsdelegate,favordynmods"))
+    clock.advance(QUIET_S + LOOK_S)
+    primer.prime()
+    assert primer.favordynmods and primer.primed == 1, "primed with favordynmods on"
+    clock.advance(FDM_QUIET_S / 2)
+    primer.prime()  # resting: the mounts are not even looked at
+    assert primer.primed == 1
+    (proc / "self" / "mountinfo").write_text(plain)  # cleared again
+    clock.advance(FDM_QUIET_S)
+    primer.prime()
+    assert not primer.favordynmods and primer.primed == 2
 
 
 def test_a_failed_write_stops_the_primer(tmp_path: Path) -> None:
