@@ -9,8 +9,8 @@ ssh included, stays inside the container). Then, against the installed unit:
 
 - `systemctl start` returns with the agent active (Type=notify: systemd waited for READY=1);
 - the sandbox is in force: the agent's /proc/PID/status (capability sets, NoNewPrivs,
-  seccomp, umask) and writes from its own mount namespace (ProtectSystem=strict, ProtectHome,
-  PrivateTmp, ReadWritePaths);
+  seccomp, umask), every thread's scheduling policy (SCHED_BATCH), and writes from its own
+  mount namespace (ProtectSystem=strict, ProtectHome, PrivateTmp, ReadWritePaths);
 - `systemd-analyze security` stays at or below the exposure the unit has now (2.8, live);
 - `systemctl reload` applies a changed policy (a login decided otherwise) and keeps the old
   one on a bad file (`config_error`, still active, same process);
@@ -279,6 +279,12 @@ def test_sandbox_is_in_force(node: Node) -> None:
     assert st["Seccomp"] == "2"  # a filter (SystemCallFilter=)
     assert int(st["Seccomp_filters"]) >= 1
     assert st["Umask"] == unit["UMask"][0]
+    # the sandbox lets the agent put every thread under SCHED_BATCH (policy 3; config default)
+    sched = [
+        node.ct.read(f"/proc/{pid}/task/{t}/sched")
+        for t in node.sh("ls", f"/proc/{pid}/task").split()
+    ]
+    assert {tuple(re.findall(r"^policy\s*:\s*(\d+)$", text, re.M)) for text in sched} == {("3",)}
 
     # Writes as the agent's mount namespace sees the file system (as root, all capabilities)
     def write(path: str) -> tuple[int, str]:
