@@ -306,7 +306,7 @@ def settle_gc() -> None:
     collected every `GC_THRESHOLD`[0] net allocations instead of 700. Nothing is lost: objects
     made after this (a reload's config included) are collected as before, and a frozen object
     is still freed by reference counting. In the storm (bench/storm.py) the collector's time
-    in agent b went from ~0.09 s to ~0.02 s per 6,000 decisions (docs/performance.md,
+    in agent b went from 0.09-0.1 s to 0.04 s per 6,000 decisions (docs/performance.md,
     section 11).
     """
     gc.collect()
