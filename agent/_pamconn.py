@@ -108,9 +108,10 @@ class PamConnection:
         """Read what is there; wait for more (as a loop reader) only when it is needed.
 
         ``first``: right after the accept. The client writes its line a few microseconds after
-        its connect; when the connect woke the agent on the client's own CPU, the agent has
-        preempted it before it could: the CPU is yielded once (sched_yield) for the client to
-        write, saving the agent a second wake-up for this login."""
+        its connect; when the connect woke the agent on the client's own CPU and the agent
+        preempted it before it could (under ``scheduling: normal``; under the default batch
+        policy the agent does not preempt it), the CPU is yielded once (sched_yield) for the
+        client to write, saving the agent a second wake-up for this login."""
         while self.state in ("read", "discard"):
             try:
                 data, fds = recv_lent(self.sock, RECV_SIZE)
