@@ -61,7 +61,6 @@ AdoptFailureAction = Literal["deny", "allow"]
 BackendType = Literal["cgroup", "slurm"]
 NamespaceKind = Literal["user", "mnt", "pid", "net", "ipc", "uts", "cgroup"]  # /proc/<pid>/ns
 Mode = Literal["enforce", "audit"]
-Scheduling = Literal["batch", "normal"]
 
 
 # the bounds several options share (each option still declares its own, in its metadata)
@@ -304,14 +303,13 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     journal: bool = _opt(True, "Write one structured record per decision to the journal.")
-    scheduling: Scheduling = _opt(
+    scheduling: Literal["batch", "normal"] = _opt(
         "batch",
-        "The agent's CPU scheduling policy, set at start for all its threads. batch "
-        "(SCHED_BATCH): woken by a login or a query, the agent does not preempt the running "
-        "task but runs when that task blocks or its time slice ends: sshd writes its request "
-        "before the agent reads it (one wake-up per login, not two), and a job's processes are "
-        "not interrupted at once; on a node whose every CPU is busy, a decision may wait up to "
-        "a scheduler tick (1-4 ms). normal (SCHED_OTHER): the kernel's default.",
+        "CPU scheduling policy of all the agent's threads, set at start. batch (SCHED_BATCH): "
+        "woken by a login or a query, the agent does not preempt the running task (sshd writes "
+        "its request first: one wake-up per login, not two; a job's processes are not "
+        "interrupted at once); on a node whose every CPU is busy a decision may wait up to a "
+        "scheduler tick (1-4 ms). normal (SCHED_OTHER): the kernel's default.",
     )
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 

@@ -66,9 +66,8 @@ class Connection:
 
 
 def _endpoint(addr: tuple[str, int]) -> Endpoint:
-    """An endpoint of an address the kernel gave (zone-free: `_sockfd` drops a zone, /proc/net
-    has none); Endpoint makes its IP canonical itself."""
-    return Endpoint(addr[0], addr[1])
+    """An endpoint of an address without its zone, if any (Endpoint makes the IP canonical)."""
+    return Endpoint(split_zone(addr[0])[0], addr[1])
 
 
 def _connection(proto: Proto, row: ProcNetRow) -> Connection:
