@@ -114,6 +114,7 @@ class LoginFlow:
         login = self._login(req, caller_pid, received)
         login.facts = facts
         self._mark(login, "user")
+        step: policy.Decision | policy.Need | Outcome | None = None
         try:
             step = self._local_step(login, early_pin=True)
             if isinstance(step, Outcome):
@@ -122,9 +123,9 @@ class LoginFlow:
                 return Started(login)  # `account` takes the login (and its pin) over
             assert isinstance(step, policy.Decision)
             return self._conclude(login, step)
-        except BaseException:
-            login.unpin()
-            raise
+        finally:
+            if step is not policy.Need.CALLERID:
+                login.unpin()  # the login has ended here (a pin not handed to an adoption)
 
     async def account(
         self,
@@ -363,7 +364,6 @@ class LoginFlow:
     def _outcome(
         self, login: Login, d: policy.Decision, ns: JobNamespaces | None = None
     ) -> Outcome:
-        login.unpin()  # the login has ended (an early pin not handed to an adoption)
         return decided(login, d, ns, node=self.node, mode=self.mode, now=self.clock())
 
     def error_outcome(
@@ -375,7 +375,6 @@ class LoginFlow:
         return self._error(login, reason, text)
 
     def _error(self, login: Login, reason: str, text: str) -> Outcome:
-        login.unpin()
         return failed(login, reason, text, node=self.node, mode=self.mode, now=self.clock())
 
     async def open_session(self, req: PamRequest, caller_pid: int) -> PamReply:

@@ -6,7 +6,8 @@ Each user of a memo says, where it makes one, why a remembered fact stays true t
 Safe to use from several threads (the source side may run in worker threads).
 
 A memo may own what it holds (an open descriptor): ``on_drop`` is called with each value the
-memo lets go of by itself (expired, replaced, evicted, cleared or swept), outside its lock;
+memo lets go of by itself (expired, replaced, evicted, cleared or swept; with ``ttl_s`` 0, as
+soon as it is put), outside its lock;
 a value taken back with `pop` is the caller's again. `sweep` lets expired values go without
 waiting for their key to be asked again.
 """
@@ -73,7 +74,11 @@ class Memo(Generic[K, V]):
 
     def put_many(self, items: Iterable[tuple[K, V]]) -> None:
         """Remember each (key, value) of ``items``, all from now on: one clock read and one
-        lock for all (a source-side scan remembers every socket of a process at once)."""
+        lock for all (a source-side scan remembers every socket of a process at once). With
+        ``ttl_s`` 0 nothing is kept: each value is let go of at once."""
+        if self.ttl_s == 0:
+            self._dropped([value for _key, value in items])
+            return
         expires = math.inf if self.ttl_s is None else self._clock() + self.ttl_s
         gone: list[V] = []
         with self._lock:

@@ -216,9 +216,9 @@ static int addr_text(const struct sockaddr_storage *ss, char *out, size_t cap)
 }
 
 /* The fd of the socket SSH_CONNECTION ("rip rport lip lport") names, looked for among fds
- * 0..CID_FD_SCAN-1 (not `skip`), or -1. sshd's connection is one of a
- * monitor's first fds, so this usually takes a few getsockname calls. */
-static int session_socket(const char *connection, int skip)
+ * 0..CID_FD_SCAN-1, or -1. sshd's connection is one of a monitor's first fds, so this usually
+ * takes a few getsockname calls. */
+static int session_socket(const char *connection)
 {
     char rip[64], lip[64], want_local[96], want_remote[96], got[96];
     unsigned rport, lport;
@@ -239,7 +239,7 @@ static int session_socket(const char *connection, int skip)
         return -1;
     for (fd = 0; fd < CID_FD_SCAN; fd++) {
         len = sizeof(ss);
-        if (fd == skip || getsockname(fd, (struct sockaddr *)&ss, &len) != 0)
+        if (getsockname(fd, (struct sockaddr *)&ss, &len) != 0)
             continue; /* EBADF, ENOTSOCK */
         if (addr_text(&ss, got, sizeof(got)) != 0 || strcmp(got, want_local) != 0)
             continue;
@@ -375,7 +375,7 @@ int cid_exchange(const char *path, int timeout_ms, const struct cid_request *req
     memcpy(sa.sun_path, path, strlen(path) + 1);
     /* found before connecting: the request follows the connect at once, so that the agent,
      * woken by the connect, finds the line there already */
-    lent = session_socket(req->connection, -1);
+    lent = session_socket(req->connection);
 
     if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)) < 0) {
         fail(res, CID_E_SOCKET, "socket", errno);

@@ -86,9 +86,8 @@ class Primer:
     ) -> Primer | None:
         """A primer for this machine, or None when there is nothing to prime: no cgroup file
         system, or one mounted ``favordynmods`` (the rwsem is always in its slow mode)."""
-        text = read_proc(f"{proc_root}/self/mountinfo") or ""
-        mounts = _cgroup_mounts(text)
-        if favors(text):
+        mounts = _cgroup_mounts(read_proc(f"{proc_root}/self/mountinfo") or "")
+        if _favors(mounts):
             log.info("cgroup migrations are cheap here (%s): no priming", FLAG)
             return None
         v2 = next((m for m in mounts if m.fstype == "cgroup2"), None)
@@ -127,13 +126,13 @@ class Primer:
         return None
 
     def _look(self) -> bool | None:
-        """Whether a cgroup hierarchy is mounted favordynmods now (`favors`); None when the
-        mounts were looked at less than `LOOK_S` ago."""
+        """Whether a cgroup hierarchy is mounted favordynmods now; None when the mounts were
+        looked at less than `LOOK_S` ago."""
         now = self._clock()
         if now - self._looked_at < LOOK_S:
             return None
         self._looked_at = now
-        return favors(read_proc(f"{self._proc}/self/mountinfo") or "")
+        return _favors(_cgroup_mounts(read_proc(f"{self._proc}/self/mountinfo") or ""))
 
     def _write(self) -> None:
         fdm = self._look()
@@ -168,7 +167,7 @@ def _cgroup_mounts(mountinfo: str) -> list[Mount]:
     return [m for m in parse_mountinfo(mountinfo) if m.fstype in ("cgroup", "cgroup2")]
 
 
-def favors(mountinfo: str) -> bool:
-    """Whether a cgroup hierarchy in ``mountinfo`` is mounted favordynmods: the rwsem every
+def _favors(mounts: list[Mount]) -> bool:
+    """Whether one of the cgroup ``mounts`` is mounted favordynmods: the rwsem every
     migration takes is global, so one such mount keeps it in its slow mode for all."""
-    return any(FLAG in m.super_options for m in _cgroup_mounts(mountinfo))
+    return any(FLAG in m.super_options for m in mounts)

@@ -53,10 +53,7 @@ class ProcsWriter:
         except OSError as exc:
             os.close(fd)
             raise _write_error(exc, pid, extern) from exc
-        if self._open.ttl_s == 0:
-            os.close(fd)
-            return
-        self._open.put(path, fd)
+        self._open.put(path, fd)  # with ttl_s 0: closed at once
 
     def close(self) -> None:
         self._open.clear()

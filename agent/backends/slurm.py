@@ -184,8 +184,7 @@ class SlurmBackend:
         with self._ended(job, sock, f"adopting pid {pid}"):
             for conns in self._adoption(pid, job, sock):
                 drive(conns, deadline, self._clock)
-        self._contains.put(sock.identity, True)
-        log.debug("adopted pid %d into job %s (%s)", pid, job.id, sock.path)
+        self._adopted(pid, job, sock)
 
     async def adopt_async(self, pid: int, job: Job) -> None:
         """`adopt`, with the stepd exchange driven by the running event loop (no thread)."""
@@ -197,8 +196,7 @@ class SlurmBackend:
                     await drive_async(conns, deadline, self._clock)
         finally:
             steps.close()  # cancelled mid-exchange: the connection is closed
-        self._contains.put(sock.identity, True)
-        log.debug("adopted pid %d into job %s (%s)", pid, job.id, sock.path)
+        self._adopted(pid, job, sock)
 
     def jobs_now(self, uid: int) -> list[Job] | None:
         """`jobs_of` if it needs no stepd (every extern step's owner remembered), else None."""
@@ -247,6 +245,11 @@ class SlurmBackend:
             raise BackendError(msg)
         deadline = self._clock() + self._timeout
         return self._extern(job), deadline
+
+    def _adopted(self, pid: int, job: Job, sock: StepSocket) -> None:
+        """After a confirmed adoption: this stepd can contain what it adopts (`_contains`)."""
+        self._contains.put(sock.identity, True)
+        log.debug("adopted pid %d into job %s (%s)", pid, job.id, sock.path)
 
     def _adoption(
         self, pid: int, job: Job, sock: StepSocket

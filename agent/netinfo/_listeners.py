@@ -43,10 +43,8 @@ class HeldListeners(Generic[T]):
         return hit[0]
 
     def put(self, pid: int, value: T, pin: Pin) -> None:
-        """Remember ``value`` read of ``pid`` after ``pin`` was taken (the pin is ours now)."""
-        if self._memo.ttl_s == 0:
-            pin.close()
-            return
+        """Remember ``value`` read of ``pid`` after ``pin`` was taken (the pin is ours now:
+        closed at once with ``ttl_s`` 0)."""
         self._memo.put(pid, (value, pin))
 
     def clear(self) -> None:

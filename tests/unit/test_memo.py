@@ -82,3 +82,12 @@ def test_an_owning_memo_drops_each_value_it_lets_go_once() -> None:
     memo.put("e", "E")
     memo.clear()
     assert dropped[-1] == "E" and len(memo) == 0
+
+
+def test_with_no_ttl_nothing_is_kept_and_each_value_is_let_go_at_once() -> None:
+    dropped: list[int] = []
+    memo: Memo[str, int] = Memo(max_entries=4, ttl_s=0.0, clock=FakeClock(), on_drop=dropped.append)
+    memo.put("a", 1)
+    memo.put_many([("b", 2), ("c", 3)])
+    assert dropped == [1, 2, 3]
+    assert len(memo) == 0 and memo.get("a") is None
