@@ -56,7 +56,7 @@ class Login:
     waited_ms: int | None = None  # waited for the job the source named (wait_for_job_ms)
     fetched: Fetched | None = None  # the job's namespaces, asked for after the adoption
     marks: list[tuple[str, float]] = dataclasses.field(default_factory=list)
-    # the caller, held (pidfd) since before its identity was read: see `LoginFlow._hold`
+    # the caller, held (pidfd) since before its identity was read: see `LoginFlow._find_session`
     pin: Held | None = None
 
     def take_pin(self, pid: int) -> Held | None:
