@@ -2,10 +2,11 @@
 
 * `SyslogSink`: pam_slurm_adopt logs only through syslog(3), and this machine runs no syslog
   daemon; a small listener (bench/_syslog_sink.py) on /dev/log (created here and removed
-  again, only if there was none) timestamps every datagram (epoch seconds, microseconds) into
-  a file. When /dev/log already exists (someone else's), the sshd instances instead run in a
-  private mount namespace where our socket is bind-mounted over /dev/log; the host's /dev/log
-  is never touched then.
+  again, only if there was none) writes every datagram into a file with the time its sender
+  wrote it (epoch seconds, microseconds; the kernel's stamp), never in the measured
+  processes' way (see its docstring). When /dev/log already exists (someone else's), the sshd
+  instances instead run in a private mount namespace where our socket is bind-mounted over
+  /dev/log; the host's /dev/log is never touched then.
 * `SshdFarm`: one OpenSSH sshd per target on 127.0.0.3, each under its own PAM service (the
   basename of sshd's argv[0], a symlink to /usr/sbin/sshd). The stacks are Debian's sshd stack
   with common-session inlined (no pam_systemd, no motd/mail) and differ in one account line only.
@@ -37,6 +38,8 @@ from tests.support.agents import unix_listening
 from tests.support.users import ThrowawayUser
 
 DEV_LOG = Path("/dev/log")
+SYNC_MARK = "callerid-bench-sink-sync:"
+SYNC_TIMEOUT_S = 30.0
 PAM_DIR = Path("/etc/pam.d")
 PRIVSEP = Path("/run/sshd")
 SSHD_HOST = "127.0.0.3"
@@ -108,7 +111,18 @@ class SyslogSink:
         return [] if self.own_dev_log else bind_prefix(self.path, DEV_LOG)
 
     def lines(self) -> list[str]:
-        return self.log.read_text(errors="replace").splitlines()
+        """Every line logged so far: a marker is sent first and waited for (the sink writes in
+        batches and at idle priority, and its queue keeps the order)."""
+        token = f"{SYNC_MARK}{secrets.token_hex(4)}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(token.encode(), str(self.path))
+
+        def caught_up() -> str | None:
+            text = self.log.read_text(errors="replace")
+            return text if token in text else None
+
+        text = poll(caught_up, SYNC_TIMEOUT_S, "the syslog sink to catch up")
+        return [ln for ln in text.splitlines() if SYNC_MARK not in ln]
 
     def close(self) -> None:
         kill_wait([self.proc])
