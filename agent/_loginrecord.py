@@ -8,7 +8,6 @@ says what enforce would have done). Pure: the clock's reading comes in as ``now`
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 from callerid.agent import policy
 from callerid.agent._loginstate import Login, Outcome
@@ -18,8 +17,6 @@ from callerid.agent.journal import DecisionRecord
 from callerid.agent.pamproto import PamReply
 
 __all__ = ["decided", "failed"]
-
-log = logging.getLogger("callerid.agent.login")
 
 
 def decided(
@@ -41,7 +38,6 @@ def decided(
         _record(login, d.verdict, d.reason, job, text, node=node, now=now),
         ns,
     )
-    log.debug("%s", outcome.record.message)  # the journal record is the log line
     return _audited(outcome, f"{who}{where}", mode)
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from callerid.agent import policy
 from callerid.agent._joinns import Fetched
-from callerid.agent.backends.base import BackendError, JobNamespaces
+from callerid.agent.backends.base import BackendError, Begun, JobNamespaces
 from callerid.agent.journal import DecisionRecord
 from callerid.agent.netinfo import Connection, ProcessGone
 from callerid.agent.pamproto import PamReply, PamRequest
@@ -36,9 +36,12 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class Started:
-    """A login `LoginFlow.account_now` took as far as it could: the source is to be asked."""
+    """A login `LoginFlow.account_now` took as far as it could without waiting: the source is
+    to be asked (``step`` `policy.Need.CALLERID`), or the decision's adoption is begun on a
+    `LoopAdoption` backend and is to be finished on the loop (``step`` the decision)."""
 
     login: Login
+    step: policy.Need | policy.Decision
 
 
 @dataclass(slots=True)
@@ -58,6 +61,7 @@ class Login:
     marks: list[tuple[str, float]] = dataclasses.field(default_factory=list)
     # the caller, held (pidfd) since before its identity was read: see `LoginFlow._find_session`
     pin: Held | None = None
+    adopting: Begun | None = None  # the adoption begun once the job was chosen (`_local_step`)
 
     def take_pin(self, pid: int) -> Held | None:
         """The early pin if it holds ``pid`` (the caller handing it over), else None (and
@@ -68,11 +72,20 @@ class Login:
             return None
         return pin
 
-    def unpin(self) -> None:
-        """Close the early pin if it was not handed over (idempotent)."""
+    def take_adopting(self) -> Begun | None:
+        """The adoption begun, handed over to whoever finishes it (and closes it)."""
+        begun, self.adopting = self.adopting, None
+        return begun
+
+    def release(self) -> None:
+        """Close the early pin and the begun adoption if they were not handed over
+        (idempotent)."""
         if self.pin is not None:
             self.pin.close()
             self.pin = None
+        if self.adopting is not None:
+            self.adopting.close()
+            self.adopting = None
 
     def give_up(self) -> None:
         """The login was cancelled (PAM deadline): fds a worker fetched meanwhile are closed."""

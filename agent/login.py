@@ -28,11 +28,18 @@ from callerid.agent._jobwait import await_named_job, named_job_missing
 from callerid.agent._joinns import fetch_namespaces, namespace_verdict
 from callerid.agent._loginports import AskSource, Held, Processes, SessionFinder, UserSource
 from callerid.agent._loginrecord import decided, failed
+from callerid.agent._loginsession import SESSION_MEMORY, AdoptedSessions
 from callerid.agent._loginstate import Login, Outcome, Started, pinned
 from callerid.agent._offload import backend_call, in_thread
-from callerid.agent.backends.base import Backend, BackendError, Job, JobNamespaces, LoopAdoption
+from callerid.agent.backends.base import (
+    Backend,
+    BackendError,
+    Begun,
+    Job,
+    JobNamespaces,
+    LoopAdoption,
+)
 from callerid.agent.config import Mode, PolicyConfig
-from callerid.agent.memo import Memo
 from callerid.agent.netinfo import NetinfoError
 from callerid.agent.pamproto import PamReply, PamRequest
 
@@ -50,7 +57,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-SESSION_MEMORY = 4096  # adopted monitor pids remembered for open_session re-checks
 DEADLINE_SLACK_S = 0.2  # a wait for a named job ends this long before the PAM deadline
 
 
@@ -89,43 +95,45 @@ class LoginFlow:
         self.executor = executor
         self.clock = clock
         self.rng = rng or random.Random()  # noqa: S311 - job choice, not crypto
-        # monitor pid -> (its start time, the job it was adopted into), for open_session. True
-        # only for that very process: open_session checks the start time (a pid is reused
-        # once its process is gone) and the job's owner against the session's user; a later
-        # login on the pid decided otherwise forgets it; so do close_session and the bound.
-        self.adopted: Memo[int, tuple[float | None, Job]] = Memo(
-            max_entries=max_sessions, ttl_s=None, clock=clock
-        )
+        self.sessions_adopted = AdoptedSessions(
+            users=users, procs=procs, backend=backend, executor=executor, clock=clock,
+            max_sessions=max_sessions,
+        )  # fmt: skip
 
     def account_now(
         self, req: PamRequest, caller_pid: int, received: float | None = None
     ) -> Outcome | Started | None:
         """The account phase as far as it goes without waiting, on the caller's stack.
 
-        With a non-blocking backend and the user remembered, a login the policy decides from
-        local facts is decided and carried out here (its Outcome); one that needs the source
-        comes back `Started` (facts, jobs and session found) for `account` to go on with.
-        None: nothing was done (a blocking backend, or NSS must be asked): use `account`.
-        Saves the login a turn of the event loop before its work starts.
+        With the user remembered, and a backend that does not block or offers `LoopAdoption`
+        and knows the jobs at once, a login the policy decides from local facts is decided
+        here: carried out too when the backend does not block (its Outcome), else its adoption
+        begun and `Started` for `account` to finish on the loop. One that needs the source
+        comes back `Started` (facts, jobs and session found) as well. None: nothing was done
+        (NSS or a worker thread must be asked): use `account`. Saves the login a turn of the
+        event loop before its work starts.
         """
-        facts = None if self.backend.blocking else self.users.remembered(req.user)
+        lb = self._on_loop
+        facts = None if self.backend.blocking and lb is None else self.users.remembered(req.user)
         if facts is None:
             return None
         login = self._login(req, caller_pid, received)
         login.facts = facts
         self._mark(login, "user")
-        step: policy.Decision | policy.Need | Outcome | None = None
+        now: Outcome | Started | None = None
         try:
-            step = self._local_step(login, early_pin=True)
-            if isinstance(step, Outcome):
-                return step
-            if step is policy.Need.CALLERID:
-                return Started(login)  # `account` takes the login (and its pin) over
-            assert isinstance(step, policy.Decision)
-            return self._conclude(login, step)
+            step = self._local_step(login, early_pin=True) if lb is None else self._on(login, lb)
+            if step is None or isinstance(step, Outcome):
+                now = step
+            elif step is policy.Need.CALLERID or (lb is not None and _adopts(step)):
+                now = Started(login, step)  # `account` takes the login (its pin) over
+            else:
+                assert isinstance(step, policy.Decision)
+                now = self._conclude(login, step)
+            return now
         finally:
-            if step is not policy.Need.CALLERID:
-                login.unpin()  # the login has ended here (a pin not handed to an adoption)
+            if not isinstance(now, Started):
+                login.release()  # the login has ended here (what was not handed to an adoption)
 
     async def account(
         self,
@@ -145,20 +153,23 @@ class LoginFlow:
         """
         login = started.login if started is not None else self._login(req, caller_pid, received)
         try:
-            return await self._account(login, begun=started is not None)
+            return await self._account(login, started.step if started is not None else None)
         finally:
-            login.unpin()  # on the loop: whoever used the pin (the loop) is done with it
+            login.release()  # on the loop: whoever used the pin (the loop) is done with it
 
-    async def _account(self, login: Login, *, begun: bool) -> Outcome:
-        """`account` from where `account_now` left it (``begun``: the source is to be asked),
-        or from the start."""
-        step: policy.Decision | policy.Need | Outcome = policy.Need.CALLERID
-        if not begun:
+    async def _account(self, login: Login, begun: policy.Need | policy.Decision | None) -> Outcome:
+        """`account` from where `account_now` left it (``begun``: the source is to be asked,
+        or the decision's adoption finished on the loop), or from the start."""
+        step: policy.Decision | policy.Need | Outcome | None = begun
+        if step is None:
             login.facts = await self.users.facts(login.req.user)
             self._mark(login, "user")
             step = await self._local(login)
             if isinstance(step, Outcome):
                 return step
+        elif isinstance(step, policy.Decision):
+            assert self._on_loop is not None
+            step = await self._carry_out_on_loop(login, step, self._on_loop)
         if step is policy.Need.CALLERID:
             await self._ask_source(login)
             self._mark(login, "source")
@@ -181,15 +192,15 @@ class LoginFlow:
         """The outcome of a decided (and carried out) login; the session memory updated."""
         step, ns = namespace_verdict(decision, login.fetched, login.req.join, self.node)
         if step.verdict == "adopt" and step.job is not None and login.target_pid is not None:
-            self.adopted.put(login.target_pid, (login.target_start, step.job))
+            self.sessions_adopted.remember(login.target_pid, login.target_start, step.job)
         else:
-            self.adopted.pop(login.caller_pid)
-            if login.target_pid is not None:
-                self.adopted.pop(login.target_pid)
-        if log.isEnabledFor(logging.DEBUG):
+            self.sessions_adopted.forget(login.caller_pid, login.target_pid)
+        outcome = self._outcome(login, step, ns)
+        if log.isEnabledFor(logging.DEBUG):  # one line per login: the record, and its timings
             steps = " ".join(f"{k}={(t - login.started) * 1e3:.2f}" for k, t in login.marks)
-            log.debug("pid %d timings (ms since request): %s", login.caller_pid, steps)
-        return self._outcome(login, step, ns)
+            log.debug("pid %d: %s; timings (ms since request): %s", login.caller_pid,
+                      outcome.record.message, steps)  # fmt: skip
+        return outcome
 
     async def _backend(self, login: Login, fn: Callable[..., _T], *args: object) -> _T:
         """A call of the backend (`_offload.backend_call`); if the login is cancelled while a
@@ -211,7 +222,7 @@ class LoginFlow:
         knows the jobs at once, on the loop, the adoption driven by the loop."""
         lb = self._on_loop
         if lb is not None:
-            step = self._local_step(login, jobs_now=lb.jobs_now, adopt=False, early_pin=True)
+            step = self._on(login, lb)
             if step is not None:
                 if isinstance(step, policy.Decision):
                     step = await self._carry_out_on_loop(login, step, lb)
@@ -222,6 +233,12 @@ class LoginFlow:
         assert found is not None  # only a jobs_now that cannot tell gives None
         return found
 
+    def _on(self, login: Login, lb: LoopAdoption) -> policy.Decision | policy.Need | Outcome | None:
+        """`_local_step` on the loop: jobs from ``lb.jobs_now``, an adoption begun, not done."""
+        return self._local_step(
+            login, jobs_now=lb.jobs_now, adopt=False, early_pin=True, begin=lb.begin_adoption
+        )
+
     async def _carry_out_on_loop(
         self, login: Login, decision: policy.Decision, lb: LoopAdoption
     ) -> policy.Decision:
@@ -230,7 +247,7 @@ class LoginFlow:
             return decision
         try:
             with self._adopting(login, decision) as (pid, job):
-                await lb.adopt_async(pid, job)
+                await lb.adopt_async(pid, job, login.take_adopting())
         except (BackendError, NetinfoError) as exc:
             return self._adopt_failed(login, decision, exc)
         if login.req.join is not False and not lb.no_namespaces(job):
@@ -246,12 +263,16 @@ class LoginFlow:
         jobs_now: Callable[[int], list[Job] | None] | None = None,
         adopt: bool = True,
         early_pin: bool = False,
+        begin: Callable[[int, Job], Begun] | None = None,
     ) -> policy.Decision | policy.Need | Outcome | None:
         """Local jobs and the session connection, as the policy asks; a final adopt decision
         is carried out here too (unless ``adopt`` is false). With ``jobs_now``, the jobs come
         from it, and None is returned at once (nothing done) when it cannot tell.
         ``early_pin``: the caller is held before its identity is read (`_find_session`); only
-        on the event loop, where the login's end closes the pin."""
+        on the event loop, where the login's end closes the pin. ``begin``: an adopt decision's
+        adoption is begun (`LoopAdoption.begin_adoption`) once the session is found, if the
+        early pin holds its process and it is alive (the pin is checked before anything is
+        sent); otherwise, or if that fails, the adoption begins later and fails as it says."""
         step = policy.decide(login.facts, self.cfg, self.node, self.rng)
         if step is policy.Need.JOBS:
             assert login.facts.uid is not None
@@ -271,6 +292,10 @@ class LoginFlow:
             self._find_session(login, early_pin)
         elif isinstance(step, policy.Decision) and step.verdict == "adopt":
             self._find_session(login, early_pin)
+            pin, pid = login.pin, login.target_pid
+            if begin and step.job and pin and pin.pid == pid and not pin.exited():
+                with contextlib.suppress(BackendError):
+                    login.adopting = begin(pid, step.job)
             if adopt:
                 step = self._carry_out(login, step)
         return step
@@ -349,11 +374,6 @@ class LoginFlow:
         finally:
             self._mark(login, "adopt")
 
-    def _adopt(self, pid: int, start: float | None, job: Job) -> None:
-        """Adopt the (pinned) process ``pid`` started at ``start`` into ``job``."""
-        with pinned(self.procs, pid, start):
-            self.backend.adopt(pid, job)
-
     def _adopt_failed(
         self, login: Login, decision: policy.Decision, exc: Exception
     ) -> policy.Decision:
@@ -378,38 +398,11 @@ class LoginFlow:
         return failed(login, reason, text, node=self.node, mode=self.mode, now=self.clock())
 
     async def open_session(self, req: PamRequest, caller_pid: int) -> PamReply:
-        """Session phase: make sure a session adopted at account time is still in its job.
-
-        Something between the account and session phases (a misplaced pam_systemd) may have
-        moved the monitor out of the job; it is put back, but only the very process adopted
-        at account time (same pid and start time) and only into a job of the session's user.
-        """
-        hit = self.adopted.get(caller_pid)
-        if hit is None:
-            return PamReply("allow", "not_adopted")
-        start, job = hit
-        facts = await self.users.facts(req.user)
-        if facts.uid != job.uid or self.procs.start_time(caller_pid) != start:
-            self.adopted.pop(caller_pid)
-            log.warning(
-                "pid %d: session of %s (uid %s) is not the one adopted into job %s (uid %d) "
-                "at account time; not touched", caller_pid, req.user, facts.uid, job.id, job.uid,
-            )  # fmt: skip
-            return PamReply("allow", "not_adopted")
-        backend = self.backend
-        current = await backend_call(backend, self.executor, backend.job_of_pid, caller_pid)
-        if current is not None and current.id == job.id:
-            return PamReply("adopt", "still_in_job", job.id)
-        try:
-            await backend_call(backend, self.executor, self._adopt, caller_pid, start, job)
-        except (BackendError, NetinfoError) as exc:
-            log.warning("re-adopting pid %d into job %s failed: %s", caller_pid, job.id, exc)
-            return PamReply("error", "readopt_failed")
-        log.warning(
-            "pid %d had left job %s before the session opened; re-adopted", caller_pid, job.id
-        )
-        return PamReply("adopt", "readopted", job.id)
+        return await self.sessions_adopted.open_session(req, caller_pid)
 
     def close_session(self, caller_pid: int) -> PamReply:
-        self.adopted.pop(caller_pid)
-        return PamReply("allow", "closed")
+        return self.sessions_adopted.close_session(caller_pid)
+
+
+def _adopts(step: policy.Decision | policy.Need) -> bool:
+    return isinstance(step, policy.Decision) and step.verdict == "adopt"

@@ -22,7 +22,11 @@ priming resumes within that time of the flag going off); when the last priming b
 than `WINDOW_S` ago (the rwsem is still in slow mode or about to be; in a storm the adoptions
 keep it there); for `QUIET_S` after a priming write that took less than `FAST_S` (the rwsem
 was in slow mode anyway, as it stays on a busy node: the worker's wake-up would be all the
-priming did); after a write failed (logged once, the primer stops); with
+priming did), twice as long after each such write in a row up to `QUIET_MAX_S`, and `QUIET_S`
+again once a write waits (a kernel whose migrations never wait, as this machine's 6.18 after
+a second's idle, has the primer write about twice a minute instead of at every second login:
+each write costs ~0.3 ms of a CPU, often the one the login's reply then waits for); after a
+write failed (logged once, the primer stops); with
 ``backend.prime_migration: false``. The agent's cgroup is read from /proc/self/cgroup at each
 priming, so an agent moved by its service manager is never written back into its old cgroup.
 """
@@ -39,13 +43,14 @@ from pathlib import Path
 from callerid.agent.backends._cglayout import Mount, parse_mountinfo, parse_proc_cgroup
 from callerid.agent.netinfo import read_proc
 
-__all__ = ["FDM_QUIET_S", "LOOK_S", "WINDOW_S", "Primer"]
+__all__ = ["FAST_S", "FDM_QUIET_S", "LOOK_S", "QUIET_MAX_S", "QUIET_S", "WINDOW_S", "Primer"]
 
 log = logging.getLogger(__name__)
 
 WINDOW_S = 0.01  # a priming begun this recently covers the next adoption too
 FAST_S = 0.001  # a priming write this quick waited for no grace period: nothing to prime now
 QUIET_S = 1.0  # after such a write, priming rests this long (then looks again)
+QUIET_MAX_S = 32.0  # ... twice as long after each such write in a row, up to this
 LOOK_S = 1.0  # the mount's favordynmods flag is looked at again at most this often
 FDM_QUIET_S = 60.0  # while favordynmods is on, priming rests this long between looks
 FLAG = "favordynmods"
@@ -75,6 +80,7 @@ class Primer:
         self._proc = str(proc_root)
         self._last = -float("inf")
         self._quiet_until = -float("inf")
+        self._rest = QUIET_S  # the next rest after a quick write
         self._looked_at = clock()  # `detect` has just looked
         self.favordynmods = False  # the flag, as last looked at (`_look`)
         self.enabled = True
@@ -160,7 +166,10 @@ class Primer:
             return
         self.primed += 1
         if done - began < FAST_S:
-            self._quiet_until = done + QUIET_S
+            self._quiet_until = done + self._rest
+            self._rest = min(self._rest * 2, QUIET_MAX_S)
+        else:
+            self._rest = QUIET_S
 
 
 def _cgroup_mounts(mountinfo: str) -> list[Mount]:

@@ -1,17 +1,21 @@
 """The slurm backend's adoption exchange with one extern stepd, written once for both drivers.
 
-`adoption` is a generator: it opens one connection, queues the requests, and yields the
-connection whenever bytes must be exchanged; its caller drives them, a worker thread with
-`_stepd_io.drive` (`SlurmBackend.adopt`) or the event loop with `_stepd_io.drive_async`
-(`SlurmBackend.adopt_async`). Between the yields it checks the replies, and it raises as
-`SlurmBackend.adopt` says. Closing the generator early (a cancelled login) closes the connection.
+An `Adoption` sends its requests as soon as it is made (the PAM server makes it while the
+login's decision is still on its stack, before the event loop turns), and `Adoption.steps()`
+is then a generator that yields the connection whenever bytes must be exchanged; its caller
+drives them, a worker thread with `_stepd_io.drive` (`SlurmBackend.adopt`) or the event loop
+with `_stepd_io.drive_async` (`SlurmBackend.adopt_async`). Between the yields it checks the
+replies, and it raises as `SlurmBackend.adopt` says. `close()` closes the connection, also
+when the adoption is given up before its end.
 
-Two round trips when the step's owner is not remembered: STEP_UID and STATE first, and nothing
-is added before the stepd has said the job is ``job.uid``'s and not ending. One when it is
-remembered for this very socket file (``owner_known``: a stepd's job never changes owner, a new
-stepd makes a new file): all four requests go at once and the answers are checked after; a
-step found ending then has the pid already (it ends with the step), and the login is refused as
-before.
+When the step's owner is not remembered for this very socket file, STEP_UID and STATE go
+first, and nothing is added before the stepd has said the job is ``job.uid``'s and not ending:
+two round trips. When it is (``owner_known``: a stepd's job never changes owner, and a new
+stepd, a requeued job's, makes a new socket file), STATE and ADD_EXTERN_PID go with the
+handshake at once and the state is checked after: one round trip. STEP_UID is not asked again
+then (it would only repeat what that same stepd said); a step found ending has the pid
+already (it ends with the step: 22.05 adds it, later releases refuse ADD_EXTERN_PID
+themselves), and the login is refused as when the state comes first.
 
 PID_IN_CONTAINER confirms ADD_EXTERN_PID (a stepd with proctrack/pgid accepts a pid it cannot
 contain) unless this very stepd has confirmed an adoption before (``contains_known``: a
@@ -20,67 +24,109 @@ stepd's proctrack plugin is loaded once, for its life).
 
 from __future__ import annotations
 
+import selectors
 from collections.abc import Generator
 from pathlib import Path
 
 from callerid.agent.backends import stepd
+from callerid.agent.backends._slurm_sockets import StepSocket
 from callerid.agent.backends._stepd_io import StepdClosed, StepdConnection, outcome
 from callerid.agent.backends.base import BackendError, Job, JobVanished
 
-__all__ = ["adoption"]
+__all__ = ["Adoption"]
 
 
-def adoption(
-    pid: int,
-    job: Job,
-    path: Path,
-    version: int,
-    *,
-    owner_known: bool,
-    contains_known: bool = False,
-    proc_root: Path,
-) -> Generator[list[StepdConnection], None, None]:
-    """Adopt ``pid`` into ``job``'s extern step at ``path`` (see the module docstring)."""
-    conn = StepdConnection(path)
-    inside: stepd.Reader[bool] | None = None
-    try:
-        greeting = conn.queue(stepd.hello(version))
-        owner = conn.queue(stepd.step_uid())
-        state = conn.queue(stepd.state())
-        if owner_known:
-            added = conn.queue(stepd.add_extern_pid(pid))
-            if not contains_known:
-                inside = conn.queue(stepd.pid_in_container(pid))
-        yield [conn]
-        _check_step(pid, job, conn, (greeting, owner, state), version)
+class Adoption:
+    """The adoption of ``pid`` into ``job``'s extern step through its stepd socket ``sock``,
+    its requests sent (see the module docstring). ``deadline`` (a clock value) bounds all of
+    it; a failure to connect is kept and raised by `steps`."""
+
+    def __init__(
+        self,
+        pid: int,
+        job: Job,
+        sock: StepSocket,
+        version: int,
+        deadline: float,
+        *,
+        owner_known: bool,
+        contains_known: bool = False,
+    ) -> None:
+        self.pid = pid
+        self.job = job
+        self.sock = sock
+        self.deadline = deadline
+        self._version = version
+        self._contains_known = contains_known
+        self._conn: StepdConnection | None = None
+        self._error: BackendError | None = None
+        self._owner: stepd.Reader[int] | None = None
+        if pid <= 0:
+            self._error = BackendError(f"invalid pid {pid}")
+            return
+        try:
+            conn = StepdConnection(sock.path)
+        except BackendError as exc:
+            self._error = exc
+            return
+        self._conn = conn
+        self._greeting = conn.queue(stepd.hello(version))
         if not owner_known:
-            added = conn.queue(stepd.add_extern_pid(pid))
-            if not contains_known:
-                inside = conn.queue(stepd.pid_in_container(pid))
+            self._owner = conn.queue(stepd.step_uid())
+        self._state = conn.queue(stepd.state())
+        if owner_known:
+            self._added = self._add(conn)
+        conn.on_ready(selectors.EVENT_WRITE)  # sent now (a few bytes: the socket takes them)
+
+    def _add(self, conn: StepdConnection) -> tuple[stepd.Reader[int], stepd.Reader[bool] | None]:
+        added = conn.queue(stepd.add_extern_pid(self.pid))
+        inside = None if self._contains_known else conn.queue(stepd.pid_in_container(self.pid))
+        return added, inside
+
+    def steps(self, proc_root: Path) -> Generator[list[StepdConnection], None, None]:
+        """The exchange's remaining steps, yielding the connection to drive."""
+        if self._error is not None:
+            raise self._error
+        conn = self._conn
+        assert conn is not None
+        if self._owner is not None:  # the owner and state first
             yield [conn]
-    finally:
-        conn.close()
-    _check_adopted(pid, job, conn, (added, inside), proc_root)
+            self._check_step(conn)
+            self._added = self._add(conn)
+            yield [conn]
+        else:
+            yield [conn]
+            self._check_step(conn)
+        _check_adopted(self.pid, self.job, conn, self._added, proc_root)
 
+    def _check_step(self, conn: StepdConnection) -> None:
+        """Raise unless the step is ``job.uid``'s (when asked) and not ending. With the owner
+        known, a state not answered (the connection failed first) is left to the adoption's
+        own check, which says why."""
+        pid, job, greeting = self.pid, self.job, self._greeting
+        if self._owner is not None:
+            uid = outcome(conn, greeting, self._owner, self._version)
+            if uid != job.uid:
+                msg = f"job {job.id} belongs to uid {uid}, not {job.uid}: not adopting pid {pid}"
+                raise BackendError(msg)
+        elif not self._state.done:
+            if greeting.done and greeting.value < 0:
+                outcome(conn, greeting, greeting, self._version)  # raises: refused, says why
+            return
+        value = outcome(conn, greeting, self._state, self._version)
+        step_state = stepd.state_name(value, greeting.value)
+        if step_state in ("cancelled", "ending"):
+            msg = f"job {job.id} is ending (extern step {step_state})"
+            raise JobVanished(msg)
 
-def _check_step(
-    pid: int,
-    job: Job,
-    conn: StepdConnection,
-    replies: tuple[stepd.Reader[int], stepd.Reader[int], stepd.Reader[int]],
-    version: int,
-) -> None:
-    """Raise unless the step is ``job.uid``'s and not ending (``replies``: the greeting,
-    STEP_UID and STATE)."""
-    greeting, owner, state = replies
-    uid = outcome(conn, greeting, owner, version)
-    if uid != job.uid:
-        msg = f"job {job.id} belongs to uid {uid}, not {job.uid}: not adopting pid {pid}"
-        raise BackendError(msg)
-    step_state = stepd.state_name(outcome(conn, greeting, state, version), greeting.value)
-    if step_state in ("cancelled", "ending"):
-        msg = f"job {job.id} is ending (extern step {step_state})"
-        raise JobVanished(msg)
+    @property
+    def closed(self) -> bool:
+        return self._conn is None or self._conn.sock.fileno() < 0
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        if self._conn is not None:
+            self._conn.close()
 
 
 def _check_adopted(

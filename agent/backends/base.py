@@ -20,6 +20,7 @@ __all__ = [
     "NAMESPACE_KINDS",
     "Backend",
     "BackendError",
+    "Begun",
     "Job",
     "JobNamespaces",
     "JobVanished",
@@ -133,6 +134,17 @@ class Backend(Protocol):
         ...
 
 
+class Begun(Protocol):
+    """An adoption whose requests are sent (`LoopAdoption.begin_adoption`)."""
+
+    pid: int
+    job: Job
+
+    def close(self) -> None:
+        """Give it up (idempotent); nothing has been adopted."""
+        ...
+
+
 @runtime_checkable
 class LoopAdoption(Protocol):
     """What a blocking backend may offer so that a login need not leave the event loop (a
@@ -144,8 +156,15 @@ class LoopAdoption(Protocol):
         """`Backend.jobs_of` when it needs no I/O that may wait; None otherwise."""
         ...
 
-    def adopt_async(self, pid: int, job: Job) -> Awaitable[None]:
-        """`Backend.adopt`, bounded the same, waiting on the event loop."""
+    def begin_adoption(self, pid: int, job: Job) -> Begun:
+        """The adoption of ``pid`` into ``job`` begun (what can be sent is sent), for
+        `adopt_async` to finish; its bound counts from now. Raises BackendError /
+        JobVanished."""
+        ...
+
+    def adopt_async(self, pid: int, job: Job, begun: Begun | None = None) -> Awaitable[None]:
+        """`Backend.adopt`, bounded the same, waiting on the event loop; ``begun`` (its own
+        `begin_adoption` of ``pid`` into ``job``) is taken over and closed."""
         ...
 
     def no_namespaces(self, job: Job) -> bool:

@@ -201,7 +201,6 @@ class CgroupBackend:
         except JobVanished:
             self._externs.pop((job.id, job.uid))
             raise
-        log.debug("adopted pid %d into job %s (%s)", pid, job.id, targets[0][1])
 
     def namespaces(self, job: Job) -> JobNamespaces | None:
         """The namespaces of ``job``'s oldest process of its owner that differ from the

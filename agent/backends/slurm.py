@@ -44,12 +44,12 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from callerid.agent.backends import stepd
-from callerid.agent.backends._slurm_adopt import adoption
+from callerid.agent.backends._slurm_adopt import Adoption
 from callerid.agent.backends._slurm_ns import fetch_namespaces
 from callerid.agent.backends._slurm_sockets import (
     SpoolListing,
@@ -67,7 +67,7 @@ from callerid.agent.backends._stepd_io import (
     drive_async,
     outcome,
 )
-from callerid.agent.backends.base import BackendError, Job, JobNamespaces, JobVanished
+from callerid.agent.backends.base import BackendError, Begun, Job, JobNamespaces, JobVanished
 from callerid.agent.config import SlurmBackendConfig
 from callerid.agent.memo import Memo
 from callerid.agent.netinfo import read_proc
@@ -149,7 +149,9 @@ class SlurmBackend:
         """``uid``'s jobs: the extern steps whose stepd says STEP_UID == uid."""
         deadline = self._clock() + self._timeout
         externs = [s for s in self._sockets() if s.is_extern]
-        return self._jobs(uid, externs, self._owners(externs, deadline))
+        jobs = self._jobs(uid, externs, self._owners(externs, deadline))
+        log.debug("uid %d: %d extern steps, jobs %s", uid, len(externs), [j.id for j in jobs])
+        return jobs
 
     def _jobs(
         self, uid: int, externs: list[StepSocket], owners: dict[Path, tuple[int, int | None]]
@@ -162,7 +164,6 @@ class SlurmBackend:
             ),
             key=Job.sort_key,
         )
-        log.debug("uid %d: %d extern steps, jobs %s", uid, len(externs), [j.id for j in jobs])
         return jobs
 
     def job_of_pid(self, pid: int) -> Job | None:
@@ -179,24 +180,49 @@ class SlurmBackend:
 
     def adopt(self, pid: int, job: Job) -> None:
         """Adopt ``pid`` into ``job``'s extern step, if the stepd says the job is ``job.uid``'s
-        (`_slurm_adopt.adoption`, driven here in the calling thread)."""
-        sock, deadline = self._extern_for(pid, job)
-        with self._ended(job, sock, f"adopting pid {pid}"):
-            for conns in self._adoption(pid, job, sock):
-                drive(conns, deadline, self._clock)
-        self._adopted(pid, job, sock)
-
-    async def adopt_async(self, pid: int, job: Job) -> None:
-        """`adopt`, with the stepd exchange driven by the running event loop (no thread)."""
-        sock, deadline = self._extern_for(pid, job)
-        steps = self._adoption(pid, job, sock)
+        (`_slurm_adopt.Adoption`, driven here in the calling thread)."""
+        adoption = self.begin_adoption(pid, job)
         try:
-            with self._ended(job, sock, f"adopting pid {pid}"):
+            with self._ended(job, adoption.sock, f"adopting pid {pid}"):
+                for conns in adoption.steps(self._proc):
+                    drive(conns, adoption.deadline, self._clock)
+        finally:
+            adoption.close()
+        self._contains.put(adoption.sock.identity, True)  # it can contain what it adopts
+
+    def begin_adoption(self, pid: int, job: Job) -> Adoption:
+        """The adoption of ``pid`` into ``job``, its requests sent now (`Adoption`); its
+        deadline counts from now. The caller closes it (`adopt_async` does)."""
+        if not job.id.isdigit():
+            msg = f"invalid job id {job.id!r}"
+            raise BackendError(msg)
+        deadline = self._clock() + self._timeout
+        sock = self._extern(job)
+        known = self._ids.get(sock.identity)
+        return Adoption(
+            pid, job, sock, self._version, deadline,
+            owner_known=known is not None and known[0] == job.uid,
+            contains_known=bool(self._contains.get(sock.identity)),
+        )  # fmt: skip
+
+    async def adopt_async(self, pid: int, job: Job, begun: Begun | None = None) -> None:
+        """`adopt`, with the stepd exchange driven by the running event loop (no thread);
+        ``begun``: this very adoption from `begin_adoption`, taken over (closed here)."""
+        if isinstance(begun, Adoption) and (begun.pid, begun.job) == (pid, job):
+            adoption = begun
+        else:
+            if begun is not None:
+                begun.close()
+            adoption = self.begin_adoption(pid, job)
+        steps = adoption.steps(self._proc)
+        try:
+            with self._ended(job, adoption.sock, f"adopting pid {pid}"):
                 for conns in steps:
-                    await drive_async(conns, deadline, self._clock)
+                    await drive_async(conns, adoption.deadline, self._clock)
         finally:
             steps.close()  # cancelled mid-exchange: the connection is closed
-        self._adopted(pid, job, sock)
+            adoption.close()
+        self._contains.put(adoption.sock.identity, True)
 
     def jobs_now(self, uid: int) -> list[Job] | None:
         """`jobs_of` if it needs no stepd (every extern step's owner remembered), else None."""
@@ -234,32 +260,6 @@ class SlurmBackend:
         """Nothing to release: every connection is closed when its call ends."""
 
     # ----------------------------------------------------------------------- internals
-
-    def _extern_for(self, pid: int, job: Job) -> tuple[StepSocket, float]:
-        """The extern step socket to adopt ``pid`` through, and the call's deadline."""
-        if not job.id.isdigit():
-            msg = f"invalid job id {job.id!r}"
-            raise BackendError(msg)
-        if pid <= 0:
-            msg = f"invalid pid {pid}"
-            raise BackendError(msg)
-        deadline = self._clock() + self._timeout
-        return self._extern(job), deadline
-
-    def _adopted(self, pid: int, job: Job, sock: StepSocket) -> None:
-        """After a confirmed adoption: this stepd can contain what it adopts (`_contains`)."""
-        self._contains.put(sock.identity, True)
-        log.debug("adopted pid %d into job %s (%s)", pid, job.id, sock.path)
-
-    def _adoption(
-        self, pid: int, job: Job, sock: StepSocket
-    ) -> Generator[list[StepdConnection], None, None]:
-        known = self._ids.get(sock.identity)
-        return adoption(
-            pid, job, sock.path, self._version,
-            owner_known=known is not None and known[0] == job.uid,
-            contains_known=bool(self._contains.get(sock.identity)), proc_root=self._proc,
-        )  # fmt: skip
 
     @contextlib.contextmanager
     def _ended(self, job: Job, sock: StepSocket, doing: str) -> Iterator[None]:

@@ -16,7 +16,15 @@ from typing import Any, TypeVar
 
 import pytest
 
-from callerid.agent.backends._primer import FAST_S, FDM_QUIET_S, LOOK_S, QUIET_S, WINDOW_S, Primer
+from callerid.agent.backends._primer import (
+    FAST_S,
+    FDM_QUIET_S,
+    LOOK_S,
+    QUIET_MAX_S,
+    QUIET_S,
+    WINDOW_S,
+    Primer,
+)
 from tests.fakes import FakeClock
 
 T = TypeVar("T")
@@ -89,6 +97,35 @@ def test_a_quick_write_rests_the_primer() -> None:
     clock.advance(QUIET_S)
     primer.prime()
     assert primer.primed == 2
+
+
+def test_quick_writes_in_a_row_rest_the_primer_longer_until_one_waits() -> None:
+    """A kernel whose migrations never wait: each quick write doubles the rest (up to
+    QUIET_MAX_S); one write that waits brings back the short rest."""
+    clock = SlowClock(0.0)  # writes take no time until the step is set
+    primer = Primer.detect(Inline(), clock)
+    if primer is None:
+        pytest.skip("this machine's cgroups need no priming (favordynmods, or none mounted)")
+    rests = []
+    for _ in range(8):
+        primer.prime()
+        began, primed = clock.now, primer.primed
+        while primer.primed == primed:  # the rest this write earned, to 0.1 s
+            clock.advance(0.1)
+            primer.prime()
+        rests.append(round(clock.now - began))
+    assert rests == [1, 2, 4, 8, 16, 32, 32, 32]
+    assert QUIET_MAX_S == 32
+    clock.step = FAST_S * 1.5  # this write waits: priming is worth it again
+    clock.advance(QUIET_MAX_S)
+    primer.prime()
+    clock.step = 0.0
+    primed = primer.primed
+    clock.advance(WINDOW_S * 2)
+    primer.prime()  # after a write that waited, no rest: this one primes too
+    clock.advance(QUIET_S)
+    primer.prime()
+    assert primer.primed == primed + 2
 
 
 def _scratch_proc(tmp_path: Path, mountinfo: str, cgroup: str) -> Path:

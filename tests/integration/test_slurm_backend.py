@@ -609,9 +609,10 @@ def test_adopt_into_an_ending_step_raises_job_vanished(
 
 
 def test_a_remembered_owner_adopts_in_one_round_trip(spool: Path) -> None:
-    """Owner known for this socket file (listed just before): STEP_UID, STATE, ADD_EXTERN_PID
-    and PID_IN_CONTAINER go out together; an owner not known is asked first (two round trips,
-    nothing added before the answer: test_fake_stepd_wrong_owner_never_sees_add_extern_pid)."""
+    """Owner known for this socket file (listed just before): STATE, ADD_EXTERN_PID and
+    PID_IN_CONTAINER go out together, and STEP_UID is not asked again; an owner not known is
+    asked first (two round trips, nothing added before the answer:
+    test_fake_stepd_wrong_owner_never_sees_add_extern_pid)."""
     with FakeStepd(_ext(spool, 7), uid=UID) as fake:
         backend = _fake_backend(spool)
         (job,) = backend.jobs_of(UID)  # remembers the owner of this stepd's socket file
@@ -619,7 +620,6 @@ def test_a_remembered_owner_adopts_in_one_round_trip(spool: Path) -> None:
         backend.adopt(os.getpid(), job)
         assert fake.adopted == [os.getpid()]
         assert [r for r, _arg in fake.requests] == [
-            stepd.Request.STEP_UID,
             stepd.Request.STATE,
             stepd.Request.ADD_EXTERN_PID,
             stepd.Request.PID_IN_CONTAINER,

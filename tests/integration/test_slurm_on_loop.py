@@ -18,16 +18,19 @@ from typing import Any, TypeVar
 
 import pytest
 
+from callerid.agent import policy
 from callerid.agent.backends import stepd
+from callerid.agent.backends._slurm_adopt import Adoption
 from callerid.agent.backends.base import Job, LoopAdoption
 from callerid.agent.backends.slurm import SlurmBackend, StepdTimeout
 from callerid.agent.config import SlurmBackendConfig, parse
-from callerid.agent.login import LoginFlow
+from callerid.agent.login import LoginFlow, Started
 from callerid.agent.netinfo import Connection
 from callerid.agent.pamproto import PamRequest
 from callerid.bus.protocol import Endpoint
 from tests.fakes import FakeClock, FakeProcs, FakeSessions, FakeUsers
 from tests.support.fake_stepd import FakeStepd
+from tests.support.poll import wait_for
 
 T = TypeVar("T")
 UID = 4242
@@ -52,8 +55,8 @@ def _backend(spool: Path, timeout_ms: int = 2000) -> SlurmBackend:
     return SlurmBackend(cfg)
 
 
-def _login(backend: SlurmBackend, pool: CountingPool, pid: int) -> str:
-    flow = LoginFlow(
+def _flow(backend: SlurmBackend, pool: CountingPool, pid: int) -> LoginFlow:
+    return LoginFlow(
         parse({}).policy,
         node="b",
         users=FakeUsers({"alice": (UID, frozenset())}),
@@ -64,10 +67,19 @@ def _login(backend: SlurmBackend, pool: CountingPool, pid: int) -> str:
         executor=pool,
         clock=FakeClock(),
     )
-    # ns=0: the fake stepd speaks no namespace requests (test_slurm_backend covers those)
-    req = PamRequest(op="account", user="alice", rhost="10.0.0.1", service="sshd", join=False)
-    out = asyncio.run(flow.account(req, pid))
+
+
+# join=False: the fake stepd speaks no namespace requests (test_slurm_backend covers those)
+REQ = PamRequest(op="account", user="alice", rhost="10.0.0.1", service="sshd", join=False)
+
+
+def _login(backend: SlurmBackend, pool: CountingPool, pid: int) -> str:
+    out = asyncio.run(_flow(backend, pool, pid).account(REQ, pid))
     return f"{out.reply.verdict}/{out.reply.reason}/{out.reply.job}"
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 async def _no_source(conn: Connection, uid: int) -> tuple[str, str | None]:
@@ -91,11 +103,49 @@ def test_a_known_owner_keeps_the_login_on_the_loop(spool: Path) -> None:
         assert pool.used == first  # no thread at all this time
         asked = [r for r, _arg in fake.requests]
         assert asked == [
-            stepd.Request.STEP_UID,
             stepd.Request.STATE,
             stepd.Request.ADD_EXTERN_PID,
-        ]  # one round trip (PID_IN_CONTAINER: this stepd confirmed the first adoption)
+        ]  # one round trip (STEP_UID: remembered; PID_IN_CONTAINER: this stepd confirmed the
+        # first adoption)
         assert fake.adopted == [os.getpid(), os.getpid()]
+
+
+def test_a_known_owner_login_sends_its_adoption_before_the_loop_turns(spool: Path) -> None:
+    """`account_now` (the PAM server calls it as the request line is read) decides, finds the
+    session and sends the stepd everything at once; no event loop exists until `account`
+    finishes the login. The connection is closed when it is done."""
+    pid = os.getpid()
+    fds = _open_fds()
+    with FakeStepd(spool / f"fake_7.{EXTERN}", uid=UID) as fake, CountingPool() as pool:
+        backend = _backend(spool)
+        backend.jobs_of(UID)  # the owner remembered
+        flow = _flow(backend, pool, pid)
+        started = flow.account_now(REQ, pid)
+        assert isinstance(started, Started) and isinstance(started.step, policy.Decision)
+        assert started.step.verdict == "adopt"
+        wait_for(lambda: fake.adopted == [pid], what="the stepd to get ADD_EXTERN_PID")
+        out = asyncio.run(flow.account(REQ, pid, None, started))
+        assert (out.reply.verdict, out.reply.job) == ("adopt", "7")
+        assert pool.used == 0
+    assert _open_fds() == fds  # the fake's own fds closed with it
+
+
+def test_a_begun_adoption_given_up_is_closed(spool: Path) -> None:
+    """A login ended between its adoption's start and its end (cancelled at the PAM
+    deadline) releases it: the connection is closed, nothing waits for it."""
+    pid = os.getpid()
+    fds = _open_fds()
+    with FakeStepd(spool / f"fake_7.{EXTERN}", uid=UID, on_add="hang"), CountingPool() as pool:
+        backend = _backend(spool)
+        backend.jobs_of(UID)
+        started = _flow(backend, pool, pid).account_now(REQ, pid)
+        assert isinstance(started, Started)
+        begun = started.login.adopting
+        assert isinstance(begun, Adoption) and not begun.closed
+        started.login.release()
+        assert started.login.adopting is None
+        assert begun.closed
+    assert _open_fds() == fds
 
 
 def test_no_namespaces_is_known_only_without_asking(spool: Path) -> None:

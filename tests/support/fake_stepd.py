@@ -225,7 +225,10 @@ class FakeStepd:
         peer.sock.close()
 
     def _on_data(self, sel: selectors.BaseSelector, peer: _Peer) -> None:
-        data = peer.sock.recv(4096)
+        try:
+            data = peer.sock.recv(4096)
+        except ConnectionResetError:
+            data = b""
         if not data:
             self._drop(sel, peer)
             return
@@ -233,7 +236,13 @@ class FakeStepd:
             data = data[peer.reader.feed(data) :]
             if not peer.reader.done:
                 return
-            if not self._answer(sel, peer):
+            try:
+                answered = self._answer(sel, peer)
+            except (BrokenPipeError, ConnectionResetError):  # the client left: so does a stepd
+                if peer.sock.fileno() >= 0:
+                    self._drop(sel, peer)
+                return
+            if not answered:
                 return
             peer.reader = request_reader()
 
