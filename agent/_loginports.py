@@ -89,9 +89,10 @@ class LoginHandler(Protocol):
     """What the PAM server asks of the login flow (`login.LoginFlow`)."""
 
     def account_now(
-        self, req: PamRequest, pid: int, received: float | None
+        self, req: PamRequest, pid: int, received: float | None, wait_s: float
     ) -> Outcome | Started | None:
-        """op=account, as far as it goes without waiting (None: not at all)."""
+        """op=account, as far as it goes without waiting longer than ``wait_s`` (None: not
+        at all)."""
         ...
 
     def account(

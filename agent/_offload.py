@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from callerid.agent.backends.base import Backend
 
-__all__ = ["backend_call", "in_thread"]
+__all__ = ["backend_call", "in_thread", "shielded_call"]
 
 T = TypeVar("T")
 
@@ -32,3 +32,23 @@ async def backend_call(
     if backend.blocking:
         return await in_thread(executor, fn, *args)
     return fn(*args)
+
+
+async def shielded_call(
+    backend: Backend,
+    executor: Executor | None,
+    on_cancel: Callable[[], None],
+    fn: Callable[..., T],
+    *args: object,
+) -> T:
+    """`backend_call` for a login: if the login is cancelled while a worker thread runs the
+    call, the thread is not (it cannot be), and ``on_cancel`` runs once it is done (what it
+    fetched is dropped)."""
+    if not backend.blocking:
+        return fn(*args)
+    task = asyncio.ensure_future(in_thread(executor, fn, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(lambda _t: on_cancel())
+        raise

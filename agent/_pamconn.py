@@ -29,6 +29,11 @@ __all__ = ["PamConnection"]
 
 log = logging.getLogger("callerid.agent.pamserver")
 
+# a login alone in flight may have its slurm adoption waited for on the loop's own stack this
+# long at most (`LoginFlow.account_now`): the stepd answers in 0.1-0.5 ms, and a loop asleep in
+# its selector and woken again costs more than that wait; with other logins in flight, the
+# loop serves them meanwhile instead
+ADOPT_WAIT_S = 0.002
 DISCARD_MAX = 64 * 1024
 DISCARD_TIMEOUT_S = 0.05
 RECV_SIZE = MAX_LINE + 1
@@ -209,7 +214,9 @@ class PamConnection:
     def _now(self, req: PamRequest) -> PamReply | Outcome | Started | None:
         """The login as far as it goes without waiting (`LoginFlow.account_now`)."""
         try:
-            return self.server.flow.account_now(req, self.pid, self.started)
+            alone = self.server.in_flight == 1
+            wait_s = ADOPT_WAIT_S if alone else 0.0
+            return self.server.flow.account_now(req, self.pid, self.started, wait_s)
         except Exception:
             log.exception("internal error deciding for pid %d", self.pid)
             return self.server._error_answer(

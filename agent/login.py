@@ -14,23 +14,23 @@ the injected ``clock``. Where the work runs: see `_offload`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import TypeVar
 
 from callerid.agent import policy
 from callerid.agent._jobwait import await_named_job, named_job_missing
-from callerid.agent._joinns import fetch_namespaces, namespace_verdict
+from callerid.agent._joinns import namespace_verdict
+from callerid.agent._loginadopt import Adopter
 from callerid.agent._loginports import AskSource, Held, Processes, SessionFinder, UserSource
 from callerid.agent._loginrecord import decided, failed
 from callerid.agent._loginsession import SESSION_MEMORY, AdoptedSessions
-from callerid.agent._loginstate import Login, Outcome, Started, pinned
-from callerid.agent._offload import backend_call, in_thread
+from callerid.agent._loginstate import Login, Outcome, Started
+from callerid.agent._offload import backend_call, shielded_call
 from callerid.agent.backends.base import (
     Backend,
     BackendError,
@@ -95,23 +95,28 @@ class LoginFlow:
         self.executor = executor
         self.clock = clock
         self.rng = rng or random.Random()  # noqa: S311 - job choice, not crypto
+        self.adopter = Adopter(
+            cfg, node=node, procs=procs, backend=backend, executor=executor, clock=clock
+        )
         self.sessions_adopted = AdoptedSessions(
             users=users, procs=procs, backend=backend, executor=executor, clock=clock,
             max_sessions=max_sessions,
         )  # fmt: skip
 
     def account_now(
-        self, req: PamRequest, caller_pid: int, received: float | None = None
+        self, req: PamRequest, caller_pid: int, received: float | None = None, wait_s: float = 0.0
     ) -> Outcome | Started | None:
-        """The account phase as far as it goes without waiting, on the caller's stack.
+        """The account phase as far as it goes without waiting (longer than ``wait_s``), on
+        the caller's stack.
 
         With the user remembered, and a backend that does not block or offers `LoopAdoption`
         and knows the jobs at once, a login the policy decides from local facts is decided
         here: carried out too when the backend does not block (its Outcome), else its adoption
-        begun and `Started` for `account` to finish on the loop. One that needs the source
-        comes back `Started` (facts, jobs and session found) as well. None: nothing was done
-        (NSS or a worker thread must be asked): use `account`. Saves the login a turn of the
-        event loop before its work starts.
+        begun; that one is waited for here, ``wait_s`` at most, when the job is known to have
+        no namespaces to fetch (its Outcome), and otherwise comes back `Started` for `account`
+        to finish on the loop. One that needs the source comes back `Started` (facts, jobs and
+        session found) as well. None: nothing was done (NSS or a worker thread must be
+        asked): use `account`. Saves the login a turn of the event loop, or every turn.
         """
         lb = self._on_loop
         facts = None if self.backend.blocking and lb is None else self.users.remembered(req.user)
@@ -125,7 +130,11 @@ class LoginFlow:
             step = self._local_step(login, early_pin=True) if lb is None else self._on(login, lb)
             if step is None or isinstance(step, Outcome):
                 now = step
-            elif step is policy.Need.CALLERID or (lb is not None and _adopts(step)):
+            elif lb is not None and _adopts(step):
+                assert isinstance(step, policy.Decision)
+                done = self.adopter.now(login, step, lb, wait_s)
+                now = Started(login, step) if done is None else self._conclude(login, done)
+            elif step is policy.Need.CALLERID:
                 now = Started(login, step)  # `account` takes the login (its pin) over
             else:
                 assert isinstance(step, policy.Decision)
@@ -169,7 +178,7 @@ class LoginFlow:
                 return step
         elif isinstance(step, policy.Decision):
             assert self._on_loop is not None
-            step = await self._carry_out_on_loop(login, step, self._on_loop)
+            step = await self.adopter.on_loop(login, step, self._on_loop)
         if step is policy.Need.CALLERID:
             await self._ask_source(login)
             self._mark(login, "source")
@@ -178,9 +187,9 @@ class LoginFlow:
             step = policy.decide(login.facts, self.cfg, self.node, self.rng)
             assert isinstance(step, policy.Decision)
             if self._on_loop is not None:
-                step = await self._carry_out_on_loop(login, step, self._on_loop)
+                step = await self.adopter.on_loop(login, step, self._on_loop)
             else:
-                step = await self._backend(login, self._carry_out, login, step)
+                step = await self._backend(login, self.adopter.carry_out, login, step)
         assert isinstance(step, policy.Decision)
         return self._conclude(login, step)
 
@@ -203,16 +212,8 @@ class LoginFlow:
         return outcome
 
     async def _backend(self, login: Login, fn: Callable[..., _T], *args: object) -> _T:
-        """A call of the backend (`_offload.backend_call`); if the login is cancelled while a
-        worker thread runs it, what the thread fetched is dropped when it is done."""
-        if not self.backend.blocking:
-            return fn(*args)
-        task = asyncio.ensure_future(in_thread(self.executor, fn, *args))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(lambda _t: login.give_up())
-            raise
+        """A call of the backend for ``login`` (`_offload.shielded_call`)."""
+        return await shielded_call(self.backend, self.executor, login.give_up, fn, *args)
 
     def _mark(self, login: Login, what: str) -> None:
         login.marks.append((what, self.clock()))
@@ -225,7 +226,7 @@ class LoginFlow:
             step = self._on(login, lb)
             if step is not None:
                 if isinstance(step, policy.Decision):
-                    step = await self._carry_out_on_loop(login, step, lb)
+                    step = await self.adopter.on_loop(login, step, lb)
                 return step
         # the early pin only where the loop both opens and uses it
         local_step = functools.partial(self._local_step, early_pin=not self.backend.blocking)
@@ -238,23 +239,6 @@ class LoginFlow:
         return self._local_step(
             login, jobs_now=lb.jobs_now, adopt=False, early_pin=True, begin=lb.begin_adoption
         )
-
-    async def _carry_out_on_loop(
-        self, login: Login, decision: policy.Decision, lb: LoopAdoption
-    ) -> policy.Decision:
-        """`_carry_out` on the loop; the namespaces in a worker only if there may be some."""
-        if decision.verdict != "adopt":
-            return decision
-        try:
-            with self._adopting(login, decision) as (pid, job):
-                await lb.adopt_async(pid, job, login.take_adopting())
-        except (BackendError, NetinfoError) as exc:
-            return self._adopt_failed(login, decision, exc)
-        if login.req.join is not False and not lb.no_namespaces(job):
-            login.fetched = await self._backend(
-                login, fetch_namespaces, self.backend, decision, login.req.join
-            )
-        return decision
 
     def _local_step(
         self,
@@ -297,7 +281,7 @@ class LoginFlow:
                 with contextlib.suppress(BackendError):
                     login.adopting = begin(pid, step.job)
             if adopt:
-                step = self._carry_out(login, step)
+                step = self.adopter.carry_out(login, step)
         return step
 
     def _find_session(self, login: Login, early_pin: bool = False) -> None:
@@ -349,37 +333,6 @@ class LoginFlow:
             login.facts, user=login.req.user, bound_ms=bound_ms, clock=self.clock,
             list_jobs=list_jobs,
         )  # fmt: skip
-
-    def _carry_out(self, login: Login, decision: policy.Decision) -> policy.Decision:
-        """Adopt the session process into the decided job (where the backend's calls run)."""
-        if decision.verdict != "adopt":
-            return decision
-        try:
-            with self._adopting(login, decision) as (pid, job):
-                self.backend.adopt(pid, job)
-        except (BackendError, NetinfoError) as exc:
-            return self._adopt_failed(login, decision, exc)
-        login.fetched = fetch_namespaces(self.backend, decision, login.req.join)
-        return decision
-
-    @contextlib.contextmanager
-    def _adopting(self, login: Login, decision: policy.Decision) -> Iterator[tuple[int, Job]]:
-        """Around an adoption of the login's (pinned) process into the decided job; the
-        "adopt" mark either way."""
-        assert decision.job is not None and login.target_pid is not None
-        pid = login.target_pid
-        try:
-            with pinned(self.procs, pid, login.target_start, login.take_pin(pid)):
-                yield pid, decision.job
-        finally:
-            self._mark(login, "adopt")
-
-    def _adopt_failed(
-        self, login: Login, decision: policy.Decision, exc: Exception
-    ) -> policy.Decision:
-        job = decision.job.id if decision.job else "?"
-        log.warning("adopting pid %s into job %s failed: %s", login.target_pid, job, exc)
-        return policy.after_adopt_failure(decision, self.cfg, self.node)
 
     def _outcome(
         self, login: Login, d: policy.Decision, ns: JobNamespaces | None = None

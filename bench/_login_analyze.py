@@ -8,6 +8,7 @@ from typing import Any
 
 from bench._common import median, pct
 from bench._login_logs import (
+    account_base,
     account_phases,
     bootstrap_ci,
     cid_split,
@@ -78,7 +79,7 @@ def analyze(
     st["paired"] = _paired(samples, measured, recs, agent_of=agent_of, warmup=warmup, rounds=rounds)
     acct = account_phases(lines, samples["rounds"])
     st["account"] = {t: stats([a["ms"] for a in acct.get(t, [])]) for t in by_target}
-    base = st["account"]["plain"]["median"]
+    base = st["account_base"] = account_base([a["ms"] for a in acct.get("plain", [])])
     for ours, p in st["paired"].items():
         mine = {a["start"]: a["ms"] - base for a in acct.get(ours, [])}
         theirs = {a["start"]: a["ms"] - base for a in acct.get(p["ref"], [])}

@@ -3,8 +3,8 @@
 After the main rounds, the timing job runs again with the single-job targets only (plain, psa,
 cid-slurm, cid-cgroup), while cgroup2 is mounted ``favordynmods`` (`_favordynmods`: set for
 this phase, the mount's options restored after). Module time per target as row 2 judges it:
-sshd's account phase (its own DEBUG1 log) over plain sshd's. A machine without the option
-says why and has no row.
+sshd's account phase (its own DEBUG1 log) over plain sshd's (`account_base`). A machine
+without the option says why and has no row.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from bench._common import median
 from bench._favordynmods import Unavailable, favordynmods
-from bench._login_logs import account_phases, stats
+from bench._login_logs import account_base, account_phases, stats
 
 __all__ = ["FDM_TARGETS", "favordynmods_phase"]
 
@@ -51,7 +51,7 @@ def favordynmods_phase(
     except Unavailable as exc:
         return {"skipped": str(exc)}
     acct = account_phases(got, samples["rounds"])
-    base = median([a["ms"] for a in acct.get("plain", [])])
+    base = account_base([a["ms"] for a in acct.get("plain", [])])
     ssh = {t: median([s["ms"] for s in samples["rounds"] if s["target"] == t]) for t in order}
     return {
         "how": how,

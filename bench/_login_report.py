@@ -118,7 +118,7 @@ def module_rows(st: dict[str, Any], cmd: str) -> list[Row]:
     plain sshd's, the same instrument for both); the decision part is that less the adoption
     part (callerid: the agent's marks; pam_slurm_adopt: its span from _adopt_process on)."""
     rows = []
-    base = st["account"]["plain"]["median"]
+    base = st["account_base"]
     for label, ours, ref in MODULE_ROWS:
         if ours not in st["agent"] or ours not in st["paired"]:
             continue
@@ -133,7 +133,7 @@ def module_rows(st: dict[str, Any], cmd: str) -> list[Row]:
             Row(
                 row=label,
                 what=f"module time, {_path(ours, ref)}: sshd's account phase over plain sshd's "
-                f"({ms(base)} ms), from sshd's own log",
+                f"(its fast mode, {ms(base)} ms), from sshd's own log",
                 n=str(st["rounds"]),
                 ours=f"{ms(acc_o)} ms: decision {ms(dec_o)} + adoption {ms(ao)} (agent record "
                 f"p50 {ms(a['median'])} / p90 {ms(a['p90'])})",
@@ -167,7 +167,7 @@ def fdm_rows(st: dict[str, Any], cmd: str) -> list[Row]:
         Row(
             row="2f",
             what=f"module time, single-job path, {f['how']}: sshd's account phase over plain "
-            f"sshd's ({ms(f['plain_account_ms'])} ms)",
+            f"sshd's (its fast mode, {ms(f['plain_account_ms'])} ms)",
             n=str(f["rounds"]),
             ours=text,
             reference=f"p50 {ms(ref)} / p90 {ms(mod['psa']['p90'])} ms",
@@ -238,9 +238,10 @@ def print_report(
         f"  slurmd REQUEST_NETWORK_CALLERID: n={sd['n']} p50 {ms(sd['median'])} ms "
         f"max {ms(sd['max'])} ms (1 ms log resolution)"
     )
-    base = st["account"]["plain"]["median"]
+    base = st["account_base"]
     print(
-        f"sshd's account phase (do_pam_account .. Accepted, its DEBUG1 log), ms (plain {base:.2f}):"
+        f"sshd's account phase (do_pam_account .. Accepted, its DEBUG1 log), ms (plain's fast "
+        f"mode {base:.2f}):"
     )
     for name, acc in st["account"].items():
         print(

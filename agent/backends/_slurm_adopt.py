@@ -1,12 +1,14 @@
-"""The slurm backend's adoption exchange with one extern stepd, written once for both drivers.
+"""The slurm backend's adoption exchange with one extern stepd, written once for all drivers.
 
 An `Adoption` sends its requests as soon as it is made (the PAM server makes it while the
-login's decision is still on its stack, before the event loop turns), and `Adoption.steps()`
-is then a generator that yields the connection whenever bytes must be exchanged; its caller
-drives them, a worker thread with `_stepd_io.drive` (`SlurmBackend.adopt`) or the event loop
-with `_stepd_io.drive_async` (`SlurmBackend.adopt_async`). Between the yields it checks the
-replies, and it raises as `SlurmBackend.adopt` says. `close()` closes the connection, also
-when the adoption is given up before its end.
+login's decision is still on its stack, before the event loop turns). Its exchange is then a
+generator that yields the connection whenever bytes must be exchanged (`Adoption.advance`
+says which to drive next), and its caller drives them: a worker thread with `_stepd_io.drive`
+(`SlurmBackend.adopt`), the event loop with `_stepd_io.drive_async`
+(`SlurmBackend.adopt_async`), or the PAM server's own stack for a bounded while
+(`SlurmBackend.adopt_now`), the loop then going on with what is left. Between the yields it
+checks the replies, and it raises as `SlurmBackend.adopt` says. `close()` closes the
+connection, also when the adoption is given up before its end.
 
 When the step's owner is not remembered for this very socket file, STEP_UID and STATE go
 first, and nothing is added before the stepd has said the job is ``job.uid``'s and not ending:
@@ -61,6 +63,8 @@ class Adoption:
         self._conn: StepdConnection | None = None
         self._error: BackendError | None = None
         self._owner: stepd.Reader[int] | None = None
+        self._gen: Generator[list[StepdConnection], None, None] | None = None
+        self._conns: list[StepdConnection] | None = None
         if pid <= 0:
             self._error = BackendError(f"invalid pid {pid}")
             return
@@ -83,7 +87,17 @@ class Adoption:
         inside = None if self._contains_known else conn.queue(stepd.pid_in_container(self.pid))
         return added, inside
 
-    def steps(self, proc_root: Path) -> Generator[list[StepdConnection], None, None]:
+    def advance(self, proc_root: Path) -> list[StepdConnection] | None:
+        """The connections to drive next (the same ones until they are settled), or None once
+        the exchange is over; raises as `SlurmBackend.adopt` says when it failed."""
+        if self._gen is None:
+            self._gen = self._steps(proc_root)
+        elif self._conns is not None and not all(c.settled for c in self._conns):
+            return self._conns
+        self._conns = next(self._gen, None)
+        return self._conns
+
+    def _steps(self, proc_root: Path) -> Generator[list[StepdConnection], None, None]:
         """The exchange's remaining steps, yielding the connection to drive."""
         if self._error is not None:
             raise self._error
@@ -125,6 +139,8 @@ class Adoption:
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
+        if self._gen is not None:
+            self._gen.close()
         if self._conn is not None:
             self._conn.close()
 

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import functools
 import os
+import select
 import selectors
 import socket
 from collections.abc import Callable, Iterable
@@ -168,32 +169,57 @@ class StepdConnection:
         self.sock.close()
 
 
-def drive(conns: Iterable[StepdConnection], deadline: float, clock: Callable[[], float]) -> None:
-    """Exchange bytes on every connection until each is settled or ``deadline`` passes.
+def drive(
+    conns: Iterable[StepdConnection],
+    deadline: float,
+    clock: Callable[[], float],
+    *,
+    expire: bool = True,
+) -> bool:
+    """Exchange bytes on every connection until each is settled or ``deadline`` passes, in the
+    calling thread (it waits in poll(2)); whether all are settled (always, with ``expire``).
 
     ``deadline`` is a ``clock()`` value; ``clock`` counts seconds as `time.monotonic` does (the
-    selector waits in real seconds). A connection still waiting then fails with
-    `StepdTimeout`; the others are unaffected.
+    wait is in real seconds). A connection still waiting then fails with `StepdTimeout`; the
+    others are unaffected. ``expire=False``: it is left waiting instead (for a later `drive`
+    or `drive_async` to go on with).
     """
-    pending = [c for c in conns if not c.settled]
-    with selectors.DefaultSelector() as sel:
-        for conn in pending:
-            sel.register(conn.sock, conn.events, conn)
-        while pending:
-            remaining = deadline - clock()
-            if remaining <= 0:
-                for conn in pending:
-                    what = conn.waiting_for or "the connection"
-                    conn.fail(StepdTimeout(f"slurmstepd {conn.path}: no answer to {what} in time"))
-                return
-            for key, mask in sel.select(remaining):
-                conn = key.data
-                conn.on_ready(mask)
-                if conn.settled:
-                    sel.unregister(conn.sock)
-                elif conn.events != key.events:
-                    sel.modify(conn.sock, conn.events, conn)
-            pending = [c for c in pending if not c.settled]
+    pending = {c.sock.fileno(): c for c in conns if not c.settled}
+    poller = select.poll()
+    for fd, conn in pending.items():
+        poller.register(fd, _poll_events(conn.events))
+    while pending:
+        remaining = deadline - clock()
+        if remaining <= 0:
+            if not expire:
+                return False
+            for conn in pending.values():
+                what = conn.waiting_for or "the connection"
+                conn.fail(StepdTimeout(f"slurmstepd {conn.path}: no answer to {what} in time"))
+            return True
+        for fd, revents in poller.poll(remaining * 1000):
+            conn = pending[fd]
+            conn.on_ready(_selector_events(revents))
+            if conn.settled:
+                poller.unregister(fd)
+                del pending[fd]
+            else:
+                poller.modify(fd, _poll_events(conn.events))
+    return True
+
+
+def _poll_events(events: int) -> int:
+    return (select.POLLIN if events & selectors.EVENT_READ else 0) | (
+        select.POLLOUT if events & selectors.EVENT_WRITE else 0
+    )
+
+
+def _selector_events(revents: int) -> int:
+    """poll(2)'s events as the selector's: a hang-up or error is read (recv tells which)."""
+    read = revents & (select.POLLIN | select.POLLHUP | select.POLLERR)
+    return (selectors.EVENT_READ if read else 0) | (
+        selectors.EVENT_WRITE if revents & select.POLLOUT else 0
+    )
 
 
 async def drive_async(

@@ -162,6 +162,12 @@ class LoopAdoption(Protocol):
         JobVanished."""
         ...
 
+    def adopt_now(self, begun: Begun, wait_s: float) -> bool:
+        """Go on with ``begun`` in the calling thread for at most ``wait_s``: True when it is
+        over (adopted; raises as `Backend.adopt` does), False when it is still waiting (for
+        `adopt_async` to finish)."""
+        ...
+
     def adopt_async(self, pid: int, job: Job, begun: Begun | None = None) -> Awaitable[None]:
         """`Backend.adopt`, bounded the same, waiting on the event loop; ``begun`` (its own
         `begin_adoption` of ``pid`` into ``job``) is taken over and closed."""

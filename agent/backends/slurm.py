@@ -182,17 +182,12 @@ class SlurmBackend:
         """Adopt ``pid`` into ``job``'s extern step, if the stepd says the job is ``job.uid``'s
         (`_slurm_adopt.Adoption`, driven here in the calling thread)."""
         adoption = self.begin_adoption(pid, job)
-        try:
-            with self._ended(job, adoption.sock, f"adopting pid {pid}"):
-                for conns in adoption.steps(self._proc):
-                    drive(conns, adoption.deadline, self._clock)
-        finally:
-            adoption.close()
-        self._contains.put(adoption.sock.identity, True)  # it can contain what it adopts
+        self._drive_here(adoption, adoption.deadline)
 
     def begin_adoption(self, pid: int, job: Job) -> Adoption:
         """The adoption of ``pid`` into ``job``, its requests sent now (`Adoption`); its
-        deadline counts from now. The caller closes it (`adopt_async` does)."""
+        deadline counts from now. The caller finishes it (`adopt_now`, `adopt_async`) or
+        closes it."""
         if not job.id.isdigit():
             msg = f"invalid job id {job.id!r}"
             raise BackendError(msg)
@@ -205,6 +200,13 @@ class SlurmBackend:
             contains_known=bool(self._contains.get(sock.identity)),
         )  # fmt: skip
 
+    def adopt_now(self, begun: Begun, wait_s: float) -> bool:
+        """Go on with ``begun`` (this backend's `begin_adoption`) in the calling thread, for at
+        most ``wait_s``: True when it is over (adopted, and closed; raises as `adopt` does),
+        False when the stepd has not answered yet (finish it with `adopt_async`)."""
+        assert isinstance(begun, Adoption)
+        return self._drive_here(begun, min(begun.deadline, self._clock() + wait_s))
+
     async def adopt_async(self, pid: int, job: Job, begun: Begun | None = None) -> None:
         """`adopt`, with the stepd exchange driven by the running event loop (no thread);
         ``begun``: this very adoption from `begin_adoption`, taken over (closed here)."""
@@ -214,15 +216,27 @@ class SlurmBackend:
             if begun is not None:
                 begun.close()
             adoption = self.begin_adoption(pid, job)
-        steps = adoption.steps(self._proc)
-        try:
+        try:  # cancelled mid-exchange: the connection is closed
             with self._ended(job, adoption.sock, f"adopting pid {pid}"):
-                for conns in steps:
+                while (conns := adoption.advance(self._proc)) is not None:
                     await drive_async(conns, adoption.deadline, self._clock)
         finally:
-            steps.close()  # cancelled mid-exchange: the connection is closed
             adoption.close()
+        self._contains.put(adoption.sock.identity, True)  # it can contain what it adopts
+
+    def _drive_here(self, adoption: Adoption, until: float) -> bool:
+        """Drive ``adoption`` in this thread until ``until`` (its deadline: to the end)."""
+        try:
+            with self._ended(adoption.job, adoption.sock, f"adopting pid {adoption.pid}"):
+                while (conns := adoption.advance(self._proc)) is not None:
+                    if not drive(conns, until, self._clock, expire=until >= adoption.deadline):
+                        return False  # left open, to go on with
+        except BaseException:
+            adoption.close()
+            raise
+        adoption.close()
         self._contains.put(adoption.sock.identity, True)
+        return True
 
     def jobs_now(self, uid: int) -> list[Job] | None:
         """`jobs_of` if it needs no stepd (every extern step's owner remembered), else None."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -24,12 +26,12 @@ from callerid.agent.backends._slurm_adopt import Adoption
 from callerid.agent.backends.base import Job, LoopAdoption
 from callerid.agent.backends.slurm import SlurmBackend, StepdTimeout
 from callerid.agent.config import SlurmBackendConfig, parse
-from callerid.agent.login import LoginFlow, Started
+from callerid.agent.login import LoginFlow, Outcome, Started
 from callerid.agent.netinfo import Connection
 from callerid.agent.pamproto import PamRequest
 from callerid.bus.protocol import Endpoint
 from tests.fakes import FakeClock, FakeProcs, FakeSessions, FakeUsers
-from tests.support.fake_stepd import FakeStepd
+from tests.support.fake_stepd import FakeStepd, encode_reply
 from tests.support.poll import wait_for
 
 T = TypeVar("T")
@@ -146,6 +148,61 @@ def test_a_begun_adoption_given_up_is_closed(spool: Path) -> None:
         assert started.login.adopting is None
         assert begun.closed
     assert _open_fds() == fds
+
+
+def test_a_lone_login_is_adopted_before_its_caller_returns(spool: Path) -> None:
+    """With a wait allowed (the PAM server allows one to a login alone in flight) and a job
+    known to have no namespaces, `account_now` finishes the adoption itself: an Outcome, and
+    no event loop, thread or task at all."""
+    pid = os.getpid()
+    fds = _open_fds()
+    with FakeStepd(spool / f"fake_7.{EXTERN}", uid=UID) as fake, CountingPool() as pool:
+        backend = _backend(spool)
+        backend.jobs_of(UID)
+        out = _flow(backend, pool, pid).account_now(REQ, pid, None, 1.0)
+        assert isinstance(out, Outcome)
+        assert (out.reply.verdict, out.reply.reason, out.reply.job) == ("adopt", "single_job", "7")
+        assert fake.adopted == [pid] and pool.used == 0
+    assert _open_fds() == fds
+
+
+def test_an_adoption_not_answered_within_the_wait_is_finished_on_the_loop(spool: Path) -> None:
+    """`adopt_now` waits its bound and leaves the exchange open; `adopt_async` goes on with it
+    on the same connection (a stepd answering late, by hand here)."""
+    path, pid, job = spool / f"fake_7.{EXTERN}", os.getpid(), Job("7", UID, 0.0)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        backend = _backend(spool)
+        begun = backend.begin_adoption(pid, job)  # owner not known: hello, STEP_UID, STATE
+        conn, _ = listener.accept()
+        with conn:
+            assert len(conn.recv(64)) == 12
+            t0 = time.monotonic()
+            assert backend.adopt_now(begun, 0.05) is False
+            assert 0.05 <= time.monotonic() - t0 < 1.0 and not begun.closed
+            conn.sendall(
+                encode_reply("hello", stepd.PROTOCOL_22_05)
+                + encode_reply(stepd.Request.STEP_UID, UID)
+                + encode_reply(stepd.Request.STATE, 2)
+            )
+
+            async def finish() -> None:
+                loop = asyncio.get_running_loop()
+                conn.setblocking(False)
+                task = asyncio.ensure_future(backend.adopt_async(pid, job, begun))
+                got = b""
+                while len(got) < 16:  # ADD_EXTERN_PID and PID_IN_CONTAINER, each with the pid
+                    got += await loop.sock_recv(conn, 64)
+                await loop.sock_sendall(
+                    conn,
+                    encode_reply(stepd.Request.ADD_EXTERN_PID, 0)
+                    + encode_reply(stepd.Request.PID_IN_CONTAINER, True),
+                )
+                await asyncio.wait_for(task, 5)
+
+            asyncio.run(finish())
+            assert begun.closed
 
 
 def test_no_namespaces_is_known_only_without_asking(spool: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from callerid.agent._pamconn import ADOPT_WAIT_S
 from callerid.agent.journal import DecisionRecord, Journal
 from callerid.agent.login import Outcome
 from callerid.agent.pamproto import PamReply, PamRequest
@@ -38,9 +39,10 @@ class Adopter:
         self.order: list[int] = []
         self.cancelled = 0
         self.requests: list[PamRequest] = []
+        self.waits: list[float] = []  # what each account_now was allowed to wait
 
-    def account_now(self, req: PamRequest, pid: int, received: float | None) -> None:
-        return None  # always waits: every decision is a task here
+    def account_now(self, req: PamRequest, pid: int, received: float | None, wait_s: float) -> None:
+        self.waits.append(wait_s)  # and nothing done: every decision is a task here
 
     async def account(
         self, req: PamRequest, pid: int, received: float | None = None, started: object = None
@@ -193,6 +195,27 @@ def test_at_most_max_active_decisions_run_at_once_and_the_rest_wait_in_order(
     assert replies == [b"CALLERID/1 verdict=allow reason=root msg=\n"] * n
     assert adopter.most == 3
     assert len(adopter.order) == n and server.in_flight == 0 and server.turns.active == 0
+
+
+def test_only_a_login_alone_in_flight_may_be_waited_for_on_the_loop(tmp_path: Path) -> None:
+    """A slurm adoption may be waited for on the loop's stack (ADOPT_WAIT_S) only while no
+    other login is in flight: the loop serves the others meanwhile instead."""
+
+    async def body(server: PamServer, adopter: Adopter, path: str) -> list[bytes]:
+        adopter.gate.clear()
+        first = asyncio.ensure_future(exchange(path, LINE))
+        while len(adopter.waits) < 1:
+            await asyncio.sleep(0.001)
+        second = asyncio.ensure_future(exchange(path, LINE))
+        while len(adopter.waits) < 2:
+            await asyncio.sleep(0.001)
+        adopter.gate.set()
+        return list(await asyncio.gather(first, second))
+
+    replies, server, _ = run(serve(tmp_path, body, timeout_s=5.0))
+    adopter: Adopter = server.flow  # type: ignore[assignment]
+    assert replies == [b"CALLERID/1 verdict=allow reason=root msg=\n"] * 2
+    assert adopter.waits == [ADOPT_WAIT_S, 0.0]
 
 
 def test_queued_requests_are_still_bounded_by_their_deadline(

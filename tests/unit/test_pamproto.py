@@ -395,7 +395,7 @@ class NssFlow:
     def __init__(self) -> None:
         self.users: list[str] = []
 
-    def account_now(self, req: PamRequest, pid: int, received: float | None) -> None:
+    def account_now(self, req: PamRequest, pid: int, received: float | None, wait_s: float) -> None:
         return None  # NSS is always asked (a worker thread): never decided at once
 
     async def account(

@@ -1,0 +1,135 @@
+"""An adopt decision carried out (`login.LoginFlow`): where the backend's adoption runs, the
+pin checks around it, and what a failure becomes.
+
+Three places, one contract: `Adopter.carry_out` where the backend's calls run (a worker thread
+for a blocking backend, else inline), `Adopter.on_loop` on the event loop (`LoopAdoption`),
+and `Adopter.now`, the PAM server's own stack for a bounded while, for an adoption already
+begun (`LoopAdoption.begin_adoption`). Each adopts only the process the login pinned (checked
+before and after, `_loginstate.pinned`), marks "adopt" when the adoption is over either way,
+and turns a failure into `policy.after_adopt_failure`'s verdict (logged).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+
+from callerid.agent import policy
+from callerid.agent._joinns import fetch_namespaces
+from callerid.agent._loginports import Processes
+from callerid.agent._loginstate import Login, pinned
+from callerid.agent._offload import shielded_call
+from callerid.agent.backends.base import Backend, BackendError, Job, LoopAdoption
+from callerid.agent.config import PolicyConfig
+from callerid.agent.netinfo import NetinfoError
+
+__all__ = ["Adopter"]
+
+log = logging.getLogger("callerid.agent.login")
+
+
+class Adopter:
+    """Carries adopt decisions out into ``backend``'s jobs (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: PolicyConfig,
+        *,
+        node: str,
+        procs: Processes,
+        backend: Backend,
+        executor: Executor | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.cfg = cfg
+        self.node = node
+        self.procs = procs
+        self.backend = backend
+        self.executor = executor
+        self.clock = clock
+
+    def carry_out(self, login: Login, decision: policy.Decision) -> policy.Decision:
+        """Adopt the session process into the decided job (where the backend's calls run),
+        then fetch the job's namespaces."""
+        if decision.verdict != "adopt":
+            return decision
+        try:
+            with self._adopting(login, decision) as (pid, job):
+                self.backend.adopt(pid, job)
+        except (BackendError, NetinfoError) as exc:
+            return self._failed(login, decision, exc)
+        login.fetched = fetch_namespaces(self.backend, decision, login.req.join)
+        return decision
+
+    async def on_loop(
+        self, login: Login, decision: policy.Decision, lb: LoopAdoption
+    ) -> policy.Decision:
+        """`carry_out` on the loop (the adoption begun, if it was, taken over); the namespaces
+        in a worker only if there may be some."""
+        if decision.verdict != "adopt":
+            return decision
+        try:
+            with self._adopting(login, decision) as (pid, job):
+                await lb.adopt_async(pid, job, login.take_adopting())
+        except (BackendError, NetinfoError) as exc:
+            return self._failed(login, decision, exc)
+        if login.req.join is not False and not lb.no_namespaces(job):
+            login.fetched = await shielded_call(
+                self.backend, self.executor, login.give_up,
+                fetch_namespaces, self.backend, decision, login.req.join,
+            )  # fmt: skip
+        return decision
+
+    def now(
+        self, login: Login, decision: policy.Decision, lb: LoopAdoption, wait_s: float
+    ) -> policy.Decision | None:
+        """The begun adoption waited for here, ``wait_s`` at most, if the job is known to have
+        no namespaces to fetch: the decision, or the failure's; None when it is left to the
+        loop (`on_loop`: not waited for here, or the stepd did not answer in time)."""
+        begun, job = login.adopting, decision.job
+        if begun is None or job is None or wait_s <= 0:
+            return None
+        if login.req.join is not False and not lb.no_namespaces(job):
+            return None
+        try:  # the pin: checked before anything was sent (`LoginFlow._local_step`), and after
+            with self._adopting(login, decision, pending=_NotYet):
+                if not lb.adopt_now(begun, wait_s):
+                    raise _NotYet
+        except _NotYet:
+            return None  # its pin closed: the loop pins the process again
+        except (BackendError, NetinfoError) as exc:
+            return self._failed(login, decision, exc)
+        return decision
+
+    @contextlib.contextmanager
+    def _adopting(
+        self,
+        login: Login,
+        decision: policy.Decision,
+        pending: type[Exception] | None = None,
+    ) -> Iterator[tuple[int, Job]]:
+        """Around an adoption of the login's (pinned) process into the decided job; the
+        "adopt" mark either way, unless it ends with ``pending`` (not over yet)."""
+        assert decision.job is not None and login.target_pid is not None
+        pid = login.target_pid
+        over = True
+        try:
+            with pinned(self.procs, pid, login.target_start, login.take_pin(pid)):
+                yield pid, decision.job
+        except Exception as exc:
+            over = pending is None or not isinstance(exc, pending)
+            raise
+        finally:
+            if over:
+                login.marks.append(("adopt", self.clock()))
+
+    def _failed(self, login: Login, decision: policy.Decision, exc: Exception) -> policy.Decision:
+        job = decision.job.id if decision.job else "?"
+        log.warning("adopting pid %s into job %s failed: %s", login.target_pid, job, exc)
+        return policy.after_adopt_failure(decision, self.cfg, self.node)
+
+
+class _NotYet(Exception):
+    """The stepd has not answered within the wait on the caller's stack."""
