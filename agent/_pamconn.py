@@ -30,9 +30,9 @@ __all__ = ["PamConnection"]
 log = logging.getLogger("callerid.agent.pamserver")
 
 # a login alone in flight may have its slurm adoption waited for on the loop's own stack this
-# long at most (`LoginFlow.account_now`): the stepd answers in 0.1-0.5 ms, and a loop asleep in
-# its selector and woken again costs more than that wait; with other logins in flight, the
-# loop serves them meanwhile instead
+# long at most (`LoginFlow.account_now`): the stepd answers in 0.1-0.5 ms, and going back to
+# the selector to be woken again cost the login 0.06-0.1 ms more (docs/performance.md,
+# section 12); with other logins in flight, the loop serves them meanwhile instead
 ADOPT_WAIT_S = 0.002
 DISCARD_MAX = 64 * 1024
 DISCARD_TIMEOUT_S = 0.05

@@ -41,7 +41,8 @@ __all__ = ["Adoption"]
 class Adoption:
     """The adoption of ``pid`` into ``job``'s extern step through its stepd socket ``sock``,
     its requests sent (see the module docstring). ``deadline`` (a clock value) bounds all of
-    it; a failure to connect is kept and raised by `steps`."""
+    it; a failure to connect is kept and raised by `advance`. ``proc_root`` names a pid that
+    is gone in the failure's message."""
 
     def __init__(
         self,
@@ -53,6 +54,7 @@ class Adoption:
         *,
         owner_known: bool,
         contains_known: bool = False,
+        proc_root: Path = Path("/proc"),
     ) -> None:
         self.pid = pid
         self.job = job
@@ -60,6 +62,7 @@ class Adoption:
         self.deadline = deadline
         self._version = version
         self._contains_known = contains_known
+        self._proc = proc_root
         self._conn: StepdConnection | None = None
         self._error: BackendError | None = None
         self._owner: stepd.Reader[int] | None = None
@@ -78,8 +81,7 @@ class Adoption:
         if not owner_known:
             self._owner = conn.queue(stepd.step_uid())
         self._state = conn.queue(stepd.state())
-        if owner_known:
-            self._added = self._add(conn)
+        self._added = self._add(conn) if owner_known else None
         conn.on_ready(selectors.EVENT_WRITE)  # sent now (a few bytes: the socket takes them)
 
     def _add(self, conn: StepdConnection) -> tuple[stepd.Reader[int], stepd.Reader[bool] | None]:
@@ -87,31 +89,28 @@ class Adoption:
         inside = None if self._contains_known else conn.queue(stepd.pid_in_container(self.pid))
         return added, inside
 
-    def advance(self, proc_root: Path) -> list[StepdConnection] | None:
+    def advance(self) -> list[StepdConnection] | None:
         """The connections to drive next (the same ones until they are settled), or None once
         the exchange is over; raises as `SlurmBackend.adopt` says when it failed."""
         if self._gen is None:
-            self._gen = self._steps(proc_root)
+            self._gen = self._steps()
         elif self._conns is not None and not all(c.settled for c in self._conns):
             return self._conns
         self._conns = next(self._gen, None)
         return self._conns
 
-    def _steps(self, proc_root: Path) -> Generator[list[StepdConnection], None, None]:
+    def _steps(self) -> Generator[list[StepdConnection], None, None]:
         """The exchange's remaining steps, yielding the connection to drive."""
         if self._error is not None:
             raise self._error
         conn = self._conn
         assert conn is not None
-        if self._owner is not None:  # the owner and state first
-            yield [conn]
-            self._check_step(conn)
+        yield [conn]
+        self._check_step(conn)
+        if self._added is None:  # the owner was asked first: now the adoption
             self._added = self._add(conn)
             yield [conn]
-        else:
-            yield [conn]
-            self._check_step(conn)
-        _check_adopted(self.pid, self.job, conn, self._added, proc_root)
+        _check_adopted(self.pid, self.job, conn, self._added, self._proc)
 
     def _check_step(self, conn: StepdConnection) -> None:
         """Raise unless the step is ``job.uid``'s (when asked) and not ending. With the owner

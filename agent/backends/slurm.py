@@ -197,7 +197,7 @@ class SlurmBackend:
         return Adoption(
             pid, job, sock, self._version, deadline,
             owner_known=known is not None and known[0] == job.uid,
-            contains_known=bool(self._contains.get(sock.identity)),
+            contains_known=bool(self._contains.get(sock.identity)), proc_root=self._proc,
         )  # fmt: skip
 
     def adopt_now(self, begun: Begun, wait_s: float) -> bool:
@@ -218,7 +218,7 @@ class SlurmBackend:
             adoption = self.begin_adoption(pid, job)
         try:  # cancelled mid-exchange: the connection is closed
             with self._ended(job, adoption.sock, f"adopting pid {pid}"):
-                while (conns := adoption.advance(self._proc)) is not None:
+                while (conns := adoption.advance()) is not None:
                     await drive_async(conns, adoption.deadline, self._clock)
         finally:
             adoption.close()
@@ -228,7 +228,7 @@ class SlurmBackend:
         """Drive ``adoption`` in this thread until ``until`` (its deadline: to the end)."""
         try:
             with self._ended(adoption.job, adoption.sock, f"adopting pid {adoption.pid}"):
-                while (conns := adoption.advance(self._proc)) is not None:
+                while (conns := adoption.advance()) is not None:
                     if not drive(conns, until, self._clock, expire=until >= adoption.deadline):
                         return False  # left open, to go on with
         except BaseException:
