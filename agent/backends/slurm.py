@@ -18,11 +18,13 @@ What pam_slurm_adopt does, with our own bounds and checks (reference/slurm.md se
 - The job of a pid: ``/proc/<pid>/cgroup`` when it shows ``.../job_<J>/step_...`` (Slurm's
   cgroup layouts, v1 and v2), confirmed and described by job J's stepd; otherwise every stepd
   of the node is asked PID_IN_CONTAINER and DAEMON_PID (as slurmd's own pid-to-job lookup does).
-- Adoption, on one connection: STEP_UID must equal the job's uid (defence in depth:
-  pam_slurm_adopt does not check) and STATE must not be ending; then ADD_EXTERN_PID and
-  PID_IN_CONTAINER (to confirm) pipelined.
-  A 22.05 stepd refuses with rc -1, a 26.05 one closes the connection: both are BackendError;
-  a job whose socket is gone raises JobVanished.
+- Adoption, on one connection (`_slurm_adopt.Adoption`): STEP_UID must equal the job's uid
+  (defence in depth: pam_slurm_adopt does not check; asked only when that stepd's owner is
+  not remembered) and STATE must not be ending; ADD_EXTERN_PID, and PID_IN_CONTAINER to
+  confirm the first adoption through a stepd. A 22.05 stepd refuses with rc -1, a 26.05 one
+  closes the connection: both are BackendError; a job whose socket is gone raises
+  JobVanished. `begin_adoption` sends the requests; `adopt_now` (the calling thread, bounded),
+  `adopt_async` (the event loop) or `adopt` (both steps, in a thread) finish it.
 - The job's namespaces (``join_container``, as pam_slurm_adopt's): the fds the extern stepd
   passes with GET_NS_FD (job_container/tmpfs, up to 25.05) or GET_NS_FDS (namespace/*, 25.11
   on), after STEP_UID; None when the job has none (`_slurm_ns`).
@@ -34,8 +36,10 @@ by the node name (configured, else the short hostname) and the short hostname, a
 
 Every public call is bounded by ``timeout_ms`` in total (connect, send and every reply; Slurm
 sets no timeout on these sockets), however many stepds it talks to: connections are
-non-blocking and driven together by one selector with one deadline (`_stepd_io.drive`). The
-backend keeps no connection between calls and may be called from several threads at once.
+non-blocking and driven together in one poll(2) with one deadline (`_stepd_io.drive`); an
+adoption's bound counts from `begin_adoption`. The backend keeps no connection between calls
+but a begun adoption (its caller's until it is finished or closed), and may be called from
+several threads at once.
 """
 
 from __future__ import annotations
@@ -185,9 +189,8 @@ class SlurmBackend:
         self._drive_here(adoption, adoption.deadline)
 
     def begin_adoption(self, pid: int, job: Job) -> Adoption:
-        """The adoption of ``pid`` into ``job``, its requests sent now (`Adoption`); its
-        deadline counts from now. The caller finishes it (`adopt_now`, `adopt_async`) or
-        closes it."""
+        """The adoption of ``pid`` into ``job``, its requests sent now (`Adoption`), bounded
+        from now; the caller finishes it (`adopt_now`, `adopt_async`) or closes it."""
         if not job.id.isdigit():
             msg = f"invalid job id {job.id!r}"
             raise BackendError(msg)
@@ -201,9 +204,8 @@ class SlurmBackend:
         )  # fmt: skip
 
     def adopt_now(self, begun: Begun, wait_s: float) -> bool:
-        """Go on with ``begun`` (this backend's `begin_adoption`) in the calling thread, for at
-        most ``wait_s``: True when it is over (adopted, and closed; raises as `adopt` does),
-        False when the stepd has not answered yet (finish it with `adopt_async`)."""
+        """Go on with ``begun`` (`begin_adoption`'s) in this thread, ``wait_s`` at most: True
+        once adopted (raises as `adopt` does), False if the stepd has not answered yet."""
         assert isinstance(begun, Adoption)
         return self._drive_here(begun, min(begun.deadline, self._clock() + wait_s))
 
@@ -222,7 +224,7 @@ class SlurmBackend:
                     await drive_async(conns, adoption.deadline, self._clock)
         finally:
             adoption.close()
-        self._contains.put(adoption.sock.identity, True)  # it can contain what it adopts
+        self._adopted(adoption)
 
     def _drive_here(self, adoption: Adoption, until: float) -> bool:
         """Drive ``adoption`` in this thread until ``until`` (its deadline: to the end)."""
@@ -234,9 +236,13 @@ class SlurmBackend:
         except BaseException:
             adoption.close()
             raise
+        self._adopted(adoption)
+        return True
+
+    def _adopted(self, adoption: Adoption) -> None:
+        """A confirmed adoption: closed; this stepd can contain what it adopts (`_contains`)."""
         adoption.close()
         self._contains.put(adoption.sock.identity, True)
-        return True
 
     def jobs_now(self, uid: int) -> list[Job] | None:
         """`jobs_of` if it needs no stepd (every extern step's owner remembered), else None."""
