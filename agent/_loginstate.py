@@ -61,7 +61,7 @@ class Login:
     marks: list[tuple[str, float]] = dataclasses.field(default_factory=list)
     # the caller, held (pidfd) since before its identity was read: see `LoginFlow._find_session`
     pin: Held | None = None
-    adopting: Begun | None = None  # the adoption begun once the job was chosen (`_local_step`)
+    adopting: Begun | None = None  # begun once its process was found (`LoginFlow._local_step`)
 
     def take_pin(self, pid: int) -> Held | None:
         """The early pin if it holds ``pid`` (the caller handing it over), else None (and

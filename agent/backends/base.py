@@ -141,7 +141,8 @@ class Begun(Protocol):
     job: Job
 
     def close(self) -> None:
-        """Give it up (idempotent); nothing has been adopted."""
+        """Close it (idempotent). What was sent before may still be carried out (a stepd that
+        has read ADD_EXTERN_PID adopts the pid), as with an adoption cancelled midway."""
         ...
 
 
@@ -149,8 +150,9 @@ class Begun(Protocol):
 class LoopAdoption(Protocol):
     """What a blocking backend may offer so that a login need not leave the event loop (a
     worker-thread hop costs ~0.2 ms after idle): its jobs when they are known without asking
-    anyone, an adoption driven by the loop itself, and whether a job is known to have no
-    namespaces to fetch. The slurm backend offers it; `login.LoginFlow` uses it."""
+    anyone, an adoption begun at once and finished in the calling thread for a bounded while
+    or by the loop itself, and whether a job is known to have no namespaces to fetch. The
+    slurm backend offers it; `login.LoginFlow` uses it."""
 
     def jobs_now(self, uid: int) -> list[Job] | None:
         """`Backend.jobs_of` when it needs no I/O that may wait; None otherwise."""
