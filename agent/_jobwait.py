@@ -41,7 +41,7 @@ async def await_named_job(
     """``facts`` with the jobs found while waiting, and how long it waited (None: it did
     not: no job named, the named job is listed, or no time left)."""
     named, uid = facts.callerid_job, facts.uid
-    if named is None or uid is None or bound_ms <= 0 or not named_job_missing(facts):
+    if uid is None or bound_ms <= 0 or not named_job_missing(facts):
         return facts, None
     start = clock()
     for _ in range(max(1, math.ceil(bound_ms / 1000 / JOB_POLL_S))):

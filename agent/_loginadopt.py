@@ -91,7 +91,7 @@ class Adopter:
         begun, job = login.adopting, decision.job
         if begun is None or job is None or wait_s <= 0:
             return None
-        if login.req.join is not False and not lb.no_namespaces(job):
+        if login.req.join is not False and not begun.no_namespaces:
             return None
         try:  # the pin: checked before anything was sent (`LoginFlow._local_step`), and after
             with self._adopting(login, decision, pending=_NotYet):

@@ -42,7 +42,8 @@ class Adoption:
     """The adoption of ``pid`` into ``job``'s extern step through its stepd socket ``sock``,
     its requests sent (see the module docstring). ``deadline`` (a clock value) bounds all of
     it; a failure to connect is kept and raised by `advance`. ``proc_root`` names a pid that
-    is gone in the failure's message."""
+    is gone in the failure's message. ``no_namespaces``: known, from the same socket file, to
+    have none to fetch (`Begun.no_namespaces`)."""
 
     def __init__(
         self,
@@ -55,11 +56,13 @@ class Adoption:
         owner_known: bool,
         contains_known: bool = False,
         proc_root: Path = Path("/proc"),
+        no_namespaces: bool = False,
     ) -> None:
         self.pid = pid
         self.job = job
         self.sock = sock
         self.deadline = deadline
+        self.no_namespaces = no_namespaces
         self._version = version
         self._contains_known = contains_known
         self._proc = proc_root

@@ -139,6 +139,7 @@ class Begun(Protocol):
 
     pid: int
     job: Job
+    no_namespaces: bool  # `LoopAdoption.no_namespaces` of its job, known when it was begun
 
     def close(self) -> None:
         """Close it (idempotent). What was sent before may still be carried out (a stepd that

@@ -183,8 +183,7 @@ class SlurmBackend:
         return self._search(pid, sockets, deadline)
 
     def adopt(self, pid: int, job: Job) -> None:
-        """Adopt ``pid`` into ``job``'s extern step, if the stepd says the job is ``job.uid``'s
-        (`_slurm_adopt.Adoption`, driven here in the calling thread)."""
+        """Adopt ``pid`` into ``job``'s extern step (`Adoption`, driven in the calling thread)."""
         adoption = self.begin_adoption(pid, job)
         self._drive_here(adoption, adoption.deadline)
 
@@ -199,8 +198,9 @@ class SlurmBackend:
         known = self._ids.get(sock.identity)
         return Adoption(
             pid, job, sock, self._version, deadline,
-            owner_known=known is not None and known[0] == job.uid,
-            contains_known=bool(self._contains.get(sock.identity)), proc_root=self._proc,
+            owner_known=known is not None and known[0] == job.uid, proc_root=self._proc,
+            contains_known=bool(self._contains.get(sock.identity)),
+            no_namespaces=not self._join or bool(self._no_ns.get(sock.identity)),
         )  # fmt: skip
 
     def adopt_now(self, begun: Begun, wait_s: float) -> bool:
@@ -277,7 +277,7 @@ class SlurmBackend:
         return found
 
     def close(self) -> None:
-        """Nothing to release: every connection is closed when its call ends."""
+        """Nothing to release: a call's connections close as it ends (a begun one: its caller's)."""
 
     # ----------------------------------------------------------------------- internals
 

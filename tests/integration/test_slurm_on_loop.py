@@ -10,6 +10,7 @@ hung stepd is bounded by the backend's timeout on the loop too, and leaves nothi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import time
@@ -166,6 +167,22 @@ def test_a_lone_login_is_adopted_before_its_caller_returns(spool: Path) -> None:
     assert _open_fds() == fds
 
 
+def test_a_job_that_may_have_namespaces_is_not_waited_for_on_the_callers_stack(
+    spool: Path,
+) -> None:
+    """Its namespaces are fetched in a worker after the adoption, so `account_now` leaves the
+    begun adoption to the loop even with a wait allowed."""
+    pid = os.getpid()
+    with FakeStepd(spool / f"fake_7.{EXTERN}", uid=UID), CountingPool() as pool:
+        backend = _backend(spool)
+        backend.jobs_of(UID)
+        joining = dataclasses.replace(REQ, join=True)
+        started = _flow(backend, pool, pid).account_now(joining, pid, None, 1.0)
+        assert isinstance(started, Started) and isinstance(started.login.adopting, Adoption)
+        assert not started.login.adopting.no_namespaces
+        started.login.release()
+
+
 def test_an_adoption_not_answered_within_the_wait_is_finished_on_the_loop(spool: Path) -> None:
     """`adopt_now` waits its bound and leaves the exchange open; `adopt_async` goes on with it
     on the same connection (a stepd answering late, by hand here)."""
@@ -232,7 +249,7 @@ def test_a_hung_stepd_is_bounded_on_the_loop_and_left_unwatched(spool: Path) -> 
 
 
 def test_a_cancelled_adoption_closes_its_connection(spool: Path) -> None:
-    before = len(os.listdir("/proc/self/fd"))
+    before = _open_fds()
     with FakeStepd(spool / f"fake_7.{EXTERN}", uid=UID, on_add="hang"):
         backend = _backend(spool, timeout_ms=5000)
         job = Job("7", UID, 0.0)
@@ -245,4 +262,4 @@ def test_a_cancelled_adoption_closes_its_connection(spool: Path) -> None:
                 await task
 
         asyncio.run(cancel_midway())
-    assert len(os.listdir("/proc/self/fd")) == before  # the fake's own fds are closed too
+    assert _open_fds() == before  # the fake's own fds are closed too
