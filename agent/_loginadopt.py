@@ -11,9 +11,8 @@ and turns a failure into `policy.after_adopt_failure`'s verdict (logged).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 from callerid.agent import policy
@@ -103,32 +102,64 @@ class Adopter:
             return self._failed(login, decision, exc)
         return decision
 
-    @contextlib.contextmanager
     def _adopting(
         self,
         login: Login,
         decision: policy.Decision,
         pending: type[Exception] | None = None,
-    ) -> Iterator[tuple[int, Job]]:
+    ) -> _Adopting:
         """Around an adoption of the login's (pinned) process into the decided job; the
         "adopt" mark either way, unless it ends with ``pending`` (not over yet)."""
-        assert decision.job is not None and login.target_pid is not None
-        pid = login.target_pid
-        over = True
-        try:
-            with pinned(self.procs, pid, login.target_start, login.take_pin(pid)):
-                yield pid, decision.job
-        except Exception as exc:
-            over = pending is None or not isinstance(exc, pending)
-            raise
-        finally:
-            if over:
-                login.marks.append(("adopt", self.clock()))
+        return _Adopting(self.procs, login, decision, self.clock, pending)
 
     def _failed(self, login: Login, decision: policy.Decision, exc: Exception) -> policy.Decision:
         job = decision.job.id if decision.job else "?"
         log.warning("adopting pid %s into job %s failed: %s", login.target_pid, job, exc)
         return policy.after_adopt_failure(decision, self.cfg, self.node)
+
+
+class _Adopting:
+    """`Adopter._adopting`: `pinned` around the adoption of ``(pid, job)`` (what ``with``
+    gives), then the "adopt" mark, unless the adoption ends with ``pending``. A class, not a
+    generator: every adopted login passes through one."""
+
+    __slots__ = ("_clock", "_login", "_pending", "_pin", "_target")
+
+    def __init__(
+        self,
+        procs: Processes,
+        login: Login,
+        decision: policy.Decision,
+        clock: Callable[[], float],
+        pending: type[Exception] | None,
+    ) -> None:
+        assert decision.job is not None and login.target_pid is not None
+        pid = login.target_pid
+        self._target = (pid, decision.job)
+        self._login, self._clock, self._pending = login, clock, pending
+        self._pin = pinned(procs, pid, login.target_start, login.take_pin(pid))
+
+    def __enter__(self) -> tuple[int, Job]:
+        try:
+            self._pin.__enter__()
+        except BaseException as exc:
+            self._over(exc)
+            raise
+        return self._target
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        try:
+            self._pin.__exit__(exc_type, exc, tb)
+        except BaseException as raised:
+            self._over(raised)
+            raise
+        self._over(exc)
+
+    def _over(self, exc: BaseException | None) -> None:
+        if exc is None or self._pending is None or not isinstance(exc, self._pending):
+            self._login.marks.append(("adopt", self._clock()))
 
 
 class _NotYet(Exception):

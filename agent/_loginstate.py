@@ -5,9 +5,7 @@ Re-exported by `login` (`Outcome`, `Started`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -93,24 +91,36 @@ class Login:
             self.fetched.drop()
 
 
-@contextlib.contextmanager
-def pinned(
-    procs: Processes, pid: int, start: float | None, held: Held | None = None
-) -> Iterator[None]:
+class pinned:  # a context manager, named as contextlib's are
     """Around the adoption of the process ``pid`` started at ``start``, and only that process
     (see `netinfo.Pin`): NetinfoError if it is gone, BackendError if it exits meanwhile.
     ``held``: ``pid`` held since before ``start`` was read (taken over, closed here): if it
     is alive now, it still holds the pid and ``start`` is its own, which is what `pin` checks
-    by reading the start time again; one poll instead of that read."""
-    if held is None:
-        held = procs.pin(pid, start)
-    elif held.exited():
-        held.close()
-        raise ProcessGone(pid)
-    try:
-        yield
-        if held.exited():
-            msg = f"process {pid} exited while it was being adopted"
-            raise BackendError(msg)
-    finally:
-        held.close()
+    by reading the start time again; one poll instead of that read.
+
+    A class, not a generator: every adopted login passes through one (~1 us less)."""
+
+    __slots__ = ("_held", "_pid", "_procs", "_start")
+
+    def __init__(
+        self, procs: Processes, pid: int, start: float | None, held: Held | None = None
+    ) -> None:
+        self._procs, self._pid, self._start, self._held = procs, pid, start, held
+
+    def __enter__(self) -> None:
+        held = self._held
+        if held is None:
+            self._held = self._procs.pin(self._pid, self._start)
+        elif held.exited():
+            held.close()
+            raise ProcessGone(self._pid)
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_exc: object) -> None:
+        held = self._held
+        assert held is not None
+        try:
+            if exc_type is None and held.exited():
+                msg = f"process {self._pid} exited while it was being adopted"
+                raise BackendError(msg)
+        finally:
+            held.close()

@@ -17,11 +17,14 @@ every call lists, as before.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import struct
+import termios
 import threading
 from collections.abc import Callable, Hashable
 from typing import Final, Generic, TypeVar
@@ -50,6 +53,7 @@ class Listings(Generic[T]):
         self._by_key: dict[Hashable, tuple[T, tuple[tuple[str, int, int], ...]]] = {}
         self._keys_of_wd: dict[int, set[Hashable]] = {}
         self._local = threading.local()  # .read: (dir, wd, inode) of this thread's listing
+        self._queued = array.array("i", [0])  # FIONREAD's answer (used under the lock)
 
     @property
     def enabled(self) -> bool:
@@ -127,6 +131,10 @@ class Listings(Generic[T]):
     def _drain(self) -> None:
         assert self._fd is not None
         while True:
+            # how much is queued (FIONREAD): none, the usual case, costs no read that fails
+            fcntl.ioctl(self._fd, termios.FIONREAD, self._queued, True)
+            if self._queued[0] <= 0:
+                return
             try:
                 data = os.read(self._fd, 65536)
             except BlockingIOError:

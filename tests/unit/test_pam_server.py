@@ -384,3 +384,32 @@ def test_more_fds_than_lent_max_or_from_another_uid_are_closed_and_not_used(
     assert req.lent is None
     assert refused.startswith(b"CALLERID/1 verdict=error reason=not_root")
     assert refusing.refused == 1 and after == before
+
+
+def test_a_queued_client_still_there_is_decided_even_if_it_sent_more(tmp_path: Path) -> None:
+    """What makes a queued client gone is its end closed or reset (`client_gone` polls for
+    it), not bytes it sent after its line: those are left unread."""
+
+    async def body(server: PamServer, adopter: Adopter, path: str) -> bytes:
+        adopter.gate.clear()
+        first = asyncio.ensure_future(exchange(path, LINE, close_write=False))
+        while server.turns.active < 1:
+            await asyncio.sleep(0.001)
+        _reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(LINE)
+        await writer.drain()
+        while len(server.turns.queued) < 1:
+            await asyncio.sleep(0.001)
+        writer.write(b"more after the line\n")  # not read: the line was
+        await writer.drain()
+        adopter.gate.set()
+        try:  # its answer: the agent closes a socket with bytes unread, which resets it
+            return await first
+        finally:
+            writer.close()
+
+    reply, server, out = run(serve(tmp_path, body, timeout_s=5.0, max_active=1))
+    adopter: Adopter = server.flow  # type: ignore[assignment]
+    assert reply == b"CALLERID/1 verdict=allow reason=root msg=\n"
+    assert len(adopter.order) == 2 and server.turns.abandoned == 0
+    assert out.getvalue().count("CALLERID_DECISION=") == 2

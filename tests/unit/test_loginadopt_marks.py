@@ -1,0 +1,88 @@
+"""`Adopter`'s frame around an adoption (`_loginadopt._Adopting`, `_loginstate.pinned`): the
+login's "adopt" mark once the adoption is over, whichever way it ended, none while it is still
+pending, and the pin closed every time.
+
+The frame is a class rather than a generator (every adopted login passes through it); these
+pin its contract down. Fakes at the edges (tests/fakes.py): nothing real is moved.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from callerid.agent import policy
+from callerid.agent._loginadopt import Adopter, _NotYet
+from callerid.agent._loginstate import Login, pinned
+from callerid.agent.backends.base import BackendError, Job
+from callerid.agent.config import parse
+from callerid.agent.netinfo import ProcessGone
+from callerid.agent.pamproto import PamRequest
+from tests.fakes import FakeBackend, FakeClock, FakeProcs
+
+PID = 4242
+JOB = Job("42", 1000, 100.0)
+ADOPT = policy.Decision("adopt", "single_job", job=JOB)
+
+
+def setup(procs: FakeProcs) -> tuple[Adopter, Login, FakeBackend]:
+    backend = FakeBackend([JOB])
+    adopter = Adopter(
+        parse({}).policy, node="b", procs=procs, backend=backend, executor=None, clock=FakeClock()
+    )
+    req = PamRequest("account", "alice", "sshd", "10.0.0.1", "ssh")  # type: ignore[arg-type]
+    login = Login(req, PID, 0.0, policy.Facts(user="alice", uid=1000))
+    login.target_pid, login.target_start = PID, 1.0
+    return adopter, login, backend
+
+
+def adopt_marks(login: Login) -> int:
+    return sum(1 for what, _t in login.marks if what == "adopt")
+
+
+def test_an_adoption_carried_out_is_marked_once_and_its_pin_closed() -> None:
+    procs = FakeProcs({PID: 1.0})
+    adopter, login, backend = setup(procs)
+    assert adopter.carry_out(login, ADOPT) is ADOPT
+    assert backend.adopted == [(PID, "42")]
+    assert adopt_marks(login) == 1 and procs.open_pins == []
+
+
+@pytest.mark.parametrize("how", ["exits_meanwhile", "gone_before"])
+def test_a_failed_adoption_is_marked_too_and_its_pin_closed(how: str) -> None:
+    procs = FakeProcs({PID: 1.0 if how == "exits_meanwhile" else 2.0})
+    procs.exiting.add(PID)
+    adopter, login, backend = setup(procs)
+    got = adopter.carry_out(login, ADOPT)
+    assert (got.verdict, got.reason) == ("deny", "adopt_failed")
+    assert backend.adopted == ([(PID, "42")] if how == "exits_meanwhile" else [])
+    assert adopt_marks(login) == 1 and procs.open_pins == []
+
+
+def test_an_adoption_left_pending_is_not_marked_and_its_pin_closed() -> None:
+    procs = FakeProcs({PID: 1.0})
+    adopter, login, _backend = setup(procs)
+    with pytest.raises(_NotYet), adopter._adopting(login, ADOPT, pending=_NotYet) as target:
+        assert target == (PID, JOB)
+        raise _NotYet
+    assert adopt_marks(login) == 0 and procs.open_pins == []
+    with pytest.raises(KeyError), adopter._adopting(login, ADOPT, pending=_NotYet):
+        raise KeyError("any other error ends it")
+    assert adopt_marks(login) == 1 and procs.open_pins == []
+
+
+def test_pinned_refuses_a_held_process_gone_and_one_that_exits_during_the_body() -> None:
+    procs = FakeProcs({PID: 1.0})
+    held = procs.hold(PID)
+    procs.exiting.add(PID)
+    with pytest.raises(ProcessGone), pinned(procs, PID, 1.0, held):
+        raise AssertionError("the body of a gone process never runs")
+    assert procs.open_pins == []
+    procs.exiting.clear()
+    ran = []
+    with (
+        pytest.raises(BackendError, match="exited while it was being adopted"),
+        pinned(procs, PID, 1.0),
+    ):
+        ran.append(True)
+        procs.exiting.add(PID)  # exits while the body runs
+    assert ran == [True] and procs.open_pins == []
