@@ -137,7 +137,8 @@ class _Adopting:
         pid = login.target_pid
         self._target = (pid, decision.job)
         self._login, self._clock, self._pending = login, clock, pending
-        self._pin = pinned(procs, pid, login.target_start, login.take_pin(pid))
+        sent = login.adopting is not None  # begun: checked alive before its requests went out
+        self._pin = pinned(procs, pid, login.target_start, login.take_pin(pid), sent=sent)
 
     def __enter__(self) -> tuple[int, Job]:
         try:

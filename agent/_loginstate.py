@@ -96,22 +96,31 @@ class pinned:  # a context manager, named as contextlib's are
     (see `netinfo.Pin`): NetinfoError if it is gone, BackendError if it exits meanwhile.
     ``held``: ``pid`` held since before ``start`` was read (taken over, closed here): if it
     is alive now, it still holds the pid and ``start`` is its own, which is what `pin` checks
-    by reading the start time again; one poll instead of that read.
+    by reading the start time again; one poll instead of that read. ``sent``: the adoption's
+    requests went out already, ``held`` found alive just before (`LoginFlow._local_step`, a
+    begun adoption): a poll now would stop nothing, and the one after still tells an exit.
 
     A class, not a generator: every adopted login passes through one (~1 us less)."""
 
-    __slots__ = ("_held", "_pid", "_procs", "_start")
+    __slots__ = ("_held", "_pid", "_procs", "_sent", "_start")
 
     def __init__(
-        self, procs: Processes, pid: int, start: float | None, held: Held | None = None
+        self,
+        procs: Processes,
+        pid: int,
+        start: float | None,
+        held: Held | None = None,
+        *,
+        sent: bool = False,
     ) -> None:
         self._procs, self._pid, self._start, self._held = procs, pid, start, held
+        self._sent = sent and held is not None
 
     def __enter__(self) -> None:
         held = self._held
         if held is None:
             self._held = self._procs.pin(self._pid, self._start)
-        elif held.exited():
+        elif not self._sent and held.exited():
             held.close()
             raise ProcessGone(self._pid)
 

@@ -77,8 +77,9 @@ class StepdConnection:
         self._out = bytearray()
         self._readers: list[tuple[str, stepd.Reader[Any]]] = []
         self._fds: list[int] = []
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.setblocking(False)
+        # non-blocking from its creation (SOCK_NONBLOCK: no ioctl of its own)
+        kind = socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        self.sock = socket.socket(socket.AF_UNIX, kind)
         try:
             self.sock.connect(str(path))
         except OSError as exc:

@@ -86,3 +86,21 @@ def test_pinned_refuses_a_held_process_gone_and_one_that_exits_during_the_body()
         ran.append(True)
         procs.exiting.add(PID)  # exits while the body runs
     assert ran == [True] and procs.open_pins == []
+
+
+def test_a_begun_adoption_is_not_polled_again_before_but_still_after() -> None:
+    """``sent``: the requests are out (the pin was found alive just before): a check before the
+    body would stop nothing; the one after still turns an exit into a failure."""
+    procs = FakeProcs({PID: 1.0})
+    held = procs.hold(PID)
+    polls = []
+    exited = held.exited
+    held.exited = lambda: polls.append(True) or exited()  # type: ignore[method-assign]
+    procs.exiting.add(PID)  # gone by the time the adoption is finished
+    ran = []
+    with (
+        pytest.raises(BackendError, match="exited while it was being adopted"),
+        pinned(procs, PID, 1.0, held, sent=True),
+    ):
+        ran.append(True)
+    assert ran == [True] and polls == [True] and procs.open_pins == []
