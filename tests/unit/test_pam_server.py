@@ -233,20 +233,29 @@ def test_queued_requests_are_still_bounded_by_their_deadline(
     assert adopter.cancelled == 1 and server.turns.active == 0 and not server.turns.queued
 
 
+async def one_decided_one_queued(
+    server: PamServer, adopter: Adopter, path: str
+) -> tuple[asyncio.Future[bytes], asyncio.StreamWriter]:
+    """With ``max_active=1``: a first request whose decision hangs (until the gate opens),
+    and a second one queued behind it (its writer, still open)."""
+    adopter.gate.clear()
+    first = asyncio.ensure_future(exchange(path, LINE, close_write=False))
+    while server.turns.active < 1:
+        await asyncio.sleep(0.001)
+    _reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(LINE)
+    await writer.drain()
+    while len(server.turns.queued) < 1:
+        await asyncio.sleep(0.001)
+    return first, writer
+
+
 def test_a_queued_request_whose_client_left_is_not_decided(
     tmp_path: Path,
 ) -> None:
 
     async def body(server: PamServer, adopter: Adopter, path: str) -> bytes:
-        adopter.gate.clear()
-        first = asyncio.ensure_future(exchange(path, LINE, close_write=False))
-        while server.turns.active < 1:
-            await asyncio.sleep(0.001)
-        _reader, writer = await asyncio.open_unix_connection(path)
-        writer.write(LINE)
-        await writer.drain()
-        while len(server.turns.queued) < 1:
-            await asyncio.sleep(0.001)
+        first, writer = await one_decided_one_queued(server, adopter, path)
         writer.close()  # gives up before its turn
         await writer.wait_closed()
         adopter.gate.set()
@@ -391,15 +400,7 @@ def test_a_queued_client_still_there_is_decided_even_if_it_sent_more(tmp_path: P
     it), not bytes it sent after its line: those are left unread."""
 
     async def body(server: PamServer, adopter: Adopter, path: str) -> bytes:
-        adopter.gate.clear()
-        first = asyncio.ensure_future(exchange(path, LINE, close_write=False))
-        while server.turns.active < 1:
-            await asyncio.sleep(0.001)
-        _reader, writer = await asyncio.open_unix_connection(path)
-        writer.write(LINE)
-        await writer.drain()
-        while len(server.turns.queued) < 1:
-            await asyncio.sleep(0.001)
+        first, writer = await one_decided_one_queued(server, adopter, path)
         writer.write(b"more after the line\n")  # not read: the line was
         await writer.drain()
         adopter.gate.set()
