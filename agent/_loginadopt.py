@@ -69,12 +69,14 @@ class Adopter:
         in a worker only if there may be some."""
         if decision.verdict != "adopt":
             return decision
+        begun = login.adopting  # taken over below; it knew whether its job has namespaces
         try:
             with self._adopting(login, decision) as (pid, job):
                 await lb.adopt_async(pid, job, login.take_adopting())
         except (BackendError, NetinfoError) as exc:
             return self._failed(login, decision, exc)
-        if login.req.join is not False and not lb.no_namespaces(job):
+        none = begun is not None and begun.job == job and begun.no_namespaces  # no look again
+        if login.req.join is not False and not none and not lb.no_namespaces(job):
             login.fetched = await shielded_call(
                 self.backend, self.executor, login.give_up,
                 fetch_namespaces, self.backend, decision, login.req.join,

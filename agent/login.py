@@ -130,8 +130,7 @@ class LoginFlow:
             step = self._local_step(login, early_pin=True) if lb is None else self._on(login, lb)
             if step is None or isinstance(step, Outcome):
                 now = step
-            elif lb is not None and _adopts(step):
-                assert isinstance(step, policy.Decision)
+            elif lb is not None and isinstance(step, policy.Decision) and step.verdict == "adopt":
                 done = self.adopter.now(login, step, lb, wait_s)
                 now = Started(login, step) if done is None else self._conclude(login, done)
             elif step is policy.Need.CALLERID:
@@ -355,7 +354,3 @@ class LoginFlow:
 
     def close_session(self, caller_pid: int) -> PamReply:
         return self.sessions_adopted.close_session(caller_pid)
-
-
-def _adopts(step: policy.Decision | policy.Need) -> bool:
-    return isinstance(step, policy.Decision) and step.verdict == "adopt"

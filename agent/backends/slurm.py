@@ -160,7 +160,7 @@ class SlurmBackend:
     def _jobs(
         self, uid: int, externs: list[StepSocket], owners: dict[Path, tuple[int, int | None]]
     ) -> list[Job]:
-        jobs = sorted(
+        return sorted(
             (
                 Job(s.job, uid, s.ctime, ids[1])
                 for s in externs
@@ -168,7 +168,6 @@ class SlurmBackend:
             ),
             key=Job.sort_key,
         )
-        return jobs
 
     def job_of_pid(self, pid: int) -> Job | None:
         """The job ``pid`` runs in (any step), or None."""

@@ -8,6 +8,8 @@ pin its contract down. Fakes at the edges (tests/fakes.py): nothing real is move
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from callerid.agent import policy
@@ -104,3 +106,44 @@ def test_a_begun_adoption_is_not_polled_again_before_but_still_after() -> None:
     ):
         ran.append(True)
     assert ran == [True] and polls == [True] and procs.open_pins == []
+
+
+class LoopBackend:
+    """A `LoopAdoption` whose adoptions succeed; asked whether a job has namespaces, it says
+    "maybe" and counts the question (each one a spool-directory look for the slurm backend)."""
+
+    def __init__(self) -> None:
+        self.adopted: list[tuple[int, str, object]] = []
+        self.asked = 0
+
+    async def adopt_async(self, pid: int, job: Job, begun: object = None) -> None:
+        self.adopted.append((pid, job.id, begun))
+
+    def no_namespaces(self, job: Job) -> bool:
+        self.asked += 1
+        return False
+
+
+class BegunAdoption:
+    def __init__(self, job: Job, no_namespaces: bool) -> None:
+        self.pid, self.job, self.no_namespaces = PID, job, no_namespaces
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("no_namespaces", [True, False])
+def test_a_begun_adoption_finished_on_the_loop_tells_whether_to_fetch_namespaces(
+    no_namespaces: bool,
+) -> None:
+    """What the begun adoption knew of its job's namespaces is not looked up again; when it
+    did not know there are none, the backend is asked (and here says "maybe": a fetch)."""
+    procs = FakeProcs({PID: 1.0})
+    adopter, login, _backend = setup(procs)
+    lb = LoopBackend()
+    begun = BegunAdoption(JOB, no_namespaces)
+    login.adopting = begun  # type: ignore[assignment]
+    got = asyncio.run(adopter.on_loop(login, ADOPT, lb))  # type: ignore[arg-type]
+    assert got is ADOPT and lb.adopted == [(PID, "42", begun)] and login.adopting is None
+    assert lb.asked == (0 if no_namespaces else 1)
+    assert adopt_marks(login) == 1 and procs.open_pins == []
