@@ -250,13 +250,16 @@ def test_a_hung_stepd_is_bounded_on_the_loop_and_left_unwatched(spool: Path) -> 
 
 def test_a_cancelled_adoption_closes_its_connection(spool: Path) -> None:
     before = _open_fds()
-    with FakeStepd(spool / f"fake_7.{EXTERN}", uid=UID, on_add="hang"):
+    with FakeStepd(spool / f"fake_7.{EXTERN}", uid=UID, on_add="hang") as fake:
         backend = _backend(spool, timeout_ms=5000)
         job = Job("7", UID, 0.0)
 
         async def cancel_midway() -> None:
             task = asyncio.ensure_future(backend.adopt_async(os.getpid(), job))
-            await asyncio.sleep(0.1)  # the stepd holds ADD_EXTERN_PID unanswered
+            deadline = time.monotonic() + 5
+            while (stepd.Request.ADD_EXTERN_PID, os.getpid()) not in fake.requests:
+                assert time.monotonic() < deadline, "the stepd never got ADD_EXTERN_PID"
+                await asyncio.sleep(0.005)  # polled: the stepd then holds it unanswered
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
