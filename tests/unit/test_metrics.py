@@ -24,6 +24,7 @@ from callerid.agent.config import ConfigError, MetricsConfig, parse
 from callerid.agent.journal import DecisionRecord
 from callerid.agent.metrics import OTHER, PEER_STATUSES, REASONS, Metrics, StatusCollector
 from tests.fakes import FakeJournal
+from tests.support.poll import async_wait_for
 from tests.support.readme import documented
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -295,7 +296,10 @@ def test_the_endpoint_serves_and_bounds_its_scrapers() -> None:
         text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
         assert parsed(text.decode())["callerid_loop_responsive"] == [({}, 1.0)]
         idle = [socket.create_connection((host, int(port))) for _ in range(_metricsio.MAX_SCRAPES)]
-        await asyncio.sleep(0.2)  # their threads wait for a request line that never comes
+        await async_wait_for(
+            lambda: _scrape_threads() >= _metricsio.MAX_SCRAPES,
+            what="a thread per idle connection, each waiting for a request line",
+        )
         extra = socket.create_connection((host, int(port)))
         extra.settimeout(5)
         assert await asyncio.to_thread(extra.recv, 100) == b""  # closed at once
@@ -356,3 +360,8 @@ def test_metrics_are_off_by_default_and_loopback_when_on() -> None:
 def test_bad_metrics_settings_name_the_key(section: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(needle)):
         parse({"metrics": section})
+
+
+def _scrape_threads() -> int:
+    """The endpoint's threads serving a connection (socketserver names them so)."""
+    return sum("process_request_thread" in t.name for t in threading.enumerate())
