@@ -33,7 +33,7 @@ from callerid.agent.pamproto import PamRequest
 from callerid.bus.protocol import Endpoint
 from tests.fakes import FakeClock, FakeProcs, FakeSessions, FakeUsers
 from tests.support.fake_stepd import FakeStepd, encode_reply
-from tests.support.poll import wait_for
+from tests.support.poll import async_wait_for, wait_for
 
 T = TypeVar("T")
 UID = 4242
@@ -256,10 +256,8 @@ def test_a_cancelled_adoption_closes_its_connection(spool: Path) -> None:
 
         async def cancel_midway() -> None:
             task = asyncio.ensure_future(backend.adopt_async(os.getpid(), job))
-            deadline = time.monotonic() + 5
-            while (stepd.Request.ADD_EXTERN_PID, os.getpid()) not in fake.requests:
-                assert time.monotonic() < deadline, "the stepd never got ADD_EXTERN_PID"
-                await asyncio.sleep(0.005)  # polled: the stepd then holds it unanswered
+            added = (stepd.Request.ADD_EXTERN_PID, os.getpid())
+            await async_wait_for(lambda: added in fake.requests, what="ADD_EXTERN_PID, held")
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
