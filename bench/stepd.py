@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import selectors
 import subprocess
 import sys
 import time
@@ -40,14 +41,20 @@ from tests.support.slurm import LocalSlurm
 from tests.support.slurm_release import RELEASES, prepare
 
 CLOCK = time.monotonic
-VARIANTS = ("STATE, fresh", "STATE, kept open", "adoption, fresh", "adoption, kept open")
+# (name, with ADD_EXTERN_PID, on a connection kept open)
+VARIANTS = (
+    ("STATE, fresh", False, False),
+    ("STATE, kept open", False, True),
+    ("adoption, fresh", True, False),
+    ("adoption, kept open", True, True),
+)
 
 
 def _exchange(conn: StepdConnection, pid: int | None) -> None:
     """STATE (and ADD_EXTERN_PID of ``pid``) on ``conn``, to the replies; raises if refused."""
     state = conn.queue(stepd.state())
     added = conn.queue(stepd.add_extern_pid(pid)) if pid is not None else None
-    conn.on_ready(2)  # selectors.EVENT_WRITE: sent now
+    conn.on_ready(selectors.EVENT_WRITE)  # sent now
     drive([conn], CLOCK() + 5, CLOCK)
     if conn.error is not None or not state.done or (added is not None and added.value != 0):
         msg = f"the stepd did not answer as expected: {conn.error or 'refused'}"
@@ -79,8 +86,7 @@ def _round(sock: Path, kept: StepdConnection | None, adopt: bool, idle: float) -
             child.wait()
 
 
-def _variant(sock: Path, name: str, args: argparse.Namespace) -> list[float]:
-    adopt, keep = name.startswith("adoption"), name.endswith("kept open")
+def _variant(sock: Path, adopt: bool, keep: bool, args: argparse.Namespace) -> list[float]:
     kept = None
     if keep:
         kept = _greeted(sock)
@@ -93,10 +99,10 @@ def _variant(sock: Path, name: str, args: argparse.Namespace) -> list[float]:
 
 
 def _measure(sock: Path, args: argparse.Namespace) -> dict[str, list[float]]:
-    got: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    got: dict[str, list[float]] = {name: [] for name, _adopt, _keep in VARIANTS}
     for _ in range(2):  # two passes, interleaved, so a slow spell of the host hits all alike
-        for name in VARIANTS:
-            got[name] += _variant(sock, name, args)
+        for name, adopt, keep in VARIANTS:
+            got[name] += _variant(sock, adopt, keep, args)
     return got
 
 
@@ -108,10 +114,8 @@ def main() -> int:
     with LocalSlurm(release) as slurm:
         job = slurm.submit("root", wrap="sleep 3600")
         slurm.wait_running(job)
-        sock = wait_for(
-            lambda: next(iter(slurm.step_sockets(job)), None) and slurm.extern_socket(job),
-            timeout=30, what="the job's extern stepd socket",
-        )  # fmt: skip
+        sock = slurm.extern_socket(job)
+        wait_for(sock.exists, timeout=30, what="the job's extern stepd socket")
         fdm: contextlib.AbstractContextManager[str] = contextlib.nullcontext("favordynmods not set")
         if args.favordynmods:
             fdm = favordynmods()
@@ -132,13 +136,13 @@ def _report(got: dict[str, list[float]], version: str, how: str, args: argparse.
 
     n, idle = 2 * args.rounds, args.idle
     print(f"Slurm {version} extern stepd, {n} rounds each after {idle} s idle ({how}):")
-    for name in VARIANTS:
-        print(f"  {name:20} p50 {p50(name):.3f}  p90 {pct(got[name], 90):.3f}  "
-              f"min {min(got[name]):.3f} ms")  # fmt: skip
+    for name, times in got.items():
+        print(f"  {name:20} p50 {median(times):.3f}  p90 {pct(times, 90):.3f}  "
+              f"min {min(times):.3f} ms")  # fmt: skip
     print(f"  the connection's own cost (STATE fresh - kept open): "
-          f"{p50(VARIANTS[0]) - p50(VARIANTS[1]):.3f} ms")  # fmt: skip
+          f"{p50('STATE, fresh') - p50('STATE, kept open'):.3f} ms")  # fmt: skip
     print(f"  ADD_EXTERN_PID's own cost (adoption - STATE, fresh): "
-          f"{p50(VARIANTS[2]) - p50(VARIANTS[0]):.3f} ms")  # fmt: skip
+          f"{p50('adoption, fresh') - p50('STATE, fresh'):.3f} ms")  # fmt: skip
     print("reproduce:", reproduce("stepd", sys.argv[1:]))
 
 
